@@ -1,0 +1,51 @@
+"""Shared fixtures and Hypothesis profiles (``HYPOTHESIS_PROFILE=ci`` in CI)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+settings.register_profile("dev", max_examples=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="no CUDA device")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the checkout (real data and tokenizers); tests skip when absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def sample_json() -> Path:
+    """The bundled real sample inside the package."""
+    return ROOT / "pairpack" / "data" / "instruction-data-with-preference.json"
+
+
+def run_cli(*args: str, cwd: Path | None = None, input: str | None = None):
+    """Run ``python -m pairpack.cli ARGS`` in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "pairpack.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, input=input, timeout=300)
