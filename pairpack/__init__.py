@@ -27,6 +27,7 @@ from .errors import (  # noqa: E402
 from .format import FORMAT_VERSION  # noqa: E402
 from .reader import Dataset, Pair, open_dataset as open  # noqa: E402,A001
 from .writer import Writer  # noqa: E402
+from .build import build  # noqa: E402  (the function shadows the submodule name on purpose)
 
 __all__ = [
     "__version__",
@@ -53,10 +54,6 @@ def __getattr__(name: str) -> Any:
         from .triplets import Triplets
 
         return Triplets
-    if name == "build":
-        from .build import build
-
-        return build
     if name == "Loader":
         from .loader import Loader
 

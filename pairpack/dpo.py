@@ -45,6 +45,7 @@ LOSS_TYPES: tuple[str, ...] = ("sigmoid", "robust", "hinge", "ipo")
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 # Loss types whose formula has a label-smoothing term; the others reject a nonzero epsilon.
 _SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
+_SEQ_MASK_NAMES = ("preferred_seq_mask", "unpreferred_seq_mask")
 
 
 def _check_bool_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
@@ -65,7 +66,7 @@ def _check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> Non
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     # `not beta > 0` also rejects NaN.
-    if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 0.5):
         # At 0.5 the sigmoid loss is constant and the robust loss divides by zero.
@@ -138,7 +139,7 @@ def sequence_logprobs(
 
     logits = logits[:, : n - 1]
     targets = seq[:, 1:]
-    scored = completion_mask[:, :-1]
+    scored = completion_mask[:, 1:]
 
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     safe_logits = torch.where(scored.unsqueeze(-1), logits, 0.0)
@@ -269,6 +270,7 @@ class DPO(nn.Module):
     ``.train()``), run under ``torch.no_grad``. It is registered as a submodule so that
     ``.to(device)`` moves it, but :meth:`parameters` yields the policy's parameters only,
     as x-transformers' does, so ``optimizer(dpo.parameters())`` trains the policy alone.
+    ``state_dict()`` holds both, under ``policy_model.`` and ``ref_model.``.
     The policy's train/eval mode is left to the caller; dropout in train mode makes the
     policy differ from the reference even at initialisation.
 
@@ -331,11 +333,20 @@ class DPO(nn.Module):
             self.ref_model.eval()
         return self
 
-    def sequence_logprobs(self, model: nn.Module, seq: Tensor, completion_mask: Tensor) -> Tensor:
-        """Log-probs ``(R,)`` of ``model`` on ``seq`` ``(R, N)`` under this module's reduction.
+    def completion_logprobs(self, model: nn.Module, seq: Tensor, completion_mask: Tensor) -> Tensor:
+        """Log-probs of ``model``'s completions under this module's reduction.
 
-        The last position is not fed: its logits have no target. This matches x-transformers,
-        which calls ``model(seq[:, :-1])``.
+        Use it to precompute reference log-probs for ``ref_chosen_logp``/``ref_rejected_logp``
+        (under ``torch.no_grad()``). The last position is not fed to the model, since its
+        logits would have no target; x-transformers likewise calls ``model(seq[:, :-1])``.
+
+        Args:
+            model: maps int64 ``(R, N - 1)`` to logits ``(R, N - 1, V)``.
+            seq: int64 ``(R, N)``.
+            completion_mask: bool ``(R, N)``, ``seq_mask & ~prompt_mask``.
+
+        Returns:
+            float ``(R,)`` log-probs in nats (per sequence or per token, see ``reduction``).
         """
         logits = model(seq[:, :-1])
         return sequence_logprobs(logits, seq, completion_mask, reduction=self.reduction)
@@ -388,7 +399,7 @@ class DPO(nn.Module):
             raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
         _check_bool_mask("prompt_mask", prompt_mask, (b, n))
         seq_masks = []
-        for name, mask in (("preferred_seq_mask", preferred_seq_mask), ("unpreferred_seq_mask", unpreferred_seq_mask)):
+        for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
             if mask is None:
                 mask = torch.ones_like(prompt_mask)
             _check_bool_mask(name, mask, (b, n))
@@ -404,7 +415,7 @@ class DPO(nn.Module):
         seq = torch.cat([preferred_seq, unpreferred_seq])
         completion_mask = torch.cat(seq_masks) & ~torch.cat([prompt_mask, prompt_mask])
 
-        policy_logp = self.sequence_logprobs(self.policy_model, seq, completion_mask)
+        policy_logp = self.completion_logprobs(self.policy_model, seq, completion_mask)
         policy_chosen, policy_rejected = policy_logp.split(b)
 
         if ref_chosen_logp is not None:
@@ -412,7 +423,7 @@ class DPO(nn.Module):
         else:
             self.ref_model.eval()  # in case the caller switched it back
             with torch.no_grad():
-                ref_logp = self.sequence_logprobs(self.ref_model, seq, completion_mask)
+                ref_logp = self.completion_logprobs(self.ref_model, seq, completion_mask)
             ref_chosen, ref_rejected = ref_logp.split(b)
 
         out = dpo_loss(
@@ -467,7 +478,8 @@ def xtransformers_inputs(
         to be splatted: ``xt_dpo(**xtransformers_inputs(...))``.
 
     Raises:
-        ValueError: shapes disagree or N < 2. TypeError: a mask is not bool.
+        ValueError: shapes disagree or N < 2.
+        TypeError: a mask is not bool.
     """
     if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
         raise ValueError(
@@ -479,7 +491,7 @@ def xtransformers_inputs(
         raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
     _check_bool_mask("prompt_mask", prompt_mask, (b, n))
     shifted = {}
-    for name, mask in (("preferred_seq_mask", preferred_seq_mask), ("unpreferred_seq_mask", unpreferred_seq_mask)):
+    for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
         if mask is None:
             mask = torch.ones_like(prompt_mask)
         _check_bool_mask(name, mask, (b, n))

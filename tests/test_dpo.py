@@ -17,7 +17,7 @@ VOCAB = 11
 DIM = 8
 PAD_ID = 0
 
-FAST = settings(max_examples=30, deadline=None)
+FAST = settings(deadline=None)  # example counts come from the profile in conftest.py
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +459,8 @@ def test_precomputed_reference_logps():
         cmask = torch.cat([pmask, umask]) & ~torch.cat([pm, pm])
         with torch.no_grad():
             rc, rr = sequence_logprobs(ref(seq), seq, cmask, reduction=reduction).split(2)
+            # The module's helper (which feeds seq[:, :-1]) gives the same precomputed values.
+            torch.testing.assert_close(with_ref.completion_logprobs(ref, seq, cmask), torch.cat([rc, rr]))
 
         counting = CountingLM(ref)
         dpo = DPO(policy, ref_model=counting, reduction=reduction)
