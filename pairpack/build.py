@@ -1,30 +1,47 @@
-"""``pairpack build``: input files -> records -> token ids -> an atomic dataset.
+"""``pairpack build``: inputs -> records -> token ids -> an atomic dataset.
 
-Streaming end to end: one record at a time from each input, tokens and index spilled to disk by
-the :class:`~pairpack.writer.Writer`, so memory stays flat whatever the input size.
+Pipeline: sources (:mod:`pairpack.sources`) cut the input into blocks of consecutive records
+(raw JSONL bytes, or parsed records); each block is parsed, shaped (:mod:`pairpack.shapes`),
+tokenized and checked as a whole by :func:`process_block`, in worker processes when
+``workers > 1``; the main process takes the results *in input order* and hands each block's ids to
+:meth:`pairpack.writer.Writer.add_batch`. Every decision that shapes the output (shape, text or ids
+mode, special ids) is made once, before any block is processed, from the first records of the
+whole input, so the dataset is byte-identical whatever the number of workers, and the parts of a
+``num_shards`` split agree with each other. Memory stays flat: a bounded number of blocks is in
+flight, and the writer spills to disk.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import shutil
 import time
-from collections import Counter
+from array import array
+from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from . import __version__
+from . import format as fmt
 from .errors import DatasetExistsError, PairpackError, SourceError
 from .progress import Progress
-from .shapes import FieldSpec, extract
-from .sources import InputFile, expand_inputs, iter_records
-from .tokenization import ByteTokenizer
+from .shapes import HH_MARKER, FieldSpec, ShapeOptions, detect_shape, make_extractor
+from .sources import Block, JsonlSource, Source, block_records, open_sources, record_text
+from .merge import read_sidecar
+from .tokenization import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_from_manifest
 from .writer import Writer, check_ids
 
-__all__ = ["build", "BuildReport", "rejects_path"]
+__all__ = ["build", "BuildReport", "rejects_path", "process_block", "BlockResult"]
+
+DETECT_RECORDS = 1000  # records looked at (from the start of the whole input) to fix shape and mode
+PARALLEL_MIN_BYTES = 4 << 20  # with workers=None, smaller inputs are built in-process (no start-up cost)
+_U32 = 1 << 32
 
 
 @dataclass
@@ -45,12 +62,21 @@ class BuildReport:
     rejects_file: str | None = None
     token_dtype: str = ""
     shards: int = 0
+    shape: str = ""
+    mode: str = ""
+    workers: int = 1
+    part: str | None = None
+    skipped: bool = False
 
     def summary(self) -> str:
         """A short multi-line human summary."""
+        if self.skipped:
+            return f"{self.output}: already built with the same inputs and options ({self.part or 'whole input'}); skipped"
         s = max(self.seconds, 1e-9)
         lines = [
-            f"wrote {self.output}: {self.pairs:,} pairs in {self.shards} shard(s), {self.token_dtype}",
+            f"wrote {self.output}: {self.pairs:,} pairs in {self.shards} shard(s), {self.token_dtype}"
+            + (f", part {self.part}" if self.part else ""),
+            f"  input            shape {self.shape}, {self.mode}, {self.workers} worker(s)",
             f"  unique prompts   {self.unique_prompts:,}",
             f"  tokens stored    {self.tokens:,} ({self.prompt_tokens_saved:,} prompt tokens saved by de-duplication)",
             f"  dataset size     {self.dataset_bytes / 1e6:,.2f} MB",
@@ -75,82 +101,286 @@ def rejects_path(output: str | os.PathLike) -> Path:
     return p.parent / (p.name + ".rejects.jsonl")
 
 
-class _Encoder:
-    """Turns segments (text or ids) into checked int64 id arrays; decides the input mode."""
+# --- per-block work (runs in workers) ----------------------------------------------------------
+@dataclass
+class _Job:
+    """Everything a worker needs; fixed before the first block (so output never depends on N)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int | None, add_bos: bool | None, add_eos: bool | None):
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self.add_bos = add_bos
-        self.add_eos = add_eos
-        self.mode: str | None = None  # "text" or "ids", fixed by the first valid record
-
-    def limit(self) -> int | None:
-        if self.vocab_size is not None:
-            return self.vocab_size
-        if self.mode == "text" or self.tokenizer is not None:
-            return self._tok().vocab_size
-        return None
-
-    def _tok(self) -> Any:
-        if self.tokenizer is None:
-            self.tokenizer = ByteTokenizer()
-        return self.tokenizer
-
-    def encode(self, segs: tuple[Any, Any, Any], spec: FieldSpec) -> tuple[np.ndarray, ...]:
-        kinds = {"text" if isinstance(s, str) else "ids" for s in segs}
-        if len(kinds) != 1:
-            raise SourceError("mixes text and token ids between prompt/chosen/rejected", reason="mixed_types")
-        kind = kinds.pop()
-        if self.mode is None:
-            self.mode = kind
-        elif kind != self.mode:
-            raise SourceError(f"record has {kind} but earlier records have {self.mode}", reason="mixed_types")
-        names = (spec.prompt, spec.chosen, spec.rejected)
-        limit = self.limit()
-        if kind == "text":
-            tok = self._tok()
-            ids = []
-            for s, name in zip(segs, names):
-                if not s:
-                    raise SourceError("segment is empty", field=name, reason="empty")
-                try:
-                    ids.append(np.asarray(tok.encode(s), dtype=np.int64))
-                except PairpackError as e:
-                    raise SourceError(str(e), field=name, reason="bad_text") from None
-            out = [check_ids(a, n, limit) for a, n in zip(ids, names)]
-        else:
-            out = [check_ids(s, n, limit) for s, n in zip(segs, names)]
-        bos, eos = self._specials()
-        p, c, r = out
-        if self.add_bos_now(kind) and bos is not None and p[0] != bos:
-            p = np.concatenate([[bos], p])
-        if self.add_eos_now(kind) and eos is not None:
-            c = c if c[-1] == eos else np.concatenate([c, [eos]])
-            r = r if r[-1] == eos else np.concatenate([r, [eos]])
-        return p, c, r
-
-    def _specials(self) -> tuple[int | None, int | None]:
-        if self.tokenizer is None and self.mode == "ids":
-            return None, None
-        t = self._tok()
-        return t.bos_id, t.eos_id
-
-    def add_bos_now(self, kind: str) -> bool:
-        return bool(self.add_bos)
-
-    def add_eos_now(self, kind: str) -> bool:
-        # default: EOS closes completions of text inputs; ids are taken verbatim
-        return self.add_eos if self.add_eos is not None else kind == "text"
+    opts: ShapeOptions
+    tokenizer: Any  # encodes text; None for id inputs without a tokenizer
+    mode: str  # "text" or "ids"
+    limit: int  # ids must be below it
+    bos: int | None  # prepended to prompts when not already first (None: never)
+    eos: int | None  # appended to completions when not already last (None: never)
+    drop_identical: bool
 
 
+@dataclass
+class BlockResult:
+    """A processed block: pairs as ids plus the block's invalid records, in input order.
+
+    tokens: uint32 ``(T,)``, each pair's prompt, chosen, rejected back to back; lengths: int64
+    ``(3, n)``; errors: ``(line, field, reason, message, record text)`` per invalid record.
+    """
+
+    path: str
+    tokens: np.ndarray
+    lengths: np.ndarray
+    errors: list[tuple[int, str | None, str, str, str]]
+    identical: int = 0
+    identical_dropped: int = 0
+    records: int = 0
+
+
+def _seg_ids(seg: Any, name: str, job: _Job) -> list[int]:
+    """Checked ids of one segment (slow path; the fast path checks a whole block at once)."""
+    if job.mode == "text":
+        if not seg:
+            raise SourceError("segment is empty", field=name, reason="empty")
+        try:
+            ids = job.tokenizer.encode(seg)
+        except PairpackError as e:
+            raise SourceError(str(e), field=name, reason="bad_text") from None
+        except Exception as e:  # noqa: BLE001 - the Rust tokenizer raises plain exceptions
+            raise SourceError(f"cannot tokenize ({str(e)[:160]})", field=name, reason="bad_text") from None
+        return check_ids(ids, name, job.limit).tolist()
+    return check_ids(seg, name, job.limit).tolist()
+
+
+def process_block(job: _Job, extractor: Callable[[Any], tuple], block: Block) -> BlockResult:
+    """Parse, shape, tokenize and check one block. Pure: the result depends on ``job`` and the
+    block only (never on which process runs it)."""
+    spec = job.opts.spec
+    if (job.mode == "ids" and job.opts.shape == "fields" and job.bos is None and job.eos is None
+            and not any("." in n for n in (spec.prompt, spec.chosen, spec.rejected))):
+        return _process_ids_fast(job, extractor, block)
+    return _process_records(job, extractor, block_records(block), block.path)
+
+
+def _process_ids_fast(job: _Job, extractor: Callable[[Any], tuple], block: Block) -> BlockResult:
+    """Pre-tokenized ``fields`` records without BOS/EOS to add: the hot path of id builds.
+
+    Same result as :func:`_process_records` (which it falls back to for any record or block that
+    is not plainly valid), but the per-token work is one list extend and one C-level
+    ``array('q', ...)`` conversion, which refuses floats, strings, None and ints beyond int64.
+    Booleans (ints to Python) are excluded exactly: a JSONL block without ``true``/``false`` in its
+    text cannot hold one; other records get a type check.
+    """
+    P, C, R = job.opts.spec.prompt, job.opts.spec.chosen, job.opts.spec.rejected
+    flat: list[int] = []
+    lens: list[tuple[int, int, int]] = []
+    errors: list[tuple[int, str | None, str, str, str]] = []
+    identical = dropped = nrec = 0
+    drop = job.drop_identical
+    # JSON text without true/false holds no booleans: one search per block instead of a type check per id
+    no_bool = block.data is not None and b"true" not in block.data and b"false" not in block.data
+    for rec in block_records(block):
+        nrec += 1
+        d = rec.data
+        if type(d) is dict:
+            p, c, r = d.get(P), d.get(C), d.get(R)
+            if (type(p) is list and type(c) is list and type(r) is list and p and c and r
+                    and (no_bool or set(map(type, p + c + r)) == {int})):
+                if c == r:
+                    identical += 1
+                    if drop:
+                        dropped += 1
+                        continue
+                flat += p
+                flat += c
+                flat += r
+                lens.append((len(p), len(c), len(r)))
+                continue
+        one = _process_records(job, extractor, [rec], block.path)  # the exact path decides
+        errors += one.errors
+        identical += one.identical
+        dropped += one.identical_dropped
+        flat += one.tokens.tolist()
+        lens += [tuple(x) for x in one.lengths.T.tolist()]
+    try:
+        tokens = np.frombuffer(array("q", flat), dtype=np.int64) if flat else np.zeros(0, np.int64)
+    except (TypeError, OverflowError):  # a float, string, None or huge int somewhere: exact path
+        return _process_records(job, extractor, block_records(block), block.path)
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= job.limit):
+        return _process_records(job, extractor, block_records(block), block.path)
+    lengths = np.asarray(lens, dtype=np.int64).reshape(-1, 3).T.copy()
+    return BlockResult(block.path, tokens.astype(np.uint32), lengths, errors, identical, dropped, nrec)
+
+
+def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any, path: str) -> BlockResult:
+    """The general path of :func:`process_block` over an iterable of RawRecords."""
+    spec = job.opts.spec
+    names = (spec.prompt, spec.chosen, spec.rejected)
+    errors: list[tuple[int, str | None, str, str, str]] = []
+    segs: list[tuple[Any, Any, Any]] = []
+    recs = []
+    nrec = 0
+    for rec in records:
+        nrec += 1
+        if rec.error is not None:
+            errors.append((rec.line, None, rec.error.reason, rec.error.detail, record_text(rec)))
+            continue
+        try:
+            s = extractor(rec.data)
+            kinds = {isinstance(x, str) for x in s}
+            if len(kinds) != 1:
+                raise SourceError("mixes text and token ids between prompt/chosen/rejected", reason="mixed_types")
+            if kinds.pop() != (job.mode == "text"):
+                raise SourceError(f"record has {'text' if job.mode == 'ids' else 'token ids'} but this build reads "
+                                  f"{job.mode} (fixed by the first records of the input)", reason="mixed_types")
+        except SourceError as e:
+            errors.append((rec.line, e.field, e.reason, e.detail, record_text(rec)))
+            continue
+        segs.append(s)
+        recs.append(rec)
+    ids: list[list[list[int]]] | None = None
+    if job.mode == "text" and segs:
+        texts = [t for s in segs for t in s]
+        if all(texts):
+            try:
+                flat = [x if type(x) is list else np.asarray(x).tolist() for x in job.tokenizer.encode_batch(texts)]
+                ids = [[flat[3 * k], flat[3 * k + 1], flat[3 * k + 2]] for k in range(len(segs))]
+            except Exception:  # noqa: BLE001 - some text cannot be encoded: find it record by record
+                ids = None
+    elif segs:
+        ids = [list(s) for s in segs]
+    good: list[tuple[int, list[list[int]]]] = []  # (index into recs, [p, c, r])
+    if ids is not None:
+        good = list(enumerate(ids))
+    bad_lines: dict[int, tuple[str | None, str, str]] = {}
+    if ids is None or (ids and not all(x for t in ids for x in t)):
+        good = []
+        for k, s in enumerate(segs):
+            try:
+                good.append((k, [_seg_ids(x, n, job) for x, n in zip(s, names)]))
+            except SourceError as e:
+                bad_lines[k] = (e.field, e.reason, e.detail)
+    bos, eos = job.bos, job.eos
+    lens = []
+    flat_ids: list[int] = []
+    identical = dropped = 0
+    kept: list[tuple[int, list[list[int]]]] = []
+    for k, (p, c, r) in good:
+        if bos is not None and p[0] != bos:
+            p = [bos] + p
+        if eos is not None:
+            if c[-1] != eos:
+                c = c + [eos]
+            if r[-1] != eos:
+                r = r + [eos]
+        if c == r:
+            identical += 1
+            if job.drop_identical:
+                dropped += 1
+                continue
+        kept.append((k, [p, c, r]))
+    try:
+        for _, (p, c, r) in kept:
+            flat_ids += p
+            flat_ids += c
+            flat_ids += r
+            lens.append((len(p), len(c), len(r)))
+        tokens = np.fromiter(flat_ids, dtype=np.int64, count=len(flat_ids))
+        ok = not tokens.size or (int(tokens.min()) >= 0 and int(tokens.max()) < job.limit)
+    except (OverflowError, TypeError, ValueError):
+        ok = False
+    if not ok:  # rare: locate the records with out-of-range ids, keep the rest
+        flat_ids, lens, kept2 = [], [], []
+        for k, segs3 in kept:
+            try:
+                for x, n in zip(segs3, names):
+                    check_ids(x, n, job.limit)
+            except SourceError as e:
+                bad_lines[k] = (e.field, e.reason, e.detail)
+                continue
+            kept2.append((k, segs3))
+            for x in segs3:
+                flat_ids += x
+            lens.append(tuple(len(x) for x in segs3))
+        kept = kept2
+        tokens = np.fromiter(flat_ids, dtype=np.int64, count=len(flat_ids))
+    for k, (f, reason, msg) in bad_lines.items():
+        errors.append((recs[k].line, f, reason, msg, record_text(recs[k])))
+    errors.sort(key=lambda e: e[0])
+    lengths = np.asarray(lens, dtype=np.int64).reshape(-1, 3).T.copy()
+    return BlockResult(path, tokens.astype(np.uint32), lengths, errors, identical, dropped, nrec)
+
+
+_WORKER: tuple[_Job, Callable[[Any], tuple]] | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _WORKER
+    # one tokenizer thread per worker process: the processes are the parallelism
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER = (job, make_extractor(job.opts, job.tokenizer))
+
+
+def _work(block: Block) -> BlockResult:
+    assert _WORKER is not None  # internal invariant: set by the pool initializer
+    return process_block(_WORKER[0], _WORKER[1], block)
+
+
+# --- planning ---------------------------------------------------------------------------------
+def _part_ranges(sources: list[Source], num_shards: int, shard_index: int) -> tuple[list[tuple[Source, int, int | None]], dict[str, int]]:
+    """Which units of which source belong to part ``shard_index`` of ``num_shards``.
+
+    Units (lines, elements, rows) are numbered over the concatenated inputs; part I takes the
+    contiguous run ``[floor(I*U/K), floor((I+1)*U/K))``, so the parts are disjoint, cover the input,
+    and concatenated in order give the input order (``pairpack merge`` relies on it).
+    """
+    if num_shards == 1:
+        return [(s, 0, None) for s in sources], {}
+    counts = [s.units() for s in sources]
+    total = sum(counts)
+    lo, hi = total * shard_index // num_shards, total * (shard_index + 1) // num_shards
+    plan = []
+    base = 0
+    for s, n in zip(sources, counts):
+        a, b = max(lo - base, 0), min(hi - base, n)
+        if a < b:
+            plan.append((s, a, b))
+        base += n
+    return plan, {"units": total, "first_unit": lo, "end_unit": hi}
+
+
+def _detect(sources: list[Source], opts: ShapeOptions, tokenizer: Any) -> tuple[ShapeOptions, str | None]:
+    """Shape and mode ("text"/"ids") from the first records of the whole input."""
+    seen = 0
+    resolved: ShapeOptions | None = opts if opts.shape is not None else None
+    for s in sources:
+        for rec in s.first_records(DETECT_RECORDS - seen):
+            seen += 1
+            r = detect_shape(rec, opts)
+            if r is None:
+                continue
+            if resolved is None:
+                resolved = r
+            try:
+                segs = make_extractor(resolved, tokenizer)(rec)
+            except SourceError:
+                continue
+            if all(isinstance(x, str) for x in segs):
+                return resolved, "text"
+            if not any(isinstance(x, str) for x in segs):
+                return resolved, "ids"
+        if seen >= DETECT_RECORDS:
+            break
+    return resolved or ShapeOptions(shape="fields", spec=opts.spec), None
+
+
+# --- the build ----------------------------------------------------------------------------------
 def build(
-    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    inputs: Any,
     output: str | os.PathLike,
     *,
     prompt: str = "prompt",
     chosen: str = "chosen",
     rejected: str = "rejected",
+    shape: str | None = None,
+    prompt_template: str | None = None,
+    chat_template: str = "chatml",
+    hh_marker: str = HH_MARKER,
     tokenizer: Any = None,
     vocab_size: int | None = None,
     pad_id: int | None = None,
@@ -159,27 +389,51 @@ def build(
     force: bool = False,
     skip_invalid: bool = False,
     drop_identical: bool = False,
-    shard_bytes: int = 1 << 30,
-    dedup_window: int = 1 << 16,
+    shard_bytes: int | None = None,
+    dedup_window: int | None = None,
+    workers: int | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    resume: bool = False,
     progress: bool | None = None,
     on_record: Callable[[int], None] | None = None,
+    max_record_bytes: int | None = None,
 ) -> BuildReport:
-    """Build a dataset at ``output`` from JSONL/JSON inputs.
+    """Build a dataset at ``output`` from preference records.
 
     Args:
-        inputs: files (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``, ``.json`` arrays) or directories.
+        inputs: files (``.jsonl``/``.jsonl.gz``/``.jsonl.zst``, ``.json`` arrays, ``.parquet``),
+            directories of them, a Hugging Face ``datasets.Dataset``, or a list of dicts.
         output: the dataset directory to create (atomically).
-        prompt, chosen, rejected: field names, dotted paths allowed.
-        tokenizer: encodes text segments; default :class:`~pairpack.tokenization.ByteTokenizer`.
-            Records with token-id lists are stored verbatim (checked against ``vocab_size``).
-        vocab_size: for id inputs, the vocabulary size (else the largest id + 1 is recorded).
+        prompt, chosen, rejected: field names, dotted paths allowed (every shape).
+        shape: ``fields``, ``hh``, ``chat`` or ``template``; None detects it from the first records
+            (see :func:`pairpack.shapes.detect_shape`).
+        prompt_template: composite prompt over fields, e.g. ``"{instruction}[[\\n\\n{input}]]"`` or
+            ``"alpaca"`` (see :class:`pairpack.shapes.PromptTemplate`).
+        chat_template: ``chatml``, ``hh``, or a Jinja template file, for chat records.
+        hh_marker: the assistant marker of HH transcripts.
+        tokenizer: a tokenizer object, a path to a Hugging Face ``tokenizer.json``, or None (the
+            built-in byte-level tokenizer for text; ids stored verbatim otherwise). A Hugging Face
+            tokenizer file is copied into the dataset as ``tokenizer.json``.
+        vocab_size: for id inputs without a tokenizer, the vocabulary size (else max id + 1).
         pad_id: overrides the tokenizer's pad id (id inputs default to 0).
         add_bos: prepend BOS to prompts (never doubled). add_eos: append EOS to completions
-            (never doubled); default True for text inputs, False for ids.
+            (never doubled); default on for text when the tokenizer has an EOS, off for ids.
         force: replace an existing dataset. skip_invalid: write bad records to
             ``<output>.rejects.jsonl`` and go on instead of stopping at the first.
         drop_identical: drop pairs whose chosen and rejected ids are equal (always counted).
+        shard_bytes: start a new shard past this many token bytes (default 1 GiB).
+        dedup_window: distinct recent prompts remembered for de-duplication (default 65,536).
+        workers: tokenizing processes (None: all cores, or in-process for inputs under 4 MiB).
+            The output is byte-identical for every value.
+        num_shards, shard_index: build only part ``shard_index`` of ``num_shards`` contiguous,
+            disjoint parts of the input (for ``pairpack merge``).
+        resume: when ``output`` already holds a dataset built from the same inputs and options,
+            keep it and return at once (re-running an interrupted K-part build redoes only the
+            missing parts).
         progress: show a progress line (None: when stderr is a terminal).
+        max_record_bytes: JSONL lines longer than this are rejected as ``too_long`` without
+            being read into memory (default :data:`pairpack.sources.MAX_RECORD_BYTES`, 64 MiB).
 
     Returns:
         A :class:`BuildReport`. Raises SourceError (file, line, field) on the first bad record
@@ -187,80 +441,128 @@ def build(
     """
     t0 = time.perf_counter()
     out = Path(output)
-    if (out.exists() or out.is_symlink()) and not force:
+    if not 1 <= num_shards or not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, num_shards): got {shard_index} of {num_shards}")
+    opts = ShapeOptions(shape=shape, spec=FieldSpec(prompt, chosen, rejected), prompt_template=prompt_template,
+                        chat_template=chat_template, hh_marker=hh_marker)
+    sources = open_sources(inputs)
+    if max_record_bytes is not None:
+        for src in sources:
+            if isinstance(src, JsonlSource):
+                src.max_record_bytes = max_record_bytes
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    side = read_sidecar(sources[0].path) if len(sources) == 1 and sources[0].size else None
+    if side is not None:  # an export of a dataset: rebuild it with the same settings (merge.py)
+        if tok is None:
+            tok = _sidecar_tokenizer(side, Path(sources[0].path).parent)
+        if vocab_size is None and tok is None:
+            vocab_size = side.get("vocab_size")
+        pad_id = side.get("pad_id") if pad_id is None else pad_id
+        shard_bytes = side.get("shard_bytes") if shard_bytes is None else shard_bytes
+        dedup_window = side.get("dedup_window") if dedup_window is None else dedup_window
+    shard_bytes = 1 << 30 if shard_bytes is None else shard_bytes
+    dedup_window = 1 << 16 if dedup_window is None else dedup_window
+    options: dict[str, Any] = {
+        "add_bos": add_bos, "add_eos": add_eos, "skip_invalid": skip_invalid,
+        "drop_identical": drop_identical, "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes,
+        "dedup_window": dedup_window}
+    part = None if num_shards == 1 else {"num_shards": num_shards, "shard_index": shard_index}
+    if (out.exists() or out.is_symlink()) and not (force or resume):
         raise DatasetExistsError(f"{out}: already exists; pass --force to replace it")
-    spec = FieldSpec(prompt, chosen, rejected)
-    files = [InputFile(p) for p in expand_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
-    enc = _Encoder(tokenizer, vocab_size, add_bos, add_eos)
-    report = BuildReport(output=str(out))
-    report.input_bytes = sum(f.size for f in files)
-    bar = Progress(report.input_bytes, enabled=progress)
-    writer: Writer | None = None
+
+    opts, mode = _detect(sources, opts, tok)
+    mode = mode or ("text" if tok is not None else "ids")
+    if mode == "text" and tok is None:
+        tok = ByteTokenizer()
+    if out.exists() or out.is_symlink():
+        ident_now = tok.identity() if tok is not None else None
+        if resume and _up_to_date(out, sources, {**options, **opts.to_json()}, part, ident_now):
+            return BuildReport(output=str(out), skipped=True, shape=opts.shape or "", mode=mode,
+                               part=f"{shard_index}/{num_shards}" if part else None)
+        if not force:
+            raise DatasetExistsError(f"{out}: already exists and was built differently; pass --force to replace it")
+    if tok is not None:
+        limit = vocab_size if vocab_size is not None else tok.vocab_size
+        pad = pad_id if pad_id is not None else tok.pad_id
+        bos_id, eos_id, ident = tok.bos_id, tok.eos_id, tok.identity()
+    else:
+        limit, pad, bos_id, eos_id, ident = (vocab_size if vocab_size is not None else _U32), \
+            (pad_id if pad_id is not None else 0), None, None, None
+    want_eos = add_eos if add_eos is not None else mode == "text"
+    job = _Job(opts=opts, tokenizer=tok if mode == "text" else None, mode=mode, limit=limit,
+               bos=bos_id if add_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical)
+    options.update(opts.to_json())
+
+    plan, unit_info = _part_ranges(sources, num_shards, shard_index)
+    report = BuildReport(output=str(out), shape=opts.shape or "", mode=mode,
+                         part=f"{shard_index}/{num_shards}" if part else None)
+    total_bytes = sum(s.size for s in sources)
+    report.input_bytes = total_bytes
+    n_workers = _choose_workers(workers, sources, total_bytes)
+    report.workers = n_workers
+    bar = Progress(total_bytes or None, enabled=progress)
     rej_path = rejects_path(out)
     rej_tmp = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
     rej_file = None
-    done_bytes = 0
-    options = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "add_bos": add_bos,
-               "add_eos": add_eos, "skip_invalid": skip_invalid, "drop_identical": drop_identical,
-               "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes,
-               "dedup_window": dedup_window}
-
-    def make_writer() -> Writer:
-        tok = enc.tokenizer if (enc.mode == "text" or tokenizer is not None) else None
-        if enc.mode == "text" or tok is not None:
-            t = enc._tok()
-            vs = vocab_size if vocab_size is not None else t.vocab_size
-            pad = pad_id if pad_id is not None else t.pad_id
-            bos, eos, ident = t.bos_id, t.eos_id, t.identity()
-        else:
-            vs, pad, bos, eos, ident = vocab_size, (pad_id if pad_id is not None else 0), None, None, None
-        return Writer(out, vocab_size=vs, pad_id=pad, bos_id=bos, eos_id=eos, tokenizer=ident, force=force,
-                      shard_bytes=shard_bytes, dedup_window=dedup_window)
-
-    def reject(err: SourceError, raw: bytes) -> None:
-        nonlocal rej_file
-        if not skip_invalid:
-            raise err
-        report.rejected[err.reason] += 1
-        if rej_file is None:
-            rej_file = open(rej_tmp, "w", encoding="utf-8")
-        rej_file.write(json.dumps({"file": err.path, "line": err.line, "field": err.field,
-                                   "reason": err.reason, "message": err.detail,
-                                   "record": raw.decode("utf-8", errors="replace")}, ensure_ascii=False) + "\n")
-
+    writer = Writer(out, vocab_size=vocab_size if tok is None else limit, pad_id=pad, bos_id=bos_id, eos_id=eos_id,
+                    tokenizer=ident, force=force, shard_bytes=shard_bytes, dedup_window=dedup_window)
+    pool: ProcessPoolExecutor | None = None
     try:
-        for f in files:
-            for rec in iter_records(f):
-                if rec.error is not None:
-                    reject(rec.error, rec.raw)
-                    continue
-                try:
-                    p, c, r = enc.encode(extract(rec.data, spec), spec)
-                except SourceError as e:
-                    reject(SourceError(e.detail, path=rec.path, line=rec.line, field=e.field, reason=e.reason), rec.raw)
-                    continue
-                if len(c) == len(r) and np.array_equal(c, r):
-                    report.identical += 1
-                    if drop_identical:
-                        report.identical_dropped += 1
-                        continue
-                if writer is None:
-                    writer = make_writer()
-                writer.add_checked(p, c, r)
-                report.tokens += len(p) + len(c) + len(r)
-                if on_record is not None:
-                    on_record(writer.num_pairs)
-                bar.update(writer.num_pairs, done_bytes + f.bytes_read)
-            done_bytes += f.size
-        if writer is None:
-            writer = make_writer()
-        manifest_prov = {
+        if isinstance(tok, HFTokenizer):  # the dataset carries its tokenizer: decodable anywhere
+            shutil.copyfile(tok.path, writer.tmp / TOKENIZER_FILE)
+            ident = dict(ident)
+            ident["file"] = {"path": TOKENIZER_FILE, "bytes": tok.nbytes, fmt.CHECKSUM_KEY: tok.hash}
+            writer.tokenizer = ident
+        offsets = {}
+        base = 0
+        for s in sources:
+            offsets[id(s)] = base
+            base += s.size
+
+        def blocks() -> Iterator[tuple[int, Block]]:
+            for s, lo, hi in plan:
+                for b in s.blocks(lo, hi):
+                    yield offsets[id(s)], b
+
+        if n_workers > 1:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+            if ctx.get_start_method() == "fork":
+                # the parent's tokenizer threads must not be inherited mid-use; see tokenization.py
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+            pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(job,))
+            results = _ordered(pool, blocks(), 2 * n_workers)
+        else:
+            extractor = make_extractor(opts, tok)
+            results = (((base_b, process_block(job, extractor, b)), b.done_bytes) for base_b, b in blocks())
+        for (base_b, res), done in results:
+            for line, fld, reason, msg, text in res.errors:
+                err = SourceError(msg, path=res.path, line=line, field=fld, reason=reason)
+                if not skip_invalid:
+                    raise err
+                report.rejected[reason] += 1
+                if rej_file is None:
+                    rej_file = open(rej_tmp, "w", encoding="utf-8", errors="backslashreplace")
+                rej_file.write(json.dumps({"file": res.path, "line": line, "field": fld, "reason": reason,
+                                           "message": msg, "record": text}, ensure_ascii=False) + "\n")
+            report.identical += res.identical
+            report.identical_dropped += res.identical_dropped
+            if res.lengths.shape[1]:
+                writer.add_batch(res.tokens, res.lengths)
+                report.tokens += len(res.tokens)
+            if on_record is not None:
+                on_record(writer.num_pairs)
+            bar.update(writer.num_pairs, base_b + done)
+        if pool is not None:
+            pool.shutdown()
+            pool = None
+        writer.provenance = {
             "pairpack_version": __version__,
-            "inputs": [f.provenance() for f in files],
+            "inputs": [s.provenance() for s in sources],
             "options": options,
-            "mode": enc.mode,
+            "mode": mode,
+            **({"part": {**part, **unit_info}} if part else {}),
         }
-        writer.provenance = manifest_prov
         if rej_file is not None:
             rej_file.close()
         manifest = writer.commit()
@@ -271,8 +573,9 @@ def build(
             rej_path.unlink(missing_ok=True)  # a stale file from an earlier build would mislead
     except BaseException:
         bar.close()
-        if writer is not None:
-            writer.abort()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        writer.abort()
         if rej_file is not None:
             rej_file.close()
         rej_tmp.unlink(missing_ok=True)
@@ -288,3 +591,78 @@ def build(
     report.dataset_bytes = sum(e.bytes for s in manifest.shards for e in s.files.values()) + len(manifest.dumps())
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _sidecar_tokenizer(side: dict[str, Any], where: Path) -> Any:
+    t = side.get("tokenizer")
+    if not isinstance(t, dict):
+        return None
+    if t.get("kind") == "bytes":
+        return ByteTokenizer()
+    if t.get("kind") == "huggingface":
+        obj = dict(t)
+        if isinstance(side.get("tokenizer_file"), str):
+            obj["file"] = {"path": side["tokenizer_file"]}
+        got = tokenizer_from_manifest(obj, where)
+        if got is None:
+            raise SourceError("the export's tokenizer file is missing or differs; pass --tokenizer",
+                              path=where, reason="missing_tokenizer")
+        return got
+    return None
+
+
+def _choose_workers(workers: int | None, sources: list[Source], total_bytes: int) -> int:
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    small = total_bytes < PARALLEL_MIN_BYTES and all(s.size for s in sources)
+    return 1 if small else cores
+
+
+def _ordered(pool: ProcessPoolExecutor, blocks: Iterator[tuple[int, Block]], window: int
+             ) -> Iterator[tuple[tuple[int, BlockResult], int]]:
+    """Results of ``blocks`` in submission order, at most ``window`` in flight (bounded memory)."""
+    q: deque[tuple[int, Block, Future]] = deque()
+    it = iter(blocks)
+    for base_b, b in it:
+        q.append((base_b, b, pool.submit(_work, b)))
+        if len(q) >= window:
+            break
+    while q:
+        base_b, b, fut = q.popleft()
+        res = fut.result()
+        nxt = next(it, None)
+        if nxt is not None:
+            q.append((nxt[0], nxt[1], pool.submit(_work, nxt[1])))
+        yield (base_b, res), b.done_bytes
+
+
+def _up_to_date(out: Path, sources: list[Source], options: dict[str, Any], part: dict[str, int] | None,
+                tok_ident: dict[str, Any] | None) -> bool:
+    """Whether ``out`` is a dataset built from these inputs (names and sizes), tokenizer and options."""
+    try:
+        m = fmt.read_manifest(out)
+    except PairpackError:
+        return False
+
+    def key(t: dict[str, Any] | None) -> Any:
+        return None if t is None else {k: v for k, v in t.items() if k not in ("file", "source_path")}
+
+    if key(m.tokenizer) != key(tok_ident):
+        return False
+    prov = m.provenance
+    got = prov.get("options", {})
+    if any(got.get(k) != v for k, v in options.items()):
+        return False
+    names = [(i.get("path"), i.get("bytes")) for i in prov.get("inputs", [])]
+    mine = [(Path(s.path).name, s.size) if s.size else (s.path, None) for s in sources]
+    if len(names) != len(mine) or any(a[0] != b[0] or (b[1] is not None and a[1] != b[1])
+                                      for a, b in zip(names, mine)):
+        return False
+    got_part = prov.get("part")
+    if part is None:
+        return got_part is None
+    return got_part is not None and all(got_part.get(k) == v for k, v in part.items())
+

@@ -502,3 +502,13 @@ def xtransformers_inputs(
         "prompt_mask": prompt_mask[:, 1:],
         **shifted,
     }
+
+
+def __getattr__(name: str) -> object:
+    # The reference cache reads and writes datasets, so it lives in pairpack.reference; it is
+    # re-exported here lazily, keeping this module's import torch-only.
+    if name in ("precompute_reference", "check_reference", "reference_kwargs"):
+        from . import reference
+
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

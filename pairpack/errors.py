@@ -18,6 +18,7 @@ __all__ = [
     "TokenizerError",
     "DatasetExistsError",
     "StateError",
+    "DeviceError",
 ]
 
 
@@ -106,3 +107,8 @@ class DatasetExistsError(PairpackError, FileExistsError):
 
 class StateError(PairpackError, ValueError):
     """A loader/sampler state or an option set does not match the dataset it is used with."""
+
+
+class DeviceError(PairpackError, RuntimeError):
+    """A device cannot be used as asked (e.g. ``device="cuda"`` without CUDA), or a device feeder
+    is misused (``get()`` with nothing submitted, use after ``close()``)."""

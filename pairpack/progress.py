@@ -55,3 +55,53 @@ class Progress:
             self._draw(time.perf_counter())
             self.stream.write("\n")
             self.stream.flush()
+
+
+class CountProgress:
+    """A progress bar over a known number of items (steps, pairs): ``[####....] 40/100 | 12.3 it/s``.
+
+    Drawn on one stderr line at most ``hz`` times a second; by default only on a terminal.
+    ``postfix`` (set any time) is appended, e.g. the current loss.
+    """
+
+    def __init__(self, total: int, *, label: str = "steps", enabled: bool | None = None,
+                 stream: TextIO | None = None, hz: float = 8.0) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total = max(int(total), 0)
+        self.label = label
+        self.done = 0
+        self.postfix = ""
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.period = 1.0 / hz
+        self.closed = False
+
+    def update(self, done: int) -> None:
+        """Record ``done`` items finished so far (absolute) and redraw if due."""
+        self.done = done
+        if self.enabled:
+            now = time.perf_counter()
+            if now - self.last >= self.period or done >= self.total:
+                self.last = now
+                self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        dt = max(now - self.t0, 1e-9)
+        width = 24
+        frac = min(self.done / self.total, 1.0) if self.total else 1.0
+        fill = int(frac * width)
+        line = (f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {self.label} | "
+                f"{self.done / dt:,.1f} {self.label}/s | {dt:,.1f} s")
+        if self.postfix:
+            line += f" | {self.postfix}"
+        self.stream.write(line + "\x1b[K" if self.stream.isatty() else line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Draw the final state and end the line (once; later calls do nothing)."""
+        if self.enabled and not self.closed:
+            self._draw(time.perf_counter())
+            self.stream.write("\n")
+            self.stream.flush()
+        self.closed = True

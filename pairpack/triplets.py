@@ -91,6 +91,14 @@ def _round_up(n: int, m: int | None) -> int:
     return -(-n // m) * m if m else n
 
 
+def _views(tokens: Sequence[np.ndarray], start: np.ndarray, end: np.ndarray) -> list[np.ndarray]:
+    """``tokens[i][start[i]:end[i]]`` for each pair: views, built by C-level ``map`` when all pairs
+    share one token array (one shard), which halves the Python cost of the slicing."""
+    if tokens and all(t is tokens[0] for t in tokens):
+        return list(map(tokens[0].__getitem__, map(slice, start.tolist(), end.tolist())))
+    return [t[a:e] for t, a, e in zip(tokens, start.tolist(), end.tolist())]
+
+
 def assemble(
     tokens: Sequence[np.ndarray],
     prompt_start: np.ndarray,
@@ -114,40 +122,55 @@ def assemble(
         pad_to_multiple_of: round ``L`` up to a multiple of this.
         indices, columns: carried into the result.
 
-    Every output token is written once: the memory-map slices of each row (prompt, completion,
-    padding) are joined in output order by one ``np.concatenate`` and widened to int64 by one
-    torch call. This beat a fully vectorised index gather (``tokens[src]`` over a ``(2B, L)``
-    int64 index) in ``tools/bench_reader.py``, because it moves only the output bytes.
+    The memory-map slices of each row (prompt, completion, padding; a prompt stored right before
+    its completion is one slice) are joined in output order by one ``np.concatenate`` and widened
+    to int64 by one cast; the three masks come from one comparison. This beat a fully vectorised
+    index gather (``tokens[src]`` over a ``(2B, L)`` int64 index) and a boolean scatter into a
+    padded buffer in best-of-N timings, because it moves only the output bytes.
     """
     b = len(prompt_len)
     total = prompt_len[None, :] + completion_len  # (2, B)
     n = _round_up(int(total.max()) if b else 0, pad_to_multiple_of)
-    dtype = tokens[0].dtype if b else np.dtype(np.uint16)
+    # an empty batch has no token array to take the dtype from; uint32 holds every valid pad_id
+    dtype = tokens[0].dtype if b else np.dtype(np.uint32)
     pad = np.full(n, pad_id, dtype=dtype)
-    ps, pl = prompt_start.tolist(), prompt_len.tolist()
-    cs, cl, tl = completion_start.tolist(), completion_len.tolist(), total.tolist()
-    pieces: list[np.ndarray] = []
+    pe = prompt_start + prompt_len
+    ce = completion_start + completion_len
+    pads = pad.__getitem__
+    prompts: list[np.ndarray] | None = None
+    pieces: list[Any] = []
     for side in (0, 1):
-        s_cs, s_cl, s_tl = cs[side], cl[side], tl[side]
-        for i in range(b):
-            tok = tokens[i]
-            pieces.append(tok[ps[i]:ps[i] + pl[i]])
-            pieces.append(tok[s_cs[i]:s_cs[i] + s_cl[i]])
-            pieces.append(pad[: n - s_tl[i]])
+        npad = map(slice, (n - total[side]).tolist())
+        if (completion_start[side] == pe).all():
+            # the writer stores a new prompt right before its chosen completion: one slice per row
+            row: list[Any] = [None] * (2 * b)
+            row[0::2] = _views(tokens, prompt_start, ce[side])
+            row[1::2] = map(pads, npad)
+        else:
+            if prompts is None:  # one view per prompt, shared by both rows
+                prompts = _views(tokens, prompt_start, pe)
+            row = [None] * (3 * b)
+            row[0::3] = prompts
+            row[1::3] = _views(tokens, completion_start[side], ce[side])
+            row[2::3] = map(pads, npad)
+        pieces += row
+    # joined in output order, then widened by one cast (measured a little faster than joining
+    # straight into an int64 buffer with casting); mixed shard dtypes promote, never wrap
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    if flat.dtype != dtype:  # mixed shards of different dtypes cannot occur (§4.1), but be exact
-        flat = flat.astype(dtype)
     seqs = torch.from_numpy(flat.astype(np.int64)).view(2, b, n)
-    pos = torch.arange(n)
     p_t = torch.from_numpy(np.ascontiguousarray(prompt_len, dtype=np.int64))
-    t_t = torch.from_numpy(np.ascontiguousarray(total, dtype=np.int64))
     c_t = torch.from_numpy(np.ascontiguousarray(completion_len, dtype=np.int64))
+    # the three masks in one numpy comparison (int32 when L allows: half the bytes to compare),
+    # measured about twice as fast as three broadcast torch comparisons
+    it = np.int32 if n < 2**31 else np.int64
+    bounds = np.concatenate([prompt_len[None, :], total]).astype(it)  # (3, B): P, P + C, P + R
+    masks = torch.from_numpy(np.arange(n, dtype=it) < bounds[:, :, None])
     return Triplets(
         preferred_seq=seqs[0],
         unpreferred_seq=seqs[1],
-        prompt_mask=pos < p_t[:, None],
-        preferred_seq_mask=pos < t_t[0][:, None],
-        unpreferred_seq_mask=pos < t_t[1][:, None],
+        prompt_mask=masks[0],
+        preferred_seq_mask=masks[1],
+        unpreferred_seq_mask=masks[2],
         indices=torch.from_numpy(np.asarray(indices if indices is not None else np.arange(b), dtype=np.int64)),
         prompt_lengths=p_t,
         chosen_lengths=c_t[0],

@@ -8,14 +8,18 @@ file is written, fsynced and checksummed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
+import fcntl
 import os
+import re
 import shutil
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import xxhash
@@ -23,7 +27,7 @@ import xxhash
 from . import format as fmt
 from .errors import DatasetExistsError, SourceError
 
-__all__ = ["Writer", "check_ids"]
+__all__ = ["Writer", "add_columns", "check_ids"]
 
 _TMP_TAG = ".pairpack-tmp-"  # temp dirs: ".<name>.pairpack-tmp-<pid>-<hex>" beside the target
 _OLD_TAG = ".pairpack-old-"
@@ -84,6 +88,18 @@ class _Spill:
         self.total += 1
         if self.n == _SPILL_ROWS:
             self.flush()
+
+    def extend(self, values: np.ndarray) -> None:
+        """Append many values; the bytes written equal those of ``append`` called per value."""
+        arr = np.asarray(values, dtype=self.dtype)
+        while len(arr):
+            take = min(len(arr), _SPILL_ROWS - self.n)
+            self.buf[self.n:self.n + take] = arr[:take]
+            self.n += take
+            self.total += take
+            arr = arr[take:]
+            if self.n == _SPILL_ROWS:
+                self.flush()
 
     def flush(self) -> None:
         if self.n:
@@ -176,6 +192,86 @@ class _ShardWriter:
         for k, spill in self.extra.items():
             spill.append(columns[k])
 
+    def add_batch(self, tokens: np.ndarray, off: np.ndarray, lens: list[list[int]], i0: int, n: int,
+                  shard_bytes: int, columns: Mapping[str, np.ndarray]) -> int:
+        """Append pairs ``i0, i0+1, ...`` of a batch until the shard is full; returns the next pair.
+
+        ``tokens`` holds each pair's prompt, chosen and rejected ids back to back, pair ``j`` from
+        ``off[j]``; ``lens`` = lengths as three lists. Byte-for-byte the same files as :meth:`add`
+        per pair (same dedup decisions, same shard cut), but Python work per pair is only the
+        prompt's hash and dict lookup: tokens are cut and written once per batch.
+        """
+        self._flush_tokens()  # earlier per-pair tokens go first; _stored reads them from the file
+        pls, cls, rls = lens
+        item = self.dtype.itemsize
+        window = self.dedup_window
+        base = nt = self.num_tokens
+        had = self.num_pairs
+        key_src = tokens.astype(np.uint32, copy=False) if window > 0 else tokens
+        ps: list[int] = []
+        cs: list[int] = []
+        rs: list[int] = []
+        drop: list[int] = []  # batch offsets of prompts stored once already (not written again)
+        drop_len: list[int] = []
+        fresh: dict[int, int] = {}  # output start -> batch offset, prompts first written in this batch
+        dedup = self.dedup
+        digest = xxhash.xxh3_128_digest
+        j = i0
+        while j < n:
+            pl, cl, rl = pls[j], cls[j], rls[j]
+            if (had or j > i0) and (nt + pl + cl + rl) * item > shard_bytes:
+                break
+            a = int(off[j])
+            if window <= 0:
+                start = nt
+                nt += pl
+                self.num_prompts += 1
+            else:
+                key = (pl, digest(key_src[a:a + pl]))
+                start = dedup.get(key)
+                if start is not None:
+                    # a hash hit is confirmed against the stored tokens: de-duplication is exact
+                    src = fresh.get(start)
+                    earlier = (tokens[src:src + pl] if start >= base and src is not None
+                               else self._stored(start, pl))
+                    if not np.array_equal(earlier, tokens[a:a + pl]):
+                        start = None
+                if start is not None:
+                    dedup.move_to_end(key)
+                    drop.append(a)
+                    drop_len.append(pl)
+                else:
+                    start = nt
+                    nt += pl
+                    self.num_prompts += 1
+                    dedup[key] = start
+                    fresh[start] = a
+                    if len(dedup) > window:
+                        dedup.popitem(last=False)
+            ps.append(start)
+            cs.append(nt)
+            nt += cl
+            rs.append(nt)
+            nt += rl
+            j += 1
+        if j == i0:
+            return j
+        lo, hi = int(off[i0]), int(off[j])
+        part = tokens[lo:hi]
+        if drop:  # remove the repeated prompts' ranges: +1 at each start, -1 at each end
+            mark = np.zeros(hi - lo + 1, dtype=np.int8)
+            d = np.asarray(drop, dtype=np.int64) - lo
+            mark[d] = 1
+            mark[d + np.asarray(drop_len, dtype=np.int64)] = -1  # never another start: segments >= 1
+            part = part[np.cumsum(mark[:-1]) == 0]
+        self.tok.write(part.astype(self.dtype, copy=False).tobytes())
+        self.num_tokens = self.flushed_tokens = nt
+        for spill, v in zip(self.cols, (ps, cs, rs, pls[i0:j], cls[i0:j], rls[i0:j])):
+            spill.extend(np.asarray(v, dtype=np.int64))
+        for k, spill in self.extra.items():
+            spill.extend(columns[k][i0:j])
+        return j
+
     def widen(self) -> None:
         """Rewrite the tokens written so far as uint32 (once, when an id >= 65536 first appears)."""
         self._flush_tokens()
@@ -215,6 +311,20 @@ class _ShardWriter:
                 f.close()
             except OSError:
                 pass
+
+
+def _check_finite(dtypes: Mapping[str, str], values: Mapping[str, Any], first_pair: int) -> None:
+    """Refuse NaN/inf in float columns before anything is written: the reader's R16 rejects them,
+    and the writer must never emit a dataset that its own ``verify()`` fails (FORMAT.md §8 R16)."""
+    for name, dt in dtypes.items():
+        if fmt.COLUMN_DTYPES[dt].kind != "f":
+            continue
+        with np.errstate(over="ignore"):  # 1e300 in a float32 column becomes inf: refuse it too
+            v = np.asarray(values[name]).astype(fmt.COLUMN_DTYPES[dt])
+        bad = np.flatnonzero(~np.isfinite(v.reshape(-1)))
+        if bad.size:
+            raise ValueError(f"column {name!r}: non-finite value {v.reshape(-1)[bad[0]]} at pair "
+                             f"{first_pair + int(bad[0])} (FORMAT.md §8 R16)")
 
 
 def _file_entry(root: Path, p: Path) -> fmt.FileEntry:
@@ -290,7 +400,8 @@ def clean_stale_temps(target: Path) -> None:
     parent = target.parent
     if not parent.is_dir():
         return
-    for tag in (_TMP_TAG, _OLD_TAG):
+    # the last tag is the rejects file a killed `build --skip-invalid` was writing (build.py)
+    for tag in (_TMP_TAG, _OLD_TAG, ".rejects.jsonl.tmp-"):
         prefix = f".{target.name}{tag}"
         for p in parent.glob(prefix + "*"):
             try:
@@ -298,7 +409,10 @@ def clean_stale_temps(target: Path) -> None:
             except ValueError:
                 continue
             if pid != os.getpid() and not _pid_alive(pid):
-                shutil.rmtree(p, ignore_errors=True)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -406,6 +520,7 @@ class Writer:
         missing = set(self.columns) - set(columns)
         if missing or set(columns) - set(self.columns):
             raise ValueError(f"columns given {sorted(columns)} differ from declared {sorted(self.columns)}")
+        _check_finite(self.columns, columns, self.num_pairs)
         return self.add_checked(p, c, r, columns)
 
     def add_checked(self, p: np.ndarray, c: np.ndarray, r: np.ndarray,
@@ -423,6 +538,55 @@ class Writer:
         sw.add(p, c, r, columns)
         self.num_pairs += 1
         return self.num_pairs - 1
+
+    def add_batch(self, tokens: np.ndarray, lengths: np.ndarray,
+                  columns: Mapping[str, np.ndarray] | None = None) -> None:
+        """Append many checked pairs at once; the files equal those of ``add_checked`` per pair.
+
+        Args:
+            tokens: 1-D unsigned/int array: each pair's prompt, chosen and rejected ids back to back,
+                already checked (non-negative, below the vocabulary; every segment non-empty).
+            lengths: int64 ``(3, n)``: prompt, chosen and rejected length of each pair.
+            columns: per-pair column values, name -> ``(n,)`` array (the declared columns).
+        """
+        if self._closed:
+            raise ValueError("writer is closed")
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n = lengths.shape[1]
+        if n == 0:
+            return
+        columns = {k: np.asarray(v) for k, v in (columns or {}).items()}
+        if set(columns) != set(self.columns):
+            raise ValueError(f"columns given {sorted(columns)} differ from declared {sorted(self.columns)}")
+        _check_finite(self.columns, columns, self.num_pairs)
+        off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths.sum(axis=0), out=off[1:])
+        if off[-1] != len(tokens):
+            raise ValueError(f"lengths add up to {int(off[-1])} tokens, got {len(tokens)}")
+        hi = int(tokens.max())
+        if hi > self.max_id:
+            if self.vocab_size is None and hi >= fmt.UINT16_MAX_VOCAB and self.dtype == "uint16":
+                # widen exactly where add_checked would: before the first pair holding such an id
+                j = int(np.argmax(np.maximum.reduceat(tokens, off[:-1]) >= fmt.UINT16_MAX_VOCAB))
+                if j > 0:
+                    self.add_batch(tokens[:off[j]], lengths[:, :j], {k: v[:j] for k, v in columns.items()})
+                    tokens, lengths = tokens[off[j]:], lengths[:, j:]
+                    columns = {k: v[j:] for k, v in columns.items()}
+                    off = off[j:] - off[j]
+                    n -= j
+                self.dtype = "uint32"
+                if self.current is not None:
+                    self.current.widen()
+                self.shards = [_widen_closed(self.tmp, s) for s in self.shards]
+            self.max_id = max(self.max_id, hi)
+        lens = lengths.tolist()
+        tot = lengths.sum(axis=0).tolist()
+        i = 0
+        while i < n:
+            sw = self._shard_for(tot[i])
+            k = sw.add_batch(tokens, off, lens, i, n, self.shard_bytes, columns)
+            self.num_pairs += k - i
+            i = k
 
     def _shard_for(self, ntok: int) -> _ShardWriter:
         sw = self.current
@@ -504,3 +668,183 @@ class Writer:
             self.current = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._closed = True
+
+
+# --- adding per-pair columns to an existing dataset (FORMAT.md §4.4, §9) ------------------------
+# add_columns names each new column file after its content, "<name>.<16 hex of its xxh3-128>.npy",
+# so a new file never overwrites a file that the current manifest points to: readers holding the
+# old manifest keep a consistent view until the old files are deleted, after the manifest swap.
+_COLFILE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.[0-9a-f]{16}\.npy$")
+_COLTMP_TAG = ".pairpack-coltmp-"  # temp files: ".<name>.pairpack-coltmp-<pid>-<hex>"
+
+
+@contextlib.contextmanager
+def _dataset_lock(root: Path) -> Iterator[None]:
+    """Exclusive advisory lock on the dataset directory (flock on its fd): one column update at a time."""
+    try:
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise fmt.FormatError("not a dataset directory", path=root, field="manifest", section="§3") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the fd releases the lock
+
+
+def _column_array(name: str, values: Any, num_pairs: int) -> np.ndarray:
+    if not fmt.COLUMN_NAME_RE.match(name):
+        raise ValueError(f"bad column name {name!r}: names match [a-z][a-z0-9_]{{0,63}} (FORMAT.md §4.4)")
+    if hasattr(values, "detach"):  # a torch tensor: numpy view of its CPU copy
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
+    dt_name = arr.dtype.name if arr.dtype.kind in "fi" else ""
+    if dt_name not in fmt.COLUMN_DTYPES:
+        raise ValueError(f"column {name!r}: dtype {arr.dtype} is not allowed; use one of "
+                         f"{sorted(fmt.COLUMN_DTYPES)} (FORMAT.md §4.4)")
+    if arr.shape != (num_pairs,):
+        raise ValueError(f"column {name!r}: shape {arr.shape} differs from (num_pairs,) = ({num_pairs},)")
+    arr = np.ascontiguousarray(arr, dtype=fmt.COLUMN_DTYPES[dt_name])  # little-endian, C order
+    if arr.dtype.kind == "f" and num_pairs and not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise ValueError(f"column {name!r}: non-finite value {arr[bad]} at pair {bad} (FORMAT.md §8 R16)")
+    return arr
+
+
+def _write_column_file(shard_dir: Path, name: str, data: np.ndarray, created: list[Path]) -> Path:
+    """Write ``data`` as a content-named .npy in ``shard_dir`` via a temp file; return its path."""
+    header = fmt.npy_header(data.dtype, data.shape)
+    h = xxhash.xxh3_128()
+    h.update(header)
+    h.update(memoryview(data).cast("B"))
+    digest = h.hexdigest()
+    final = shard_dir / f"{name}.{digest[:16]}.npy"
+    tmp = shard_dir / f".{name}{_COLTMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    created.append(tmp)
+    with open(tmp, "wb") as f:
+        f.write(header)
+        f.write(memoryview(data).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    existed = final.exists()
+    os.replace(tmp, final)  # same name => same bytes: replacing an identical file changes nothing
+    created.remove(tmp)
+    if not existed:
+        created.append(final)
+    return final
+
+
+def _collect_garbage(root: Path, manifest: fmt.Manifest) -> None:
+    """Delete column files no manifest entry points to and temp files of dead processes.
+
+    Only names that add_columns itself creates are touched (content-named column files and its
+    temp files), so files written by other tools are never removed.
+    """
+    live = {e.path for s in manifest.shards for e in s.columns.values()}
+    dirs = [root] + [root / s.name for s in manifest.shards]
+    for d in dirs:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for fn in names:
+            p = d / fn
+            if _COLTMP_TAG in fn:
+                try:
+                    pid = int(fn.split(_COLTMP_TAG, 1)[1].split("-")[0])
+                except ValueError:
+                    continue
+                if pid != os.getpid() and not _pid_alive(pid):
+                    p.unlink(missing_ok=True)
+            elif d != root and _COLFILE_RE.match(fn) and p.relative_to(root).as_posix() not in live:
+                p.unlink(missing_ok=True)
+
+
+def add_columns(
+    path: str | os.PathLike,
+    columns: Mapping[str, Any],
+    *,
+    info: Mapping[str, Mapping[str, Any]] | None = None,
+) -> fmt.Manifest:
+    """Add or replace per-pair columns of an existing dataset, atomically (FORMAT.md §4.4, §9).
+
+    Each column is split over the shards and written as one ``.npy`` per shard, named after
+    its content (``shard-NNNNN/<name>.<16 hex of its xxh3-128>.npy``), fsynced, checksummed;
+    then ``manifest.json`` is replaced in one ``os.replace`` of a fsynced temp file. Only after
+    that are the files of replaced columns deleted. At every instant the manifest on disk
+    points only at complete files with the checksums it records: an interrupted call leaves
+    the dataset as it was (plus at most unreferenced files, removed by the next call). The
+    token and index files are untouched, so the fingerprint (§7.3) does not change. Column
+    updates of one dataset are serialised by an advisory lock on its directory.
+
+    Args:
+        path: the dataset directory.
+        columns: name -> values, one per pair: ``(num_pairs,)`` numpy array or torch tensor of
+            float32, float64, int32 or int64 (FORMAT.md §4.4). Floats must be finite (§8 R16).
+            A name that exists already is replaced.
+        info: optional name -> ``{"description": str, "attrs": dict}`` (attrs JSON values).
+            A replaced column without info gets empty ones: old attrs never describe new values.
+
+    Returns:
+        The new :class:`~pairpack.format.Manifest`. Open the dataset again to read the columns
+        (a :class:`~pairpack.reader.Dataset` opened before keeps its old view).
+
+    Raises:
+        ValueError: a bad name, dtype, shape, non-finite value, or attrs that are not JSON.
+        FormatError: ``path`` is not a readable dataset.
+    """
+    root = Path(path)
+    info = dict(info or {})
+    unknown = set(info) - set(columns)
+    if unknown:
+        raise ValueError(f"info given for columns not being added: {sorted(unknown)}")
+    with _dataset_lock(root):
+        old = fmt.read_manifest(root)
+        arrays = {k: _column_array(k, v, old.num_pairs) for k, v in columns.items()}
+        new_cols = {c.name: c for c in old.columns}
+        for k, arr in arrays.items():
+            meta = dict(info.get(k, {}))
+            new_cols[k] = fmt.ColumnInfo(k, arr.dtype.name, str(meta.get("description", "")),
+                                         dict(meta.get("attrs", {})))
+        created: list[Path] = []
+        try:
+            shards = []
+            lo = 0
+            for s in old.shards:
+                shard_dir = fmt.resolve_file(root, s.name)
+                entries = dict(s.columns)
+                for k, arr in arrays.items():
+                    p = _write_column_file(shard_dir, k, arr[lo:lo + s.num_pairs], created)
+                    entries[k] = _file_entry(root, p)
+                lo += s.num_pairs
+                shards.append(fmt.ShardInfo(s.name, s.num_pairs, s.num_tokens, s.num_prompts, s.files, entries))
+                _fsync_dir(shard_dir)
+            manifest = dataclasses.replace(old, shards=tuple(shards),
+                                           columns=tuple(new_cols[k] for k in sorted(new_cols)))
+            try:
+                data = manifest.dumps()
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"column attrs must be JSON values ({e})") from None
+            fmt.parse_manifest(data)  # never install what a reader refuses
+            tmp = root / f".{fmt.MANIFEST_NAME}{_COLTMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            created.append(tmp)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, root / fmt.MANIFEST_NAME)  # the commit point
+            created.clear()
+            _fsync_dir(root)
+        except BaseException:
+            for p in created:  # new files only: nothing the old manifest points to
+                p.unlink(missing_ok=True)
+            raise
+        # the old manifest is gone: drop the files of replaced columns, then any leftovers
+        live = {e.path for s in manifest.shards for e in s.columns.values()}
+        for s in old.shards:
+            for k in arrays:
+                e = s.columns.get(k)
+                if e is not None and e.path not in live:
+                    fmt.resolve_file(root, e.path).unlink(missing_ok=True)
+        _collect_garbage(root, manifest)
+    return manifest

@@ -1,0 +1,396 @@
+"""``pairpack.Loader``: deterministic, resumable, rank-aware batches of :class:`~pairpack.Triplets`.
+
+One epoch is planned up front from the flat length array (:mod:`pairpack.sampling` gives the
+order, :mod:`pairpack.batching` the batches), so the batches are a pure function of
+``(seed, epoch, dataset fingerprint, options)``; workers, devices and resumes only change *who*
+assembles batch ``j``, never *what* it holds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from . import batching as bt
+from .errors import PairpackError, StateError
+from .reader import Dataset, open_dataset
+from .sampling import epoch_order, resolve_rank
+
+if TYPE_CHECKING:
+    from .triplets import Triplets
+
+__all__ = ["Loader"]
+
+STATE_FORMAT = "pairpack.loader/1"
+# options that shape the batches: a state saved under other values cannot be resumed
+_ORDER_OPTIONS = ("batch_size", "max_tokens", "shuffle", "drop_last", "group_by_length", "window", "world_size",
+                  "max_length", "truncation", "min_completion_tokens", "pad_to_multiple_of", "oversize")
+
+
+class Loader:
+    """Batches of a pairpack dataset for training: an iterable of :class:`~pairpack.Triplets`.
+
+    Args:
+        ds: a :class:`~pairpack.Dataset` or the path of one.
+        batch_size: pairs per batch, per rank (exactly one of ``batch_size``/``max_tokens``).
+        max_tokens: per-rank budget on ``2 * B * L`` (padded tokens of both rows); never exceeded.
+        shuffle: random epoch order (else dataset order).
+        seed: with the epoch and ``ds.fingerprint``, the only input of the order (``>= 0``).
+        drop_last: ``DistributedSampler`` semantics: trim the order to a multiple of the world
+            size instead of repeating its first pairs; with ``batch_size`` also drop a short last
+            batch.
+        group_by_length: sort pairs by length within large windows of the shuffled order, then
+            shuffle the batches (little padding, random order). See :func:`pairpack.batching.plan_batches`.
+        window: grouping window in pairs (default 512 batches per rank).
+        rank, world_size: this process's share; default from ``torch.distributed`` when it is
+            initialised, else (0, 1). Every rank gets the same number of batches.
+        max_length: truncate pairs so that ``P + C`` and ``P + R`` fit (both rows with one prompt).
+        truncation: ``"keep_end"`` (drop prompt tokens from its start) or ``"keep_start"``.
+        min_completion_tokens: completions are cut no shorter than this (``>= 1``) before the prompt.
+        pad_to_multiple_of: round each batch's padded length ``L`` up to a multiple of this.
+        oversize: with ``max_tokens``, a pair over the budget alone is ``"truncate"``-d to fit
+            (default), ``"skip"``-ped (counted) or raises (``"error"``).
+        num_workers: worker processes assembling batches (``torch.utils.data.DataLoader`` workers:
+            they share the memory maps, so memory stays flat). The batches and their order do not
+            depend on it.
+        prefetch_factor: batches each worker prepares ahead.
+        device: None/"cpu" for CPU tensors; a CUDA device hands the batch plans to
+            ``pairpack.cuda.DeviceFeeder`` (pinned buffers, asynchronous copies). Plans are made in
+            this process (index arithmetic only) and the feeder assembles, so ``num_workers`` is
+            not used on that path.
+        prefetch, compact: passed to the DeviceFeeder.
+        columns: per-pair columns to carry in ``Triplets.columns``.
+
+    Pairs whose chosen and rejected become identical through truncation are left out of every
+    epoch and counted; see :attr:`counts`.
+    """
+
+    def __init__(
+        self,
+        ds: Dataset | str | os.PathLike,
+        *,
+        batch_size: int | None = None,
+        max_tokens: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        group_by_length: bool = False,
+        window: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        max_length: int | None = None,
+        truncation: str = "keep_end",
+        min_completion_tokens: int = 1,
+        pad_to_multiple_of: int | None = None,
+        oversize: str = "truncate",
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        device: Any = None,
+        prefetch: int = 2,
+        compact: bool = True,
+        columns: Sequence[str] = (),
+    ) -> None:
+        self.ds = ds if isinstance(ds, Dataset) else open_dataset(ds)
+        bt.check_options(batch_size=batch_size, max_tokens=max_tokens, max_length=max_length, truncation=truncation,
+                         min_completion_tokens=min_completion_tokens, pad_to_multiple_of=pad_to_multiple_of,
+                         oversize=oversize, window=window)
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        for c in columns:
+            if c not in self.ds.column_names:
+                raise KeyError(f"{self.ds.path}: no column {c!r}; columns: {self.ds.column_names}")
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+        self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
+        self.group_by_length, self.window = bool(group_by_length), window
+        self.max_length, self.truncation = max_length, truncation
+        self.min_completion_tokens, self.pad_to_multiple_of = min_completion_tokens, pad_to_multiple_of
+        self.oversize = oversize
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.device, self.prefetch, self.compact = device, prefetch, compact
+        self.columns = tuple(columns)
+        # the truncation length applied to every pair (a budget caps it when oversize="truncate")
+        self.effective_max_length = bt.effective_max_length(max_length, max_tokens, pad_to_multiple_of, oversize)
+        self._fingerprint = self.ds.fingerprint
+        self._fp_int = int(self._fingerprint, 16)
+        self._epoch = 0
+        self._position = 0  # batches of the current epoch handed to the user
+        self._pending: int | None = None  # start of the next iteration after load_state_dict
+        self._valid: np.ndarray | None = None
+        self._counts: dict[str, int] | None = None
+        self._plan_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._feeder_cls = self._device_feeder_class()
+
+    # --- dataset-wide preparation (once) ---------------------------------------------------------
+    def _prepare(self) -> np.ndarray | None:
+        """Pairs taking part (None = all), computed once: drops pairs over the budget ("skip") and
+        pairs that truncation makes identical."""
+        if self._counts is not None:
+            return self._valid
+        lengths = self.ds.lengths
+        n = lengths.shape[1]
+        keep = np.ones(n, dtype=bool)
+        over = bt.oversize_mask(lengths, self.max_tokens, max_length=self.effective_max_length,
+                                min_completion_tokens=self.min_completion_tokens,
+                                pad_to_multiple_of=self.pad_to_multiple_of)
+        if over.any() and self.oversize == "error":
+            first = int(np.flatnonzero(over)[0])
+            raise PairpackError(f"{self.ds.path}: {int(over.sum())} pair(s) exceed max_tokens={self.max_tokens} "
+                                f"alone (first: pair {first}); use oversize='truncate' or 'skip', or max_length")
+        keep &= ~over
+        same = bt.identical_after_truncation(self.ds, max_length=self.effective_max_length,
+                                             min_completion_tokens=self.min_completion_tokens)
+        keep &= ~same
+        truncated = 0
+        if self.effective_max_length is not None:
+            row = lengths[0] + np.maximum(lengths[1], lengths[2])
+            truncated = int(((row > self.effective_max_length) & keep).sum())
+        self._counts = {"pairs": n, "used": int(keep.sum()), "truncated": truncated,
+                        "dropped_identical": int(same.sum()), "skipped_oversize": int(over.sum())}
+        self._valid = None if keep.all() else np.flatnonzero(keep).astype(np.int64)
+        return self._valid
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Dataset-wide counts: ``pairs``, ``used`` (taking part in epochs), ``truncated`` (used pairs
+        shortened by ``max_length`` or the budget), ``dropped_identical`` (chosen == rejected after
+        truncation), ``skipped_oversize`` (over ``max_tokens`` alone with ``oversize="skip"``)."""
+        self._prepare()
+        assert self._counts is not None  # internal invariant: _prepare() sets it
+        return dict(self._counts)
+
+    # --- the epoch plan ----------------------------------------------------------------------------
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's batches of ``epoch`` as CSR (pair indices, offsets); cached for one epoch."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1], self._plan_cache[2]
+        valid = self._prepare()
+        order = epoch_order(len(self.ds), seed=self.seed, epoch=epoch, fingerprint=self._fingerprint,
+                            shuffle=self.shuffle, subset=valid)
+        flat, offsets = bt.plan_rank(
+            self.ds.lengths, order, batch_size=self.batch_size, max_tokens=self.max_tokens,
+            group_by_length=self.group_by_length, window=self.window,
+            seed=[self.seed, epoch, self._fp_int, 1], drop_last=self.drop_last,
+            max_length=self.effective_max_length, min_completion_tokens=self.min_completion_tokens,
+            pad_to_multiple_of=self.pad_to_multiple_of, rank=self.rank, world_size=self.world_size)
+        self._plan_cache = (epoch, flat, offsets)
+        return flat, offsets
+
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches of the current epoch as int64 pair-index arrays, in order."""
+        flat, offsets = self._plan(self._epoch)
+        return np.split(flat, offsets[1:-1]) if len(offsets) > 1 else []
+
+    @property
+    def batch_sampler(self) -> "_BatchSampler":
+        """A batch sampler for a plain ``DataLoader(range(len(ds)), batch_sampler=..., collate_fn=Collate(ds))``:
+        this rank's batches of the current epoch (follows :meth:`set_epoch`)."""
+        return _BatchSampler(self)
+
+    def collate_fn(self) -> bt.Collate:
+        """A :class:`~pairpack.batching.Collate` with this loader's truncation and padding options."""
+        return bt.Collate(self.ds, max_length=self.effective_max_length, truncation=self.truncation,
+                          min_completion_tokens=self.min_completion_tokens,
+                          pad_to_multiple_of=self.pad_to_multiple_of, columns=self.columns)
+
+    def padding_efficiency(self) -> float:
+        """Real tokens / padded tokens (both rows) of this rank's batches in the current epoch."""
+        lengths = self.ds.lengths
+        return bt.padding_efficiency(lengths, self.batches(), self.effective_max_length,
+                                     min_completion_tokens=self.min_completion_tokens,
+                                     pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def __len__(self) -> int:
+        """Batches this rank gets in the current epoch (the same on every rank)."""
+        return len(self._plan(self._epoch)[1]) - 1
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration serves (its order is a pure function of it).
+
+        A position restored by :meth:`load_state_dict` is kept only when ``epoch`` is the
+        restored epoch.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self._epoch:
+            self._pending = None
+            self._position = 0
+        self._epoch = int(epoch)
+
+    # --- state -------------------------------------------------------------------------------------
+    def _options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _ORDER_OPTIONS}
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small JSON-able dict: epoch, position (batches handed out this epoch), seed, fingerprint,
+        rank and the options that shape the batches. All ranks are at the same position, so one
+        rank's state resumes every rank."""
+        return {"format": STATE_FORMAT, "epoch": self._epoch, "position": self._position, "seed": self.seed,
+                "fingerprint": self._fingerprint, "num_pairs": len(self.ds), "rank": self.rank,
+                "options": self._options()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration yields exactly the batches an uninterrupted run would yield next.
+
+        Raises StateError when the state comes from another dataset (fingerprint), another seed or
+        options that shape the batches differently (``num_workers`` and ``device`` may differ).
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise StateError(f"not a pairpack loader state (expected format {STATE_FORMAT!r})")
+        for key in ("epoch", "position", "seed", "fingerprint", "options"):
+            if key not in state:
+                raise StateError(f"loader state: missing field {key!r}")
+        if state["fingerprint"] != self._fingerprint:
+            raise StateError(f"loader state: field 'fingerprint' is {state['fingerprint']!r} but dataset "
+                             f"{self.ds.path} has {self._fingerprint!r}: the state belongs to another dataset")
+        if state["seed"] != self.seed:
+            raise StateError(f"loader state: field 'seed' is {state['seed']} but this loader has seed {self.seed}")
+        mine = self._options()
+        theirs = state["options"]
+        diff = {k: (theirs.get(k), mine[k]) for k in _ORDER_OPTIONS if theirs.get(k) != mine[k]}
+        if diff:
+            text = ", ".join(f"{k}: state {a!r} vs loader {b!r}" for k, (a, b) in diff.items())
+            raise StateError(f"loader state: options differ ({text}); the batches would differ")
+        epoch, pos = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or pos < 0:
+            raise StateError(f"loader state: epoch {epoch} / position {pos} must be >= 0")
+        self._epoch = epoch
+        n = len(self)
+        if pos > n:
+            raise StateError(f"loader state: field 'position' {pos} exceeds the {n} batches of epoch {epoch}")
+        self._position = pos
+        self._pending = pos
+
+    # --- iteration ---------------------------------------------------------------------------------
+    def _make_plan(self, idx: np.ndarray) -> bt.BatchPlan:
+        return bt.make_plan(self.ds, idx, max_length=self.effective_max_length, truncation=self.truncation,
+                            min_completion_tokens=self.min_completion_tokens, columns=self.columns)
+
+    def plans(self, start: int | None = None) -> Iterator[bt.BatchPlan]:
+        """The :class:`~pairpack.batching.BatchPlan` of each batch of the current epoch from ``start``
+        (no token copied; for custom assembly). Does not move the loader's position."""
+        flat, offsets = self._plan(self._epoch)
+        for j in range(start or 0, len(offsets) - 1):
+            yield self._make_plan(flat[offsets[j]:offsets[j + 1]])
+
+    def __iter__(self) -> Iterator["Triplets"]:
+        flat, offsets = self._plan(self._epoch)
+        nb = len(offsets) - 1
+        start = self._pending if self._pending is not None else 0
+        self._pending = None
+        self._position = start
+        if self._feeder_cls is not None:
+            return self._iter_device(flat, offsets, start, nb)
+        if self.num_workers > 0:
+            return self._iter_workers(flat, offsets, start, nb)
+        return self._iter_local(flat, offsets, start, nb)
+
+    def _iter_local(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
+        pad_id, mult = self.ds.pad_id, self.pad_to_multiple_of
+        for j in range(start, nb):
+            batch = self._make_plan(flat[offsets[j]:offsets[j + 1]]).assemble(pad_id, mult)
+            self._position = j + 1  # counted when handed out, so a state saved now resumes after it
+            yield batch
+
+    def _iter_workers(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
+        from torch.utils.data import DataLoader
+
+        # Workers get batch numbers in order and DataLoader returns results in sampler order, so
+        # the sequence is the one num_workers=0 gives. Workers assemble (the expensive part) and
+        # hand back tensors through shared memory; the maps are shared (fork) or reopened by path.
+        src = _PlannedBatches(self, flat, offsets)
+        dl = DataLoader(src, batch_size=None, sampler=range(start, nb), num_workers=self.num_workers,
+                        collate_fn=_identity, prefetch_factor=self.prefetch_factor)
+        for j, batch in enumerate(dl, start):
+            self._position = j + 1
+            yield batch
+
+    def _device_feeder_class(self) -> Any:
+        dev = self.device
+        if dev is None:
+            return None
+        import torch
+
+        try:
+            d = torch.device(dev)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={dev!r} is not a torch device ({e})") from None
+        if d.type == "cpu":
+            return None
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise PairpackError(f"device={dev!r}: CUDA is not available on this machine (torch "
+                                f"{torch.__version__}); use device=None for CPU batches")
+        try:
+            from .cuda import DeviceFeeder
+        except ImportError as e:
+            raise PairpackError(f"device={dev!r}: the device path (pairpack.cuda.DeviceFeeder) is not available "
+                                f"in this build ({e}); use device=None for CPU batches") from None
+        return DeviceFeeder
+
+    def _iter_device(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
+        feeder = self._feeder_cls(self.device, pad_id=self.ds.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
+                                  prefetch=self.prefetch, compact=self.compact)
+        try:
+            ahead = start
+            # keep `prefetch` plans submitted so the feeder's copies overlap the consumer's compute
+            while ahead < nb and ahead - start < max(1, self.prefetch):
+                feeder.submit(self._make_plan(flat[offsets[ahead]:offsets[ahead + 1]]))
+                ahead += 1
+            for j in range(start, nb):
+                batch = feeder.get()
+                if ahead < nb:
+                    feeder.submit(self._make_plan(flat[offsets[ahead]:offsets[ahead + 1]]))
+                    ahead += 1
+                self._position = j + 1
+                yield batch
+        finally:
+            feeder.close()
+
+    def __repr__(self) -> str:
+        size = f"batch_size={self.batch_size}" if self.batch_size is not None else f"max_tokens={self.max_tokens}"
+        return (f"pairpack.Loader({self.ds.path}, {size}, rank={self.rank}/{self.world_size}, epoch={self._epoch}, "
+                f"group_by_length={self.group_by_length}, max_length={self.max_length})")
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _PlannedBatches:
+    """Map-style dataset over batch numbers of one epoch plan, for DataLoader workers."""
+
+    def __init__(self, loader: Loader, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.ds = loader.ds
+        self.flat, self.offsets = flat, offsets
+        self.kw = dict(max_length=loader.effective_max_length, truncation=loader.truncation,
+                       min_completion_tokens=loader.min_completion_tokens, columns=loader.columns)
+        self.pad_id, self.mult = loader.ds.pad_id, loader.pad_to_multiple_of
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, j: int) -> "Triplets":
+        idx = self.flat[self.offsets[j]:self.offsets[j + 1]]
+        return bt.make_plan(self.ds, idx, **self.kw).assemble(self.pad_id, self.mult)
+
+
+class _BatchSampler:
+    """This rank's batches of the loader's current epoch as lists of ints (a DataLoader batch_sampler)."""
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.loader.batches():
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        return len(self.loader)
