@@ -322,23 +322,24 @@ class Manifest:
         return h.hexdigest()
 
 
-def _req(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], path: Any, where: str) -> Any:
+def _req(obj: Mapping[str, Any], key: str, types: type | tuple[type, ...], path: Any, where: str,
+         rule: str = "§8 R9") -> Any:
     if key not in obj:
-        raise FormatError("missing required key", path=path, field=f"{where}{key}", section="§5")
+        raise FormatError("missing required key", path=path, field=f"{where}{key}", section=rule)
     v = obj[key]
     # bool is an int subclass: never accept it where a number is required
     if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise FormatError("wrong type", path=path, field=f"{where}{key}", actual=v, section="§5")
+        raise FormatError("wrong type", path=path, field=f"{where}{key}", actual=v, section=rule)
     if not isinstance(v, types):
         raise FormatError("wrong type", path=path, field=f"{where}{key}",
                           expected=getattr(types, "__name__", str(types)), actual=type(v).__name__,
-                          section="§5")
+                          section=rule)
     return v
 
 
 def _nonneg(v: int, path: Any, fld: str, *, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
     if not lo <= v <= hi:
-        raise FormatError(f"out of range [{lo}, {hi}]", path=path, field=fld, actual=v, section="§5")
+        raise FormatError(f"out of range [{lo}, {hi}]", path=path, field=fld, actual=v, section="§8 R9")
     return v
 
 
@@ -354,13 +355,13 @@ def check_relpath(rel: str, path: Any, fld: str) -> str:
 
 def _file_entry(obj: Any, path: Any, fld: str) -> FileEntry:
     if not isinstance(obj, dict):
-        raise FormatError("file entry must be an object", path=path, field=fld, section="§5.3")
+        raise FormatError("file entry must be an object", path=path, field=fld, section="§8 R9")
     rel = check_relpath(_req(obj, "path", str, path, fld + "."), path, fld + ".path")
     size = _nonneg(_req(obj, "bytes", int, path, fld + "."), path, fld + ".bytes")
     digest = _req(obj, CHECKSUM_KEY, str, path, fld + ".")
     if not _CHECKSUM_RE.fullmatch(digest):  # fullmatch: "$" would accept a trailing newline
         raise FormatError("checksum must be 32 lowercase hex digits", path=path,
-                          field=f"{fld}.{CHECKSUM_KEY}", actual=digest, section="§6")
+                          field=f"{fld}.{CHECKSUM_KEY}", actual=digest, section="§8 R9")
     return FileEntry(rel, size, digest)
 
 
@@ -379,62 +380,62 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
         raise FormatError(f"manifest is not valid UTF-8 JSON ({str(e)[:200]})", path=path, field="manifest",
                           section="§8 R1") from None
     if not isinstance(obj, dict):
-        raise FormatError("manifest must be a JSON object", path=path, field="manifest", section="§5")
+        raise FormatError("manifest must be a JSON object", path=path, field="manifest", section="§8 R1")
     if obj.get("format") != FORMAT_NAME:
         raise FormatError("not a pairpack manifest", path=path, field="format",
                           expected=FORMAT_NAME, actual=obj.get("format"), section="§8 R2")
-    version = _req(obj, "format_version", int, path, "")
+    version = _req(obj, "format_version", int, path, "", "§8 R2")
     if version != FORMAT_VERSION:
         raise FormatError("unsupported format version; upgrade pairpack to read it", path=path,
                           field="format_version", expected=FORMAT_VERSION, actual=version, section="§8 R2")
     if obj.get("checksum") != CHECKSUM_KEY:
         raise FormatError("unknown checksum algorithm", path=path, field="checksum",
-                          expected=CHECKSUM_KEY, actual=obj.get("checksum"), section="§6")
+                          expected=CHECKSUM_KEY, actual=obj.get("checksum"), section="§8 R2")
     num_pairs = _nonneg(_req(obj, "num_pairs", int, path, ""), path, "num_pairs")
     token_dtype = _req(obj, "token_dtype", str, path, "")
     if token_dtype not in TOKEN_DTYPES:
         raise FormatError("token_dtype must be uint16 or uint32", path=path, field="token_dtype",
-                          actual=token_dtype, section="§4.1")
+                          actual=token_dtype, section="§8 R9")
     vocab_size = _nonneg(_req(obj, "vocab_size", int, path, ""), path, "vocab_size", lo=1, hi=MAX_VOCAB)
     if token_dtype_for_vocab(vocab_size) != token_dtype:
         raise FormatError("token_dtype does not match vocab_size", path=path, field="token_dtype",
-                          expected=token_dtype_for_vocab(vocab_size), actual=token_dtype, section="§4.1")
+                          expected=token_dtype_for_vocab(vocab_size), actual=token_dtype, section="§8 R9")
     pad_id = _nonneg(_req(obj, "pad_id", int, path, ""), path, "pad_id", hi=vocab_size - 1)
     special: dict[str, int | None] = {}
     for key in ("bos_id", "eos_id"):
         v = obj.get(key)
         if v is not None:
             if isinstance(v, bool) or not isinstance(v, int):
-                raise FormatError("must be an integer or null", path=path, field=key, actual=v, section="§5.1")
+                raise FormatError("must be an integer or null", path=path, field=key, actual=v, section="§8 R9")
             _nonneg(v, path, key, hi=vocab_size - 1)
         special[key] = v
     tok = obj.get("tokenizer")
     if tok is not None and not isinstance(tok, dict):
-        raise FormatError("must be an object or null", path=path, field="tokenizer", section="§5.2")
+        raise FormatError("must be an object or null", path=path, field="tokenizer", section="§8 R9")
     prov = obj.get("provenance", {})
     if not isinstance(prov, dict):
-        raise FormatError("must be an object", path=path, field="provenance", section="§5.5")
+        raise FormatError("must be an object", path=path, field="provenance", section="§8 R9")
 
-    raw_cols = _req(obj, "columns", list, path, "")
+    raw_cols = _req(obj, "columns", list, path, "", "§8 R10")
     columns = []
     for i, c in enumerate(raw_cols):
         fld = f"columns[{i}]"
         if not isinstance(c, dict):
-            raise FormatError("column must be an object", path=path, field=fld, section="§5.4")
-        name = _req(c, "name", str, path, fld + ".")
+            raise FormatError("column must be an object", path=path, field=fld, section="§8 R10")
+        name = _req(c, "name", str, path, fld + ".", "§8 R10")
         if not COLUMN_NAME_RE.fullmatch(name):
-            raise FormatError("bad column name", path=path, field=fld + ".name", actual=name, section="§4.4")
-        dt = _req(c, "dtype", str, path, fld + ".")
+            raise FormatError("bad column name", path=path, field=fld + ".name", actual=name, section="§8 R10")
+        dt = _req(c, "dtype", str, path, fld + ".", "§8 R10")
         if dt not in COLUMN_DTYPES:
             raise FormatError("column dtype not allowed", path=path, field=fld + ".dtype",
-                              expected=sorted(COLUMN_DTYPES), actual=dt, section="§4.4")
+                              expected=sorted(COLUMN_DTYPES), actual=dt, section="§8 R10")
         attrs = c.get("attrs", {})
         if not isinstance(attrs, dict):
-            raise FormatError("must be an object", path=path, field=fld + ".attrs", section="§5.4")
+            raise FormatError("must be an object", path=path, field=fld + ".attrs", section="§8 R10")
         columns.append(ColumnInfo(name, dt, str(c.get("description", "")), attrs))
     col_names = [c.name for c in columns]
     if len(set(col_names)) != len(col_names):
-        raise FormatError("duplicate column names", path=path, field="columns", actual=col_names, section="§5.4")
+        raise FormatError("duplicate column names", path=path, field="columns", actual=col_names, section="§8 R10")
 
     raw_shards = _req(obj, "shards", list, path, "")
     shards = []
@@ -443,25 +444,25 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
     for i, s in enumerate(raw_shards):
         fld = f"shards[{i}]"
         if not isinstance(s, dict):
-            raise FormatError("shard must be an object", path=path, field=fld, section="§5.3")
-        name = _req(s, "name", str, path, fld + ".")
+            raise FormatError("shard must be an object", path=path, field=fld, section="§8 R11")
+        name = _req(s, "name", str, path, fld + ".", "§8 R11")
         if not SHARD_NAME_RE.fullmatch(name):
-            raise FormatError("bad shard name", path=path, field=fld + ".name", actual=name, section="§3")
+            raise FormatError("bad shard name", path=path, field=fld + ".name", actual=name, section="§8 R11")
         n = _nonneg(_req(s, "num_pairs", int, path, fld + "."), path, fld + ".num_pairs")
         t = _nonneg(_req(s, "num_tokens", int, path, fld + "."), path, fld + ".num_tokens")
         u = _nonneg(_req(s, "num_prompts", int, path, fld + "."), path, fld + ".num_prompts", hi=n)
-        files_obj = _req(s, "files", dict, path, fld + ".")
+        files_obj = _req(s, "files", dict, path, fld + ".", "§8 R11")
         if set(files_obj) != set(INDEX_FILES):
             raise FormatError("shard files must be exactly tokens, starts, lengths", path=path,
                               field=fld + ".files", expected=list(INDEX_FILES), actual=sorted(files_obj),
-                              section="§5.3")
+                              section="§8 R11")
         files = {k: _file_entry(files_obj[k], path, f"{fld}.files.{k}") for k in INDEX_FILES}
         cols_obj = s.get("columns", {})
         if not isinstance(cols_obj, dict) or set(cols_obj) != set(col_names):
             raise FormatError("shard columns must match the declared columns", path=path,
                               field=fld + ".columns", expected=sorted(col_names),
                               actual=sorted(cols_obj) if isinstance(cols_obj, dict) else cols_obj,
-                              section="§5.4")
+                              section="§8 R10")
         cols = {k: _file_entry(v, path, f"{fld}.columns.{k}") for k, v in cols_obj.items()}
         for e in list(files.values()) + list(cols.values()):
             if e.path in seen_paths:
@@ -472,7 +473,7 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
         total += n
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
-        raise FormatError("duplicate shard names", path=path, field="shards", section="§3")
+        raise FormatError("duplicate shard names", path=path, field="shards", section="§8 R11")
     if total != num_pairs:
         raise FormatError("num_pairs differs from the sum over shards", path=path, field="num_pairs",
                           expected=total, actual=num_pairs, section="§8 R9")

@@ -232,7 +232,7 @@ class Dataset:
 
     # --- verification --------------------------------------------------------------------------
     def verify(self, *, checksums: bool = True) -> list[str]:
-        """Check every checksum and invariant (FORMAT.md §8 R10-R16); returns the problems found.
+        """Check every checksum and invariant (FORMAT.md §8 R12-R17); returns the problems found.
 
         An empty list means the dataset is sound. Runs near disk speed: one hashing pass per
         file plus chunked vectorised passes over the index arrays and tokens. See also
@@ -359,7 +359,7 @@ def _tokenizer_file_problems(root: Path, m: fmt.Manifest) -> list[str]:
             raise FormatError("must be an object with path, bytes and xxh3_128", path=root / fmt.MANIFEST_NAME,
                               field=fld, section="§5.2")
         p = fmt.resolve_file(root, fmt.check_relpath(e["path"], root / fmt.MANIFEST_NAME, fld + ".path"))
-        size = os.stat(p).st_size
+        size = fmt.regular_file_size(p, fld)  # never open a FIFO or device (R4)
         if size != e.get("bytes"):
             raise ChecksumError("file size differs from the manifest", path=p, field=fld + ".bytes",
                                 expected=e.get("bytes"), actual=size, section="§5.2")
@@ -392,7 +392,7 @@ _CHUNK = 1 << 22  # pairs per vectorised step in verify: bounded temporaries (~1
 
 
 def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None = None) -> list[str]:
-    """Invariants of one mapped shard (FORMAT.md §8 R10, R11, R13-R16), chunked over pairs.
+    """Invariants of one mapped shard (FORMAT.md §8 R13-R17), chunked over pairs.
 
     ``tokens_max``: the largest token id when the hashing pass already computed it.
     """
@@ -402,8 +402,8 @@ def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None
     n = sh.info.num_pairs
     r13 = r10 = r11 = 0
     first13 = first10 = first11 = ""
-    prev_end = 0  # where the previous pair's rejected segment ends (R10)
-    new_starts: list[np.ndarray] = []  # starts and lengths of first-stored prompts (R11)
+    prev_end = 0  # where the previous pair's rejected segment ends (R17)
+    new_starts: list[np.ndarray] = []  # starts and lengths of first-stored prompts (R17)
     new_lens: list[np.ndarray] = []
     for a in range(0, n, _CHUNK):
         st = np.asarray(sh.starts[:, a:a + _CHUNK])
@@ -416,7 +416,7 @@ def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None
                 first13 = (f"pair {a + int(col)} {fmt.SEGMENTS[seg]} [start {int(st[seg, col])}, "
                            f"length {int(ln[seg, col])})")
             r13 += int(bad.sum())
-        # R10: pair order, no gaps: [new prompt] chosen rejected, each pair after the previous one
+        # R17: pair order, no gaps: [new prompt] chosen rejected, each pair after the previous one
         ps, cs, rs = st
         pl, cl, rl = ln
         prev = np.empty_like(cs)
@@ -437,7 +437,7 @@ def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None
         new_lens.append(pl[new])
         reused = np.flatnonzero(~new)
         if reused.size:
-            # R11: a reused prompt start is that of an earlier first-stored prompt, same length
+            # R17: a reused prompt start is that of an earlier first-stored prompt, same length
             known_s = np.concatenate(new_starts)
             known_l = np.concatenate(new_lens)
             k = np.searchsorted(known_s, ps[reused])
@@ -457,12 +457,12 @@ def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None
         detail = (f"{r10} pair(s) out of order; first: {first10}" if r10 else
                   f"the last segment ends at {prev_end}, tokens hold {t}")
         out.append(str(FormatError(f"segments are not stored in pair order without gaps ({detail})",
-                                   path=where, field=f"shards[{i}].starts/lengths", section="§8 R10")))
+                                   path=where, field=f"shards[{i}].starts/lengths", section="§8 R17")))
     if r11:
         out.append(str(FormatError(f"{r11} reused prompt(s) do not match a stored prompt; first: {first11}",
-                                   path=where, field=f"shards[{i}].starts[0]", section="§8 R11")))
+                                   path=where, field=f"shards[{i}].starts[0]", section="§8 R17")))
     if n:
-        # distinct prompt starts: the first-stored prompts when R10/R11 hold (no sort needed)
+        # distinct prompt starts: the first-stored prompts when R17 holds (no sort needed)
         distinct = (sum(len(x) for x in new_starts) if not (r10 or r11)
                     else len(np.unique(sh.starts[0])))
         if distinct != sh.info.num_prompts:

@@ -265,8 +265,9 @@ def tokenizer_from_manifest(obj: dict[str, Any], root: str | os.PathLike | None 
     """A decoder for the manifest's tokenizer object, or None when it cannot be rebuilt here.
 
     A Hugging Face tokenizer is loaded from the dataset's own copy (``obj["file"]``, relative to
-    ``root``) or else from ``obj["source_path"]``, and only when the file's hash equals
-    ``obj["hash"]``; without the ``tokenizers`` package it is None (ids are shown instead).
+    ``root`` and inside it), and only when the file's hash equals ``obj["hash"]``; without the
+    ``tokenizers`` package it is None (ids are shown instead). ``obj["source_path"]`` is never
+    read: an untrusted manifest must not make pairpack open files outside the dataset.
     """
     kind = obj.get("kind")
     if kind == "bytes" and obj.get("name") == ByteTokenizer.name:
@@ -281,8 +282,6 @@ def tokenizer_from_manifest(obj: dict[str, Any], root: str | os.PathLike | None 
                 candidates.append(fmt.resolve_file(Path(root), fmt.check_relpath(f["path"], root, "tokenizer.file")))
             except fmt.FormatError:
                 pass
-        if isinstance(obj.get("source_path"), str):
-            candidates.append(Path(obj["source_path"]))
         for p in candidates:
             if not p.is_file():
                 continue

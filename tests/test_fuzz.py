@@ -38,7 +38,7 @@ def _run(rnd: random.Random) -> str:
 # verify_dataset block forever in open() while checksumming a shard that had failed to open
 @example(random.Random(21))
 @example(random.Random(119))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.randoms(use_true_random=False))
 def test_mutated_datasets_are_refused_or_read_exactly(rnd):
     _run(rnd)
@@ -54,4 +54,5 @@ def test_each_mutation_kind(name, monkeypatch):
         rnd = random.Random(f"{name}-{seed}")
         monkeypatch.setattr(fc, "MUTATIONS", {name: MUTATIONS[name]})
         outcomes.add(_run(rnd).split()[0])
-    assert outcomes <= {"refused", "ok"}
+    # run_case raised on any property failure; here: each kind really damages (some refusal)
+    assert "refused" in outcomes, f"mutation {name} never led to a refusal in 12 cases"

@@ -1,8 +1,8 @@
-"""Hostile and damaged datasets: one test per reader check of spec/FORMAT.md §8 (R1-R16).
+"""Hostile and damaged datasets: one test per reader check of spec/FORMAT.md §8 (R1-R17).
 
 Each test damages a valid dataset in exactly one way and pins the typed error (class, message
-and FORMAT.md rule). Open-time checks (R1-R9) raise from ``pairpack.open``; checks over the
-whole data (R10-R16) are reported by ``verify`` (and R13 also raises on every read). Where a
+and FORMAT.md rule). Open-time checks (R1-R11) raise from ``pairpack.open``; checks over the
+whole data (R12-R17) are reported by ``verify`` (and R13 also raises on every read). Where a
 test must change a data file without tripping R5/R12, it re-records sizes and checksums in the
 manifest (``_rehash``) so that only the rule under test can fire.
 """
@@ -401,65 +401,77 @@ def test_r9_num_pairs(ds):
         opens(ds)
 
 
-# --- manifest fields (§5): types, ranges, consistency ----------------------------------------------
-@pytest.mark.parametrize("change, match", [
-    (lambda m: m.update(num_pairs="3"), r"num_pairs: wrong type"),
-    (lambda m: m.update(num_pairs=True), r"num_pairs: wrong type"),
-    (lambda m: m.update(num_pairs=-1), r"num_pairs: out of range"),
-    (lambda m: m.update(vocab_size=2**32 + 1), r"vocab_size: out of range"),
-    (lambda m: m.update(token_dtype="uint32"), r"token_dtype: token_dtype does not match vocab_size"),
-    (lambda m: m.update(token_dtype="int8"), r"token_dtype: token_dtype must be uint16 or uint32"),
-    (lambda m: m.update(pad_id=32), r"pad_id: out of range \[0, 31\]"),
-    (lambda m: m.update(checksum="md5"), r"checksum: unknown checksum algorithm"),
-    (lambda m: m["shards"][0].update(num_tokens=2**63), r"num_tokens: out of range"),
-    (lambda m: m["shards"][0].update(name="shard-00000\n"), r"bad shard name"),
-    (lambda m: m["shards"][0]["files"].pop("lengths"), r"shard files must be exactly tokens, starts, lengths"),
-    (lambda m: m["shards"][0]["files"]["tokens"].update(xxh3_128="0" * 31 + "g"), r"checksum must be 32 lowercase hex"),
-    (lambda m: m["shards"][0].update(num_prompts=4), r"num_prompts: out of range \[0, 3\]"),
-    (lambda m: m["columns"].append({"name": "s", "dtype": "float32"}), r"shard columns must match the declared columns"),
-    (lambda m: m["columns"].append({"name": "s", "dtype": "complex64"}), r"column dtype not allowed"),
-    (lambda m: m.pop("shards"), r"shards: missing required key"),
+# --- R9: manifest field types and ranges; R10: column declarations; R11: shard names and keys --
+@pytest.mark.parametrize("rule, change, match", [
+    ("R9", lambda m: m.update(num_pairs="3"), r"num_pairs: wrong type"),
+    ("R9", lambda m: m.update(num_pairs=True), r"num_pairs: wrong type"),
+    ("R9", lambda m: m.update(num_pairs=-1), r"num_pairs: out of range"),
+    ("R9", lambda m: m.update(vocab_size=2**32 + 1), r"vocab_size: out of range"),
+    ("R9", lambda m: m.update(token_dtype="uint32"), r"token_dtype: token_dtype does not match vocab_size"),
+    ("R9", lambda m: m.update(token_dtype="int8"), r"token_dtype: token_dtype must be uint16 or uint32"),
+    ("R9", lambda m: m.update(pad_id=32), r"pad_id: out of range \[0, 31\]"),
+    ("R9", lambda m: m.update(bos_id=-1), r"bos_id: out of range"),
+    ("R9", lambda m: m.update(tokenizer=[1]), r"tokenizer: must be an object or null"),
+    ("R9", lambda m: m["shards"][0].update(num_tokens=2**63), r"num_tokens: out of range"),
+    ("R9", lambda m: m["shards"][0].update(num_prompts=4), r"num_prompts: out of range \[0, 3\]"),
+    ("R9", lambda m: m["shards"][0]["files"]["tokens"].update(xxh3_128="0" * 31 + "g"), r"checksum must be 32 lowercase hex"),
+    ("R9", lambda m: m["shards"][0]["files"]["tokens"].update(bytes=-5), r"tokens\.bytes: out of range"),
+    ("R9", lambda m: m.pop("shards"), r"shards: missing required key"),
+    ("R2", lambda m: m.update(checksum="md5"), r"checksum: unknown checksum algorithm"),
+    ("R10", lambda m: m["columns"].append({"name": "s", "dtype": "float32"}), r"shard columns must match the declared columns"),
+    ("R10", lambda m: m["columns"].append({"name": "s", "dtype": "complex64"}), r"column dtype not allowed"),
+    ("R10", lambda m: m["columns"].append({"name": "Bad-Name", "dtype": "float32"}), r"bad column name"),
+    ("R10", lambda m: m["columns"].extend([{"name": "s", "dtype": "int32"}] * 2), r"duplicate column names"),
+    ("R11", lambda m: m["shards"][0].update(name="shard-00000\n"), r"bad shard name"),
+    ("R11", lambda m: m["shards"][0].update(name="../x"), r"bad shard name"),
+    ("R11", lambda m: m["shards"][0]["files"].pop("lengths"), r"shard files must be exactly tokens, starts, lengths"),
 ])
-def test_manifest_fields(ds, change, match):
+def test_r9_r10_r11_manifest_fields(ds, rule, change, match):
     edit(ds, change)
-    with pytest.raises(FormatError, match=match):
+    with pytest.raises(FormatError, match=match + rf".*\[FORMAT\.md §8 {rule}\]$"):
         opens(ds)
 
 
-# --- R10: segments stored in pair order without gaps (verify) ---------------------------------------
+def test_r11_duplicate_shard_names(tmp_path):
+    root = make(tmp_path / "ds", PAIRS + [([1], [2], [3])], shard_bytes=16)
+    edit(root, lambda m: m["shards"][1].update(name=m["shards"][0]["name"]))
+    with pytest.raises(FormatError, match=r"shards: duplicate shard names .*§8 R11"):
+        opens(root)
+
+
+# --- R17: segments stored in pair order without gaps; reused prompts are stored ones (verify) ------
 def _index(ds: Path) -> tuple[np.ndarray, np.ndarray]:
     s = np.load(ds / "shard-00000" / "starts.npy", allow_pickle=False).copy()
     n = np.load(ds / "shard-00000" / "lengths.npy", allow_pickle=False).copy()
     return s, n
 
 
-def test_r10_overlapping_segments_read_safely_but_reported(ds):
+def test_r17_overlapping_segments_read_safely_but_reported(ds):
     s, n = _index(ds)
     s[2, 0] = s[1, 0]  # pair 0's rejected now overlaps its chosen: in bounds, so readable
     n[2, 0] = n[1, 0]
     write_array(ds, "shard-00000/starts.npy", s)
     write_array(ds, "shard-00000/lengths.npy", n)
     assert opens(ds)[0].rejected.tolist() == [8, 9, 2]
-    assert re.search(r"segments are not stored in pair order without gaps \(\d+ pair\(s\) out of order; first: pair 0.*§8 R10",
+    assert re.search(r"segments are not stored in pair order without gaps \(\d+ pair\(s\) out of order; first: pair 0.*§8 R17",
                      problems(ds))
 
 
-def test_r10_trailing_unreferenced_tokens(ds):
+def test_r17_trailing_unreferenced_tokens(ds):
     t = np.load(_tokens(ds), allow_pickle=False)
     write_array(ds, "shard-00000/tokens.npy", np.concatenate([t, [3, 3]]).astype("<u2"))
     edit(ds, lambda m: m["shards"][0].update(num_tokens=len(t) + 2))
     _rehash(ds)
     assert len(opens(ds)) == 3
-    assert re.search(r"the last segment ends at 21, tokens hold 23.*§8 R10", problems(ds))
+    assert re.search(r"the last segment ends at 21, tokens hold 23.*§8 R17", problems(ds))
 
 
-# --- R11: reused prompts point at a stored prompt (verify) -------------------------------------------
-def test_r11_reused_prompt_with_other_length(ds):
+def test_r17_reused_prompt_with_other_length(ds):
     s, n = _index(ds)
     n[0, 1] = 2  # pair 1 reuses pair 0's prompt start but claims 2 of its 3 tokens
     write_array(ds, "shard-00000/lengths.npy", n)
     assert opens(ds)[1].prompt.tolist() == [5, 6]
-    assert re.search(r"1 reused prompt\(s\) do not match a stored prompt; first: pair 1.*§8 R11", problems(ds))
+    assert re.search(r"1 reused prompt\(s\) do not match a stored prompt; first: pair 1.*§8 R17", problems(ds))
 
 
 # --- R12: checksums (verify) -------------------------------------------------------------------

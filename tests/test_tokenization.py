@@ -106,10 +106,16 @@ def test_dataset_keeps_its_tokenizer_file(tmp_path, gpt2):
     assert pairpack.open(tmp_path / "ds").tokenizer is None  # hash differs and the source is gone: ids only
 
 
-def test_tokenizer_from_manifest_checks_hash(gpt2, gpt2_tok):
-    ident = gpt2_tok.identity()
-    assert tokenizer_from_manifest(ident) is not None
-    assert tokenizer_from_manifest({**ident, "hash": "0" * 32}) is None
+def test_tokenizer_from_manifest_checks_hash(gpt2, gpt2_tok, tmp_path):
+    import shutil
+
+    shutil.copyfile(gpt2, tmp_path / "tokenizer.json")
+    ident = {**gpt2_tok.identity(), "file": {"path": "tokenizer.json"}}
+    assert tokenizer_from_manifest(ident, tmp_path) is not None
+    assert tokenizer_from_manifest({**ident, "hash": "0" * 32}, tmp_path) is None
+    # only the dataset's own copy is read, never the build machine's source path
+    assert tokenizer_from_manifest(ident) is None
+    assert tokenizer_from_manifest({**ident, "file": {"path": "../tokenizer.json"}}, tmp_path / "sub") is None
     assert tokenizer_from_manifest({"kind": "bytes", "name": ByteTokenizer.name}) == ByteTokenizer()
     assert tokenizer_from_manifest({"kind": "something-else"}) is None
 

@@ -14,7 +14,6 @@ Each is measured warm (files in the page cache) and, when this process may drop 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
