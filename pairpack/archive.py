@@ -33,7 +33,6 @@ import shutil
 import struct
 import tarfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,7 +42,7 @@ import zstandard
 
 from . import format as fmt
 from .errors import ChecksumError, DatasetExistsError, FormatError
-from .writer import _OLD_TAG, _TMP_TAG, _exchange, _fsync_dir, clean_stale_temps
+from .writer import _fsync_dir, clean_stale_temps, install_dir, temp_dir_for
 
 __all__ = ["pack", "unpack", "ArchiveReport", "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ARCHIVE_SUFFIX"]
 
@@ -147,9 +146,7 @@ def pack(dataset: str | os.PathLike, output: str | os.PathLike, *, level: int = 
     with open(manifest_path, "rb") as f:
         manifest_bytes = f.read(fmt.MANIFEST_MAX_BYTES + 1)
     m = fmt.parse_manifest(manifest_bytes, manifest_path)
-    entries: list[fmt.FileEntry] = []
-    for s in m.shards:
-        entries += [s.files[k] for k in fmt.INDEX_FILES] + [s.columns[k] for k in sorted(s.columns)]
+    entries = m.files()
     members = [{"path": fmt.MANIFEST_NAME, "bytes": len(manifest_bytes),
                 fmt.CHECKSUM_KEY: xxhash.xxh3_128_hexdigest(manifest_bytes)}]
     members += [e.to_json() for e in entries]
@@ -158,7 +155,7 @@ def pack(dataset: str | os.PathLike, output: str | os.PathLike, *, level: int = 
               + "\n").encode()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_dir_for(out)
     data_bytes = len(manifest_bytes)
     try:
         with open(tmp, "xb") as raw:
@@ -348,7 +345,7 @@ def unpack(archive: str | os.PathLike, output: str | os.PathLike, *, force: bool
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(target)
-    tmp = target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_dir_for(target)
     tmp.mkdir()
     try:
         with open(src, "rb") as raw:
@@ -371,7 +368,7 @@ def unpack(archive: str | os.PathLike, output: str | os.PathLike, *, force: bool
                 raise FormatError("unpacked dataset breaks the format: " + "; ".join(problems[:3]),
                                   path=src, field="dataset")
         _fsync_tree(tmp)
-        _install(tmp, target, force)
+        install_dir(tmp, target, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -482,7 +479,7 @@ def _check_manifest_matches(tmp: Path, header: dict[str, Any], archive: Path) ->
     """The header's member list must be exactly the manifest's files, with the manifest's sizes and
     checksums: the manifest (hash-checked against the header) vouches for every data member."""
     m = fmt.read_manifest(tmp)
-    files = {e.path: e for s in m.shards for e in list(s.files.values()) + list(s.columns.values())}
+    files = {e.path: e for e in m.files()}
     listed = {e["path"]: e for e in header["members"][1:]}
     if set(files) != set(listed):
         raise FormatError("archive members differ from the files the manifest lists", path=archive,
@@ -505,28 +502,6 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(Path(d))
-
-
-def _install(tmp: Path, target: Path, force: bool) -> None:
-    """Move the finished directory ``tmp`` to ``target`` (as the Writer does: an atomic exchange
-    where the kernel supports it, so ``target`` always holds a whole dataset)."""
-    if target.exists() or target.is_symlink():
-        if not force:
-            raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
-        old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if _exchange(tmp, target):
-            os.rename(tmp, old)
-        else:
-            os.rename(target, old)
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
 
 
 def is_archive(path: str | os.PathLike) -> bool:

@@ -588,7 +588,7 @@ def build(
     report.tokens = stored
     report.token_dtype = manifest.token_dtype
     report.shards = len(manifest.shards)
-    report.dataset_bytes = sum(e.bytes for s in manifest.shards for e in s.files.values()) + len(manifest.dumps())
+    report.dataset_bytes = sum(e.bytes for e in manifest.files()) + len(manifest.dumps())
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -250,7 +250,7 @@ def info(dataset: Path, as_json: bool) -> None:
     ds = open_dataset(dataset)
     m = ds.manifest
     ln = ds.lengths
-    sizes = sum(e.bytes for s in m.shards for e in list(s.files.values()) + list(s.columns.values()))
+    sizes = sum(e.bytes for e in m.files())
     tokens = sum(s.num_tokens for s in m.shards)
     prompts = sum(s.num_prompts for s in m.shards)
     rows = {"prompt": ln[0], "chosen": ln[1], "rejected": ln[2],
@@ -342,7 +342,7 @@ def verify(dataset: Path, no_checksums: bool) -> None:
             click.echo(f"  - {p}", err=True)
         sys.exit(1)
     m = read_manifest(dataset)
-    nbytes = sum(e.bytes for s in m.shards for e in list(s.files.values()) + list(s.columns.values()))
+    nbytes = sum(e.bytes for e in m.files())
     click.echo(f"{dataset}: OK ({m.num_pairs:,} pairs, {nbytes / 1e6:,.1f} MB checked in {dt:.2f} s, "
                f"{nbytes / 1e6 / max(dt, 1e-9):,.0f} MB/s)")
 

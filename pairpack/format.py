@@ -309,6 +309,16 @@ class Manifest:
         """Canonical bytes of the manifest: sorted keys, 1-space indent, trailing newline (§5)."""
         return (json.dumps(self.to_json(), indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
+    def files(self) -> list[FileEntry]:
+        """Every file the manifest names (§5.3, §5.2): index files and columns of each shard in
+        order, then the tokenizer copy when there is one."""
+        out = [e for s in self.shards
+               for e in [s.files[k] for k in INDEX_FILES] + [s.columns[k] for k in sorted(s.columns)]]
+        f = (self.tokenizer or {}).get("file")
+        if f is not None:
+            out.append(FileEntry(f["path"], f["bytes"], f[CHECKSUM_KEY]))
+        return out
+
     def fingerprint(self) -> str:
         """xxh3-128 over the checksums of token/index files: identity of the pairs (FORMAT.md §7.3).
 
@@ -412,6 +422,8 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
     tok = obj.get("tokenizer")
     if tok is not None and not isinstance(tok, dict):
         raise FormatError("must be an object or null", path=path, field="tokenizer", section="§8 R9")
+    if tok is not None and tok.get("file") is not None:
+        _file_entry(tok["file"], path, "tokenizer.file")  # §5.2: a file entry, inside the dataset
     prov = obj.get("provenance", {})
     if not isinstance(prov, dict):
         raise FormatError("must be an object", path=path, field="provenance", section="§8 R9")

@@ -395,6 +395,36 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def temp_dir_for(target: Path) -> Path:
+    """A fresh temp directory name beside ``target`` that :func:`clean_stale_temps` recognises."""
+    return target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def install_dir(tmp: Path, target: Path, *, force: bool) -> None:
+    """Move the finished directory ``tmp`` to ``target`` (FORMAT.md §9 W1).
+
+    Replacing an existing ``target`` (only with ``force``) is one atomic exchange where the kernel
+    supports renameat2, so the path always holds a whole dataset; elsewhere two renames.
+    """
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
+        old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if _exchange(tmp, target):  # one atomic step: the path always holds a full dataset
+            os.rename(tmp, old)
+        else:
+            os.rename(target, old)
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+
+
 def clean_stale_temps(target: Path) -> None:
     """Remove temp directories that dead builds left beside ``target`` (their pid is gone)."""
     parent = target.parent
@@ -489,7 +519,7 @@ class Writer:
         self.dtype = fmt.token_dtype_for_vocab(vocab_size or self.max_id + 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(self.path)
-        self.tmp = self.path.parent / f".{self.path.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = temp_dir_for(self.path)
         self.tmp.mkdir()
         self.shards: list[fmt.ShardInfo] = []
         self.current: _ShardWriter | None = None
@@ -642,24 +672,7 @@ class Writer:
         return manifest
 
     def _install(self) -> None:
-        target = self.path
-        if target.exists() or target.is_symlink():
-            if not self.force:
-                raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
-            old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            if _exchange(self.tmp, target):  # one atomic step: the path always holds a full dataset
-                os.rename(self.tmp, old)
-            else:
-                os.rename(target, old)
-                os.rename(self.tmp, target)
-            _fsync_dir(target.parent)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.rename(self.tmp, target)
-            _fsync_dir(target.parent)
+        install_dir(self.tmp, self.path, force=self.force)
 
     def abort(self) -> None:
         """Discard everything written; the target path is left as it was."""

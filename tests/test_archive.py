@@ -328,3 +328,21 @@ def test_cli_pack_unpack_report_and_errors(small, tmp_path):
     r = run_cli("unpack", arch, "-o", tmp_path / "again")
     assert r.returncode == 1 and r.stderr.startswith("pairpack: error:") and len(r.stderr.splitlines()) == 1
     assert not (tmp_path / "again").exists()
+
+
+def test_tokenizer_copy_travels_with_the_archive(shared_dir, tmp_path):
+    """A dataset built with a Hugging Face tokenizer keeps its tokenizer.json copy (manifest
+    tokenizer.file) through pack/unpack, so the unpacked dataset verifies and decodes."""
+    pytest.importorskip("tokenizers")
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "Hello there", "chosen": " world", "rejected": " moon"}) + "\n")
+    pairpack.build([src], tmp_path / "ds", tokenizer=str(shared_dir / "tokenizers" / "gpt2.tokenizer.json"))
+    assert (tmp_path / "ds" / "tokenizer.json").is_file()
+    archive.pack(tmp_path / "ds", tmp_path / "ds.pairpack.zst")
+    archive.unpack(tmp_path / "ds.pairpack.zst", tmp_path / "back")
+    for p in (tmp_path / "ds").rglob("*"):
+        if p.is_file():
+            assert (tmp_path / "back" / p.relative_to(tmp_path / "ds")).read_bytes() == p.read_bytes()
+    ds = pairpack.open(tmp_path / "back")
+    assert ds.verify() == []
+    assert ds.decode(ds[0].chosen).startswith(" world")
