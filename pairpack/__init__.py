@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: E402
     ChecksumError,
     DatasetExistsError,
+    DeviceError,
     FormatError,
     PairpackError,
     SourceError,
@@ -38,6 +39,8 @@ __all__ = [
     "Writer",
     "build",
     "Triplets",
+    "Loader",
+    "Collate",
     "PairpackError",
     "FormatError",
     "ChecksumError",
@@ -45,6 +48,7 @@ __all__ = [
     "TokenizerError",
     "DatasetExistsError",
     "StateError",
+    "DeviceError",
 ]
 
 
@@ -58,4 +62,8 @@ def __getattr__(name: str) -> Any:
         from .loader import Loader
 
         return Loader
+    if name == "Collate":
+        from .batching import Collate
+
+        return Collate
     raise AttributeError(f"module 'pairpack' has no attribute {name!r}")

@@ -26,9 +26,28 @@ FORBIDDEN = {
     "sources": {"reader", "writer", "cli", "loader", "batching", "cuda", "dpo"},
     "shapes": {"reader", "writer", "cli", "loader", "batching", "cuda", "dpo"},
     "tokenization": {"reader", "writer", "cli", "loader", "batching", "cuda", "dpo"},
-    "batching": {"cli", "build"},
-    "sampling": {"cli", "build", "writer"},
+    "batching": {"cli", "build", "loader", "cuda"},
+    "sampling": {"cli", "build", "writer", "loader", "cuda"},
+    "loader": {"cli", "build"},
+    "cuda": {"cli", "build", "loader"},
+    "tinylm": {"*"},
+    "stats": {"cli", "build", "cuda", "dpo"},
+    "archive": {"cli", "build", "loader", "cuda", "dpo"},
+    "merge": {"cli", "loader", "cuda", "dpo"},
+    "show": {"cli", "build", "loader", "cuda", "dpo"},
+    "reference": {"cli", "build"},
+    "demo": {"cli"},
 }
+
+
+def test_nothing_imports_cli():
+    for path in PKG.glob("*.py"):
+        if path.stem != "cli":
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    assert not ((node.module or "").endswith("cli") or
+                                any(a.name == "cli" for a in node.names)), f"{path.name} imports cli"
 
 
 def _top_level_pairpack_imports(path: Path) -> set[str]:
