@@ -16,6 +16,8 @@ Turning a record into prompt/chosen/rejected is :mod:`pairpack.shapes`' job.
 
 from __future__ import annotations
 
+import abc
+
 import codecs
 import gzip
 import io
@@ -160,19 +162,19 @@ class _HashingReader(io.RawIOBase):
         super().close()
 
 
-class Source:
-    """An input. Subclasses implement :meth:`units`, :meth:`blocks` and :meth:`first_records`."""
+class Source(abc.ABC):
+    """An input. Subclasses implement :meth:`units`, :meth:`blocks` and :meth:`provenance`."""
 
     path: str = "<records>"
     size: int = 0  # bytes, for progress (0 when unknown)
 
+    @abc.abstractmethod
     def units(self) -> int:
         """Number of units (lines, elements or rows): the coordinate of ``--num-shards`` splits."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def blocks(self, lo: int = 0, hi: int | None = None) -> Iterator[Block]:
         """Blocks holding the records of units ``[lo, hi)`` (0-based), in order."""
-        raise NotImplementedError
 
     def first_records(self, k: int) -> list[Any]:
         """Up to ``k`` parsed records from the start (for shape detection); malformed ones skipped."""
@@ -185,9 +187,9 @@ class Source:
                     return out
         return out
 
+    @abc.abstractmethod
     def provenance(self) -> dict[str, Any]:
         """The manifest provenance entry of this input."""
-        raise NotImplementedError
 
 
 class _FileSource(Source):
