@@ -23,6 +23,8 @@ import gzip
 import io
 import json
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -219,7 +221,7 @@ class _FileSource(Source):
             except ImportError:
                 raise SourceError("reading .zst needs zstandard: pip install zstandard",
                                   path=self.file, reason="missing_extra") from None
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(buffered), 1 << 20)  # type: ignore[arg-type]
+            return io.BufferedReader(_ZstdFrames(buffered, zstandard), 1 << 20)  # type: ignore[return-value]
         return buffered
 
     def _finished(self) -> None:
@@ -266,7 +268,7 @@ class JsonlSource(_FileSource):
         return n + (last != b"\n")
 
     def blocks(self, lo: int = 0, hi: int | None = None) -> Iterator[Block]:
-        stream = self._open()
+        stream = _ReadAhead(self._open(), BLOCK_BYTES)
         line = 0  # 0-based index of the first line in `chunk`
         rest = b""
         try:
@@ -318,6 +320,103 @@ class JsonlSource(_FileSource):
             if j >= 0:
                 return data[j:]
         return b""
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A zstandard stream of one or more frames, decompressed as it is read.
+
+    Unlike ``ZstdDecompressor().stream_reader``, which ends quietly where a truncated file ends,
+    this raises EOFError when the input stops inside a frame, so a cut ``.zst`` is reported as
+    unreadable instead of losing its tail.
+    """
+
+    def __init__(self, raw: BinaryIO, zstandard: Any) -> None:
+        self.raw = raw
+        self.dctx = zstandard.ZstdDecompressor()
+        self.dobj = self.dctx.decompressobj()
+        self.pending = b""  # decompressed bytes, returned from offset `pos` on
+        self.pos = 0
+        self.in_frame = False  # input consumed since the last completed frame
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self.pos == len(self.pending):
+            data = self.raw.read(4 << 20)
+            if not data:
+                if self.in_frame:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                return 0
+            parts = []
+            while data:
+                self.in_frame = True
+                parts.append(self.dobj.decompress(data))
+                if self.dobj.eof:  # a frame ended; what follows starts the next one
+                    data = self.dobj.unused_data
+                    self.dobj = self.dctx.decompressobj()
+                    self.in_frame = False
+                else:
+                    data = b""
+            self.pending, self.pos = b"".join(parts), 0
+        n = min(len(b), len(self.pending) - self.pos)
+        b[:n] = memoryview(self.pending)[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _ReadAhead:
+    """Reads fixed-size chunks of a stream in a background thread, ``depth`` chunks ahead.
+
+    Decompression (zlib, zstd) and file reads release the GIL, so the next chunk is decompressed
+    while the caller splits and dispatches the current one: the main process of a parallel build
+    stops waiting on its input. ``read()`` returns the next chunk (at most ``size`` bytes, ``b""``
+    at the end) and re-raises the reader's error, if any, in the caller's thread.
+    """
+
+    def __init__(self, stream: BinaryIO, size: int, depth: int = 2) -> None:
+        self.stream = stream
+        self.size = size
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, name="pairpack-read-ahead", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                data = self.stream.read(self.size)
+                self.q.put(data)
+                if not data:
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self.q.put(e)
+
+    def read(self, size: int = -1) -> bytes:
+        if self.done:
+            return b""
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        if not item:
+            self.done = True
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (draining what it queued), then close the stream."""
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.q.get(timeout=0.01)
+            except queue.Empty:
+                pass
+        self.stream.close()
 
 
 def _nth_newline(chunk: bytes, k: int) -> int:

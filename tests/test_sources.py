@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pairpack
+from tests.conftest import run_cli
 import pairpack.sources as sources
 from pairpack.build import build
 from pairpack.errors import SourceError
@@ -179,3 +180,35 @@ def test_truncated_compressed_input_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match="cannot read") as e:
         build([p], tmp_path / "ds")
     assert e.value.reason == "unreadable" and not (tmp_path / "ds").exists()
+
+
+def _zst_jsonl(records: list[dict], frames: int = 1) -> bytes:
+    import zstandard
+
+    lines = [json.dumps(r).encode() + b"\n" for r in records]
+    c = zstandard.ZstdCompressor(level=3)
+    k = max(1, -(-len(lines) // frames))
+    return b"".join(c.compress(b"".join(lines[i:i + k])) for i in range(0, len(lines), k))
+
+
+def test_zst_with_several_frames_reads_every_record(tmp_path):
+    recs = [{"prompt": [i + 1], "chosen": [i + 2], "rejected": [i + 3]} for i in range(50)]
+    (tmp_path / "in.jsonl.zst").write_bytes(_zst_jsonl(recs, frames=7))
+    ds = pairpack.open(pairpack.build([tmp_path / "in.jsonl.zst"], tmp_path / "ds").output)
+    assert [ds[i].prompt.tolist() for i in range(len(ds))] == [[i + 1] for i in range(50)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+def test_truncated_compressed_input_is_unreadable_not_shorter(tmp_path, suffix):
+    """A compressed input cut short (a full disk, a broken download) must fail the build, even
+    with --skip-invalid: a quietly shorter dataset would lose the tail of the data."""
+    import gzip
+
+    recs = [{"prompt": "p" * 50 + str(i), "chosen": "c" * 80, "rejected": "r" * 70 + str(i)} for i in range(400)]
+    raw = _zst_jsonl(recs) if suffix.endswith("zst") else gzip.compress(
+        b"".join(json.dumps(r).encode() + b"\n" for r in recs))
+    (tmp_path / f"in{suffix}").write_bytes(raw[: len(raw) * 2 // 3])
+    out = run_cli("build", tmp_path / f"in{suffix}", "-o", tmp_path / "ds", "--skip-invalid")
+    assert out.returncode == 1, out.stdout
+    assert "cannot read" in out.stderr and str(tmp_path / f"in{suffix}") in out.stderr
+    assert not (tmp_path / "ds").exists()
