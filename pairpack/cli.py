@@ -332,9 +332,25 @@ def verify(dataset: Path, no_checksums: bool) -> None:
     from .format import read_manifest
     from .reader import verify_dataset
 
+    from .progress import Progress
+
     t0 = time.perf_counter()
+    try:
+        total = sum(e.bytes for s in read_manifest(dataset).shards
+                    for e in list(s.files.values()) + list(s.columns.values()))
+    except PairpackError:
+        total = None  # verify_dataset reports the manifest's problem
+    bar = Progress(total, label="files")
+    done = [0, 0]
+
+    def on_file(nbytes: int) -> None:
+        done[0] += 1
+        done[1] += nbytes
+        bar.update(done[0], done[1])
+
     # verify_dataset never raises for a damaged dataset: it lists every problem it can find
-    problems = verify_dataset(dataset, checksums=not no_checksums)
+    problems = verify_dataset(dataset, checksums=not no_checksums, on_file=on_file)
+    bar.close()
     dt = time.perf_counter() - t0
     if problems:
         click.echo(f"{dataset}: {len(problems)} problem(s):", err=True)

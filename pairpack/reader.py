@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -286,11 +286,12 @@ def _tokens_max_visitor(sh: _Shard, path: Path) -> tuple[Any, list[int]]:
     return visit, hi
 
 
-def _checksum_problems(root: Path, info: fmt.ShardInfo, i: int,
-                       sh: _Shard | None = None) -> tuple[list[str], int | None]:
+def _checksum_problems(root: Path, info: fmt.ShardInfo, i: int, sh: _Shard | None = None,
+                       on_file: Callable[[int], None] | None = None) -> tuple[list[str], int | None]:
     """xxh3-128 of every file of a shard against the manifest (FORMAT.md §8 R12).
 
     With the mapped shard ``sh`` it also returns the largest token id, read in the same pass.
+    ``on_file(nbytes)`` is called after each file (for progress).
     """
     out: list[str] = []
     hi: list[int] | None = None
@@ -311,18 +312,23 @@ def _checksum_problems(root: Path, info: fmt.ShardInfo, i: int,
             out.append(str(FormatError(f"cannot read file ({err.strerror or err})", path=root / e.path,
                                        field=fld, section="§8 R4")))
             continue
+        finally:
+            if on_file is not None:
+                on_file(e.bytes)
         if got != e.checksum:
             out.append(str(ChecksumError("checksum mismatch", path=p, field=fld, expected=e.checksum,
                                          actual=got, section="§8 R12")))
     return out, (hi[0] if hi is not None and hi[0] >= 0 else None)
 
 
-def verify_dataset(path: str | os.PathLike, *, checksums: bool = True) -> list[str]:
+def verify_dataset(path: str | os.PathLike, *, checksums: bool = True,
+                   on_file: Callable[[int], None] | None = None) -> list[str]:
     """Every problem of the dataset at ``path`` as one message each; ``[]`` when it is sound.
 
     Unlike ``open(path).verify()`` this never raises for a damaged dataset: a manifest that
     cannot be read is one problem; a shard that cannot be opened is reported and the other
-    shards (and that shard's checksums) are still checked (FORMAT.md §8).
+    shards (and that shard's checksums) are still checked (FORMAT.md §8). ``on_file(nbytes)`` is
+    called after each shard file is hashed (for a progress bar).
     """
     root = Path(path)
     try:
@@ -338,7 +344,7 @@ def verify_dataset(path: str | os.PathLike, *, checksums: bool = True) -> list[s
             sh = None
         hi = None
         if checksums:
-            more, hi = _checksum_problems(root, s, i, sh)
+            more, hi = _checksum_problems(root, s, i, sh, on_file)
             problems += [p for p in more if p not in problems]
         if sh is not None:
             problems += _verify_shard(sh, i, m.vocab_size, tokens_max=hi)

@@ -72,3 +72,18 @@ def test_readers_and_verify_concurrently(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert len(digests) == 1 and digests == {local.stdout.strip()}
     assert _snapshot(root) == before  # nothing modified, nothing added
+
+
+def test_verify_reports_progress_per_file(tmp_path):
+    """verify_dataset's on_file callback sees every shard file once, with its manifest size (the
+    CLI draws its progress bar from it)."""
+    from pairpack.reader import verify_dataset
+
+    with pairpack.Writer(tmp_path / "ds", shard_bytes=64, columns={"score": "float32"}) as w:
+        for i in range(20):
+            w.add([1, 2, 3, i], [4, 5], [6, 7, 8], score=float(i))
+    m = pairpack.open(tmp_path / "ds").manifest
+    seen: list[int] = []
+    assert verify_dataset(tmp_path / "ds", on_file=seen.append) == []
+    expected = [e.bytes for s in m.shards for e in list(s.files.values()) + list(s.columns.values())]
+    assert len(m.shards) > 1 and sorted(seen) == sorted(expected)
