@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -127,17 +127,18 @@ def _evaluate(dpo: DPO, ds: Dataset, lo: int, hi: int, eval_batch: int) -> tuple
     return loss, acc, margin
 
 
-def _batches(train: np.ndarray, lengths: np.ndarray, cfg: DemoConfig, rng: np.random.Generator):
-    """Endless random batches, length-grouped within shuffled windows; epochs reshuffle."""
-    window = cfg.batch_size * cfg.group_window
+def _batches(ds: Dataset, h0: int, cfg: DemoConfig) -> Iterator[Any]:
+    """Endless training batches of pairs ``[0, h0)`` from :class:`pairpack.Loader`: length-grouped
+    within shuffled windows, reshuffled each epoch, carrying the cached reference log-probs."""
+    from .loader import Loader
+
+    loader = Loader(ds, batch_size=cfg.batch_size, group_by_length=True, window=cfg.batch_size * cfg.group_window,
+                    seed=cfg.seed, indices=np.arange(h0), columns=REFERENCE_COLUMNS)
+    epoch = 0
     while True:
-        perm = rng.permutation(train)
-        for w in range(0, len(perm), window):
-            win = perm[w:w + window]
-            win = win[np.argsort(lengths[win], kind="stable")]
-            chunks = [win[i:i + cfg.batch_size] for i in range(0, len(win), cfg.batch_size)]
-            for j in rng.permutation(len(chunks)):
-                yield chunks[j]
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
 
 
 def run_demo(
@@ -197,8 +198,7 @@ def _run(dataset: str | os.PathLike | Dataset, cfg: DemoConfig, progress: bool |
 
     dpo = DPO(model, beta=cfg.beta, reduction=cfg.reduction, ref_model=False)
     opt = torch.optim.AdamW(dpo.parameters(), lr=cfg.lr, weight_decay=0.0)
-    rng = np.random.default_rng(cfg.seed)
-    batches = _batches(np.arange(h0), lengths, cfg, rng)
+    batches = _batches(ds, h0, cfg)
     checkpoints = set(range(0, cfg.steps + 1, max(cfg.eval_every, 1))) | {cfg.steps}
     bar = CountProgress(cfg.steps, label="steps", enabled=progress)
     t0 = time.perf_counter()
@@ -214,7 +214,7 @@ def _run(dataset: str | os.PathLike | Dataset, cfg: DemoConfig, progress: bool |
                                     "seconds": time.perf_counter() - t0})
             if step == cfg.steps:
                 break
-            batch = ds.batch(next(batches), columns=REFERENCE_COLUMNS)
+            batch = next(batches)
             loss = dpo(**batch.as_kwargs(), **reference_kwargs(batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()

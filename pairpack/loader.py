@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
+import xxhash
 
 from . import batching as bt
 from .errors import PairpackError, StateError
@@ -26,7 +27,8 @@ __all__ = ["Loader"]
 STATE_FORMAT = "pairpack.loader/1"
 # options that shape the batches: a state saved under other values cannot be resumed
 _ORDER_OPTIONS = ("batch_size", "max_tokens", "shuffle", "drop_last", "group_by_length", "window", "world_size",
-                  "max_length", "truncation", "min_completion_tokens", "pad_to_multiple_of", "oversize")
+                  "max_length", "truncation", "min_completion_tokens", "pad_to_multiple_of", "oversize",
+                  "indices_digest")
 
 
 class Loader:
@@ -62,6 +64,9 @@ class Loader:
             not used on that path.
         prefetch, compact: passed to the DeviceFeeder.
         columns: per-pair columns to carry in ``Triplets.columns``.
+        indices: iterate over these pairs only (a split, e.g. the training part of a dataset):
+            distinct pair indices in ``[0, len(ds))``. The order is then a pure function of (seed,
+            epoch, fingerprint, indices), and a saved state resumes only with the same indices.
 
     Pairs whose chosen and rejected become identical through truncation are left out of every
     epoch and counted; see :attr:`counts`.
@@ -91,6 +96,7 @@ class Loader:
         prefetch: int = 2,
         compact: bool = True,
         columns: Sequence[str] = (),
+        indices: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         self.ds = ds if isinstance(ds, Dataset) else open_dataset(ds)
         bt.check_options(batch_size=batch_size, max_tokens=max_tokens, max_length=max_length, truncation=truncation,
@@ -113,6 +119,10 @@ class Loader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.device, self.prefetch, self.compact = device, prefetch, compact
         self.columns = tuple(columns)
+        self.indices = None if indices is None else _check_indices(indices, len(self.ds))
+        # a split is part of the order's identity: its digest goes into the state (None: all pairs)
+        self.indices_digest = (None if self.indices is None
+                               else xxhash.xxh3_64_hexdigest(self.indices.tobytes()))
         # the truncation length applied to every pair (a budget caps it when oversize="truncate")
         self.effective_max_length = bt.effective_max_length(max_length, max_tokens, pad_to_multiple_of, oversize)
         self._fingerprint = self.ds.fingerprint
@@ -133,7 +143,11 @@ class Loader:
             return self._valid
         lengths = self.ds.lengths
         n = lengths.shape[1]
-        keep = np.ones(n, dtype=bool)
+        if self.indices is None:
+            keep = np.ones(n, dtype=bool)
+        else:
+            keep = np.zeros(n, dtype=bool)
+            keep[self.indices] = True
         over = bt.oversize_mask(lengths, self.max_tokens, max_length=self.effective_max_length,
                                 min_completion_tokens=self.min_completion_tokens,
                                 pad_to_multiple_of=self.pad_to_multiple_of)
@@ -141,15 +155,18 @@ class Loader:
             first = int(np.flatnonzero(over)[0])
             raise PairpackError(f"{self.ds.path}: {int(over.sum())} pair(s) exceed max_tokens={self.max_tokens} "
                                 f"alone (first: pair {first}); use oversize='truncate' or 'skip', or max_length")
+        over &= keep
         keep &= ~over
         same = bt.identical_after_truncation(self.ds, max_length=self.effective_max_length,
                                              min_completion_tokens=self.min_completion_tokens)
+        same &= keep
         keep &= ~same
         truncated = 0
         if self.effective_max_length is not None:
             row = lengths[0] + np.maximum(lengths[1], lengths[2])
             truncated = int(((row > self.effective_max_length) & keep).sum())
-        self._counts = {"pairs": n, "used": int(keep.sum()), "truncated": truncated,
+        pairs = n if self.indices is None else len(self.indices)
+        self._counts = {"pairs": pairs, "used": int(keep.sum()), "truncated": truncated,
                         "dropped_identical": int(same.sum()), "skipped_oversize": int(over.sum())}
         self._valid = None if keep.all() else np.flatnonzero(keep).astype(np.int64)
         return self._valid
@@ -394,3 +411,17 @@ class _BatchSampler:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def _check_indices(indices: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+    """A split as a sorted int64 array; ValueError for repeats or indices outside ``[0, n)``."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise ValueError(f"indices must be a 1-D sequence of integers, got shape {idx.shape} {idx.dtype}")
+    idx = np.sort(idx.astype(np.int64))
+    if idx.size and (idx[0] < 0 or idx[-1] >= n):
+        bad = idx[0] if idx[0] < 0 else idx[-1]
+        raise ValueError(f"indices: pair {int(bad)} is out of range for {n} pairs")
+    if idx.size > 1 and (np.diff(idx) == 0).any():
+        raise ValueError(f"indices: pair {int(idx[1:][np.diff(idx) == 0][0])} appears more than once")
+    return idx

@@ -326,3 +326,40 @@ def test_device_loop_hands_plans_to_the_feeder_in_order(ds, monkeypatch):
     monkeypatch.setattr(again, "_feeder_cls", cuda.DeviceFeeder)
     again.load_state_dict(state)
     assert [x.indices.tolist() for x in head] + [x[0] for x in _run(again)] == [x[0] for x in ref]
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), world=st.integers(1, 4), bs=st.integers(1, 9), cut=st.integers(0, 50))
+def test_split_indices_cover_exactly_the_split_and_resume(ds, data, world, bs, cut):
+    """With ``indices`` (a split) the ranks see disjoint parts whose union is the split (repeats only
+    to equalise ranks, as DistributedSampler does), and a resumed run continues exactly."""
+    n = len(ds)
+    split = np.array(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n))), dtype=np.int64)
+    per_rank = []
+    for r in range(world):
+        ld = Loader(ds, batch_size=bs, indices=split, rank=r, world_size=world, seed=3)
+        per_rank.append(np.concatenate([b.indices.numpy() for b in ld]))
+        assert ld.counts["pairs"] == len(split)
+    seen = np.concatenate(per_rank)
+    assert set(seen.tolist()) == set(split.tolist())
+    assert len(seen) - len(split) < world  # only the DistributedSampler padding repeats
+    full = [b.indices.tolist() for b in Loader(ds, batch_size=bs, indices=split, seed=3)]
+    k = min(cut, len(full))
+    first = Loader(ds, batch_size=bs, indices=split, seed=3)
+    it = iter(first)
+    head = [next(it).indices.tolist() for _ in range(k)]
+    resumed = Loader(ds, batch_size=bs, indices=split, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [b.indices.tolist() for b in resumed] == full
+
+
+def test_split_indices_are_checked_and_bound_to_the_state(ds):
+    with pytest.raises(ValueError, match="out of range"):
+        Loader(ds, batch_size=4, indices=[0, len(ds)])
+    with pytest.raises(ValueError, match="more than once"):
+        Loader(ds, batch_size=4, indices=[3, 1, 3])
+    state = Loader(ds, batch_size=4, indices=[0, 1, 2, 5]).state_dict()
+    with pytest.raises(StateError, match="indices_digest"):
+        Loader(ds, batch_size=4, indices=[0, 1, 2, 6]).load_state_dict(state)
+    with pytest.raises(StateError, match="indices_digest"):
+        Loader(ds, batch_size=4).load_state_dict(state)
