@@ -429,15 +429,13 @@ class BatchPlan:
 def make_plan(ds: "Dataset", indices: np.ndarray, *, max_length: int | None = None, truncation: str = "keep_end",
               min_completion_tokens: int = 1, columns: Sequence[str] = ()) -> BatchPlan:
     """The :class:`BatchPlan` of pairs ``indices`` of ``ds``, truncated to ``max_length`` (vectorised)."""
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    tokens, st, ln = ds.segments(idx)
-    idx = np.where(idx < 0, idx + len(ds), idx)
+    t = ds.take(indices, columns)
+    st, ln = t.starts, t.lengths
     ps, cs = st[fmt.PROMPT], st[1:]
     p, c, r = _truncate3(ln[fmt.PROMPT], ln[fmt.CHOSEN], ln[fmt.REJECTED], max_length, min_completion_tokens)
     if truncation == "keep_end" and max_length is not None:
         ps = ps + (ln[fmt.PROMPT] - p)  # keep the prompt's end: drop tokens from its start
-    cols = {k: np.asarray(ds.column(k)[idx]) for k in columns}
-    return BatchPlan(tokens, ps, p, cs, np.stack([c, r]), idx, cols)
+    return BatchPlan(t.tokens, ps, p, cs, np.stack([c, r]), t.indices, t.columns)
 
 
 def identical_after_truncation(ds: "Dataset", indices: np.ndarray | None = None, *, max_length: int | None,

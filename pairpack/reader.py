@@ -18,7 +18,7 @@ import numpy as np
 from . import format as fmt
 from .errors import ChecksumError, FormatError
 
-__all__ = ["Pair", "Dataset", "open_dataset", "verify_dataset"]
+__all__ = ["Pair", "Taken", "Dataset", "open_dataset", "verify_dataset"]
 
 
 class Pair(NamedTuple):
@@ -39,6 +39,18 @@ class _Shard:
     dir: Path
 
 
+class Taken(NamedTuple):
+    """Pairs located for a batch (:meth:`Dataset.take`): ``indices`` int64 ``(B,)`` (non-negative),
+    ``tokens`` the token array of each pair, ``starts``/``lengths`` int64 ``(3, B)`` (rows prompt,
+    chosen, rejected), ``columns`` name -> ``(B,)`` values."""
+
+    indices: np.ndarray
+    tokens: list[np.ndarray]
+    starts: np.ndarray
+    lengths: np.ndarray
+    columns: dict[str, np.ndarray]
+
+
 class Dataset:
     """A pairpack dataset opened for reading (use :func:`pairpack.open`).
 
@@ -55,7 +67,7 @@ class Dataset:
         self._shards: list[_Shard] = [_open_shard(self.path, m, i) for i in range(len(m.shards))]
         # bounds[k] = index of the first pair of shard k; bounds[-1] = len(ds)
         self._bounds = np.cumsum([0] + [s.num_pairs for s in m.shards], dtype=np.int64)
-        self._lengths: np.ndarray | None = None
+        self._joined: dict[str, np.ndarray] = {}  # per-pair arrays joined over shards, once each
         self._tokenizer: Any = None
 
     # --- basic protocol ------------------------------------------------------------------------
@@ -80,7 +92,7 @@ class Dataset:
         """Drop this dataset's memory maps. Views handed out earlier keep their own mapping alive
         (numpy unmaps when the last view dies), so closing never invalidates them."""
         self._shards = []
-        self._lengths = None
+        self._joined = {}
 
     def _live(self) -> list[_Shard]:
         if not self._shards and self.manifest.shards:
@@ -127,20 +139,22 @@ class Dataset:
             yield self[i]
 
     # --- flat per-pair arrays ----------------------------------------------------------------
+    def _join(self, key: str, part: Callable[[_Shard], np.ndarray], empty: np.ndarray) -> np.ndarray:
+        """A per-pair array over all shards: a zero-copy view for one shard; joined once (and
+        cached) otherwise, so batches never pay O(N) for it."""
+        if key not in self._joined:
+            parts = [part(s) for s in self._live()]
+            self._joined[key] = (parts[0] if len(parts) == 1 else
+                                 np.concatenate(parts, axis=-1) if parts else empty)
+        return self._joined[key]
+
     @property
     def lengths(self) -> np.ndarray:
         """int64 ``(3, N)``: prompt, chosen and rejected lengths of every pair (tokens).
 
         A zero-copy view for a one-shard dataset; concatenated once (and cached) otherwise.
         """
-        if self._lengths is None:
-            shards = self._live()
-            if len(shards) == 1:
-                self._lengths = shards[0].lengths
-            else:
-                self._lengths = (np.concatenate([s.lengths for s in shards], axis=1) if shards
-                                 else np.zeros((3, 0), dtype=np.int64))
-        return self._lengths
+        return self._join("lengths", lambda s: s.lengths, np.zeros((3, 0), dtype=np.int64))
 
     @property
     def prompt_lengths(self) -> np.ndarray:
@@ -155,20 +169,19 @@ class Dataset:
         return self.lengths[fmt.REJECTED]
 
     def column(self, name: str) -> np.ndarray:
-        """Per-pair column ``name`` as a ``(N,)`` array (a view for one shard)."""
+        """Per-pair column ``name`` as a ``(N,)`` array (a view for one shard; joined once otherwise)."""
         if name not in self.column_names:
             raise KeyError(f"{self.path}: no column {name!r}; columns: {self.column_names}")
-        parts = [s.columns[name] for s in self._live()]
-        if len(parts) == 1:
-            return parts[0]
         dt = fmt.COLUMN_DTYPES[next(c.dtype for c in self.manifest.columns if c.name == name)]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=dt)
+        return self._join(f"column:{name}", lambda s: s.columns[name], np.zeros(0, dtype=dt))
 
     # --- batches -------------------------------------------------------------------------------
-    def segments(self, indices: Sequence[int] | np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """Coordinates of pairs ``indices``: (tokens array per pair, starts (3, B), lengths (3, B)).
+    def take(self, indices: Sequence[int] | np.ndarray, columns: Sequence[str] = ()) -> Taken:
+        """Everything a batch of pairs ``indices`` needs, nothing copied from the tokens yet.
 
-        Bounds are checked vectorised; used by :meth:`batch` and by the loader's truncation.
+        Indices may be negative (from the end) and repeat; they are range-checked and every
+        segment is bounds-checked, vectorised (FORMAT.md §8 R13). Used by :meth:`batch` and by the
+        loader's plans.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
@@ -176,12 +189,13 @@ class Dataset:
             bad = idx[(idx < -n) | (idx >= n)][0]
             raise IndexError(f"pair index {int(bad)} out of range for {n} pairs")
         idx = np.where(idx < 0, idx + n, idx)
+        cols = {c: np.asarray(self.column(c)[idx]) for c in columns}
         shards = self._live()
         if len(shards) == 1:  # the common case: no per-shard grouping (np.unique, nonzero, per-pair loop)
             sh = shards[0]
             st, ln = sh.starts[:, idx], sh.lengths[:, idx]
             _check_segments(sh, st, ln, idx)
-            return [sh.tokens] * idx.size, st, ln
+            return Taken(idx, [sh.tokens] * idx.size, st, ln, cols)
         starts = np.empty((3, idx.size), dtype=np.int64)
         lengths = np.empty((3, idx.size), dtype=np.int64)
         tokens: list[np.ndarray] = [None] * idx.size  # type: ignore[list-item]
@@ -195,7 +209,12 @@ class Dataset:
             starts[:, sel], lengths[:, sel] = st, ln
             for i in sel.tolist():
                 tokens[i] = sh.tokens
-        return tokens, starts, lengths
+        return Taken(idx, tokens, starts, lengths, cols)
+
+    def segments(self, indices: Sequence[int] | np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """Coordinates of pairs ``indices``: (tokens array per pair, starts (3, B), lengths (3, B))."""
+        t = self.take(indices)
+        return t.tokens, t.starts, t.lengths
 
     def batch(self, indices: Sequence[int] | np.ndarray, *, pad_to_multiple_of: int | None = None,
               columns: Sequence[str] = ()) -> "Triplets":
@@ -208,12 +227,9 @@ class Dataset:
         """
         from .triplets import assemble
 
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        tokens, st, ln = self.segments(idx)
-        idx = np.where(idx < 0, idx + len(self), idx)
-        cols = {c: np.asarray(self.column(c)[idx]) for c in columns}
-        return assemble(tokens, st[0], ln[0], st[1:], ln[1:], pad_id=self.pad_id,
-                        pad_to_multiple_of=pad_to_multiple_of, indices=idx, columns=cols)
+        t = self.take(indices, columns)
+        return assemble(t.tokens, t.starts[0], t.lengths[0], t.starts[1:], t.lengths[1:], pad_id=self.pad_id,
+                        pad_to_multiple_of=pad_to_multiple_of, indices=t.indices, columns=t.columns)
 
     # --- text -----------------------------------------------------------------------------------
     @property
@@ -235,19 +251,11 @@ class Dataset:
         """Check every checksum and invariant (FORMAT.md §8 R12-R17); returns the problems found.
 
         An empty list means the dataset is sound. Runs near disk speed: one hashing pass per
-        file plus chunked vectorised passes over the index arrays and tokens. See also
-        :func:`verify_dataset`, which also reports shards that cannot be opened.
+        file plus chunked vectorised passes over the index arrays and tokens. The same checks as
+        :func:`verify_dataset` on this dataset's path (files are re-read, not trusted from open).
         """
-        problems: list[str] = []
-        for i, sh in enumerate(self._live()):
-            hi = None
-            if checksums:
-                more, hi = _checksum_problems(self.path, sh.info, i, sh)
-                problems += more
-            problems += _verify_shard(sh, i, self.manifest.vocab_size, tokens_max=hi)
-        if checksums:
-            problems += _tokenizer_file_problems(self.path, self.manifest)
-        return problems
+        self._live()  # a closed dataset says so
+        return verify_dataset(self.path, checksums=checksums)
 
 
 def _open_shard(root: Path, m: fmt.Manifest, i: int) -> _Shard:
