@@ -34,6 +34,7 @@ __all__ = [
     "LOSS_TYPES",
     "REDUCTIONS",
     "dpo_loss",
+    "pair_rows",
     "sequence_logprobs",
     "xtransformers_inputs",
 ]
@@ -412,8 +413,7 @@ class DPO(nn.Module):
                 "ref_rejected_logp"
             )
 
-        seq = torch.cat([preferred_seq, unpreferred_seq])
-        completion_mask = torch.cat(seq_masks) & ~torch.cat([prompt_mask, prompt_mask])
+        seq, completion_mask = pair_rows(preferred_seq, unpreferred_seq, prompt_mask, *seq_masks)
 
         policy_logp = self.completion_logprobs(self.policy_model, seq, completion_mask)
         policy_chosen, policy_rejected = policy_logp.split(b)
@@ -439,6 +439,21 @@ class DPO(nn.Module):
         if return_metrics:
             return loss, out.metrics
         return loss
+
+
+def pair_rows(
+    preferred_seq: Tensor,
+    unpreferred_seq: Tensor,
+    prompt_mask: Tensor,
+    preferred_seq_mask: Tensor,
+    unpreferred_seq_mask: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Both rows of each pair stacked for one model call: ``seq`` int64 ``(2B, N)`` (preferred rows
+    first) and its ``completion_mask`` bool ``(2B, N)`` (real tokens that are not prompt), as
+    :class:`DPO` feeds them to :func:`sequence_logprobs`."""
+    seq = torch.cat([preferred_seq, unpreferred_seq])
+    completion_mask = torch.cat([preferred_seq_mask, unpreferred_seq_mask]) & ~torch.cat([prompt_mask, prompt_mask])
+    return seq, completion_mask
 
 
 def xtransformers_inputs(

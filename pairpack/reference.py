@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from . import batching as bt
-from .dpo import REDUCTIONS, sequence_logprobs
+from .dpo import REDUCTIONS, pair_rows, sequence_logprobs
 from .errors import StateError
 from .progress import CountProgress
 from .reader import Dataset, open_dataset
@@ -106,11 +106,8 @@ def _settings(reduction: str, max_length: int | None, truncation: str, min_compl
 def _batch_logps(model: nn.Module, batch: Any, reduction: str, device: torch.device) -> tuple[Tensor, Tensor]:
     """Reference log-probs ``(B,)`` of chosen and rejected, computed as ``DPO.forward`` does."""
     b = len(batch)
-    seq = torch.cat([batch.preferred_seq, batch.unpreferred_seq]).to(device)
-    seq_mask = torch.cat([batch.preferred_seq_mask, batch.unpreferred_seq_mask])
-    prompt_mask = torch.cat([batch.prompt_mask, batch.prompt_mask])
-    completion_mask = (seq_mask & ~prompt_mask).to(device)
-    logits = model(seq[:, :-1])  # the last position has no target (as in DPO.sequence_logprobs)
+    seq, completion_mask = pair_rows(**batch.to(device).as_kwargs())
+    logits = model(seq[:, :-1])  # the last position has no target (as in DPO.completion_logprobs)
     logp = sequence_logprobs(logits, seq, completion_mask, reduction=reduction)
     return logp[:b], logp[b:]
 
