@@ -18,7 +18,6 @@ import gzip
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 from . import __version__
 from . import format as fmt
 from .errors import DatasetExistsError, FormatError, StateError
+from .writer import install_dir, temp_dir_for
 
 __all__ = ["merge", "MergeReport", "export", "SIDECAR_SUFFIX", "read_sidecar"]
 
@@ -141,7 +141,7 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
             if o1.get(key) != o2.get(key):
                 raise StateError(f"{r}: build option {key!r} is {o2.get(key)!r}, but {o1.get(key)!r} in {roots[0]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.pairpack-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_dir_for(out)
     tmp.mkdir()
     try:
         shards: list[fmt.ShardInfo] = []
@@ -183,27 +183,12 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _install(tmp, out, force)
+        install_dir(tmp, out, force=force)  # the writer's atomic install (FORMAT.md §9 W1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report.pairs, report.shards = manifest.num_pairs, len(shards)
     return report
-
-
-def _install(tmp: Path, out: Path, force: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise DatasetExistsError(f"{out}: already exists; pass --force to replace it")
-        old = out.parent / f".{out.name}.pairpack-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.rename(tmp, out)
 
 
 # --- export -------------------------------------------------------------------------------------
