@@ -227,12 +227,20 @@ def _parse_size(text: str, hint: str = "--shard-size") -> int:
     return int(value)
 
 
-def _percentiles(x: np.ndarray) -> list[str]:
+_SUMMARY_KEYS = ("min", "p50", "p90", "p99", "max", "mean")
+
+
+def _length_summary(x: np.ndarray) -> dict[str, float | None]:
+    """min, interpolated p50/p90/p99, max and mean of ``x`` (None for an empty array)."""
     if x.size == 0:
-        return ["-"] * 6
+        return dict.fromkeys(_SUMMARY_KEYS)
     q = np.percentile(x, [50, 90, 99]).tolist()
-    return [f"{int(x.min()):,}", f"{q[0]:,.0f}", f"{q[1]:,.0f}", f"{q[2]:,.0f}", f"{int(x.max()):,}",
-            f"{x.mean():,.1f}"]
+    return dict(zip(_SUMMARY_KEYS, [float(x.min()), *q, float(x.max()), float(x.mean())]))
+
+
+def _summary_cells(d: dict[str, float | None]) -> list[str]:
+    fmts = {"mean": "{:,.1f}"}
+    return ["-" if d[k] is None else fmts.get(k, "{:,.0f}").format(d[k]) for k in _SUMMARY_KEYS]
 
 
 @main.command(context_settings=CONTEXT)
@@ -260,9 +268,7 @@ def info(dataset: Path, as_json: bool) -> None:
                "vocab_size": m.vocab_size, "pad_id": m.pad_id, "bos_id": m.bos_id, "eos_id": m.eos_id,
                "tokenizer": m.tokenizer, "unique_prompts": prompts, "tokens": tokens, "bytes": sizes,
                "columns": [c.name for c in m.columns], "fingerprint": ds.fingerprint,
-               "lengths": {k: dict(zip(["min", "p50", "p90", "p99", "max", "mean"],
-                                       [float(v.replace(",", "")) if v != "-" else None for v in _percentiles(x)]))
-                           for k, x in rows.items()}}
+               "lengths": {k: _length_summary(x) for k, x in rows.items()}}
         click.echo(json.dumps(out, indent=1))
         return
     tok = m.tokenizer or {}
@@ -277,7 +283,7 @@ def info(dataset: Path, as_json: bool) -> None:
     click.echo(f"fingerprint  {ds.fingerprint}")
     click.echo("")
     header = ["length (tokens)", "min", "p50", "p90", "p99", "max", "mean"]
-    table = [header] + [[k] + _percentiles(x) for k, x in rows.items()]
+    table = [header] + [[k] + _summary_cells(_length_summary(x)) for k, x in rows.items()]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for r in table:
         click.echo("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))

@@ -24,3 +24,16 @@ def test_build_sample_roundtrip(tmp_path, sample_json):
     b = ds.batch(np.arange(8))
     assert b.preferred_seq.shape == b.unpreferred_seq.shape == b.prompt_mask.shape
     assert ds.verify() == []
+
+
+def test_info_json_lengths_are_numpy_summaries(tmp_path, sample_json):
+    from tests.conftest import run_cli
+
+    build([sample_json], tmp_path / "ds", prompt="instruction")
+    out = run_cli("info", tmp_path / "ds", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["lengths"]
+    ln = pairpack.open(tmp_path / "ds").lengths
+    for name, x in (("prompt", ln[0]), ("chosen", ln[1]), ("unpreferred row", ln[0] + ln[2])):
+        assert got[name]["min"] == x.min() and got[name]["max"] == x.max()
+        assert got[name]["p90"] == np.percentile(x, 90) and got[name]["mean"] == x.mean()
