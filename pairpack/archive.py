@@ -502,13 +502,3 @@ def _fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         _fsync_dir(Path(d))
-
-
-def is_archive(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a file starting with the zstandard magic (cheap sniff, no validation)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == ZSTD_MAGIC
-    except (IsADirectoryError, FileNotFoundError, PermissionError):
-        return False
-

@@ -49,3 +49,25 @@ def run_cli(*args: str, cwd: Path | None = None, input: str | None = None):
 
     return subprocess.run([sys.executable, "-m", "pairpack.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, input=input, timeout=300)
+
+
+def write_jsonl(path: Path, records: list, blank_every: int = 0) -> Path:
+    """Write ``records`` as JSON lines at ``path`` (gzip or zstandard by suffix); with
+    ``blank_every`` a blank line follows every that-many records. Returns ``path``."""
+    import gzip
+    import json
+
+    import zstandard
+
+    lines = []
+    for i, r in enumerate(records):
+        lines.append(json.dumps(r, ensure_ascii=False))
+        if blank_every and i % blank_every == 0:
+            lines.append("")
+    data = ("\n".join(lines) + "\n").encode() if lines else b""
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif path.name.endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path

@@ -9,8 +9,6 @@ refusing an existing path.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import pickle
 import types
@@ -19,12 +17,12 @@ from unittest import mock
 
 import numpy as np
 import pytest
-import zstandard
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pairpack
 from pairpack.build import build
+from tests.conftest import write_jsonl
 from pairpack.tokenization import ByteTokenizer
 
 from .strategies import (
@@ -206,14 +204,7 @@ def test_dedup_window(tmp_path: Path, window: int, prompts: int) -> None:
 
 
 # --- round trip through `pairpack build` ----------------------------------------------------------
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data)
-    elif path.name.endswith(".zst"):
-        data = zstandard.ZstdCompressor().compress(data)
-    path.write_bytes(data)
-    return path
+_write_jsonl = write_jsonl
 
 
 @given(pairs=pair_lists(max_pairs=10), nfiles=st.integers(1, 3),

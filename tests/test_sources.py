@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import zstandard
@@ -14,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pairpack
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_jsonl
 import pairpack.sources as sources
 from pairpack.build import build
 from pairpack.errors import SourceError
@@ -24,19 +23,7 @@ from pairpack.sources import (JsonArraySource, JsonlSource, ParquetSource, Recor
 RECS = [{"prompt": f"p{i % 3}", "chosen": f"c{i}", "rejected": f"r{i}", "n": i} for i in range(40)]
 
 
-def _jsonl(path: Path, recs: list, blank_every: int = 0) -> Path:
-    lines = []
-    for i, r in enumerate(recs):
-        lines.append(json.dumps(r, ensure_ascii=False))
-        if blank_every and i % blank_every == 0:
-            lines.append("")
-    data = ("\n".join(lines) + "\n").encode()
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data)
-    elif path.name.endswith(".zst"):
-        data = zstandard.ZstdCompressor().compress(data)
-    path.write_bytes(data)
-    return path
+_jsonl = write_jsonl
 
 
 def _records(src) -> list:
