@@ -401,6 +401,9 @@ class BatchPlan:
         completion_start, completion_len: int64 ``(2, B)``, row 0 chosen, row 1 rejected, after truncation.
         indices: int64 ``(B,)`` dataset indices.
         columns: per-pair column values, name -> ``(B,)`` array.
+        shards, shard_of, longest: optional shortcuts for :func:`~pairpack.triplets.assemble`
+            (the distinct token arrays, each pair's position in them, the longest row), as
+            :meth:`Dataset.take <pairpack.reader.Dataset.take>` gives them.
     """
 
     tokens: list[np.ndarray]
@@ -410,6 +413,9 @@ class BatchPlan:
     completion_len: np.ndarray
     indices: np.ndarray
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    shards: tuple[np.ndarray, ...] | None = None
+    shard_of: np.ndarray | None = None
+    longest: int | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_len)
@@ -423,7 +429,8 @@ class BatchPlan:
         from .triplets import assemble
 
         return assemble(*self.args(), pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of,
-                        indices=self.indices, columns=self.columns)
+                        indices=self.indices, columns=self.columns, shards=self.shards, shard_of=self.shard_of,
+                        longest=self.longest)
 
 
 def make_plan(ds: "Dataset", indices: np.ndarray, *, max_length: int | None = None, truncation: str = "keep_end",
@@ -431,11 +438,14 @@ def make_plan(ds: "Dataset", indices: np.ndarray, *, max_length: int | None = No
     """The :class:`BatchPlan` of pairs ``indices`` of ``ds``, truncated to ``max_length`` (vectorised)."""
     t = ds.take(indices, columns)
     st, ln = t.starts, t.lengths
+    if max_length is None or (t.longest is not None and t.longest <= max_length):  # nothing to cut
+        return BatchPlan(t.tokens, st[fmt.PROMPT], ln[fmt.PROMPT], st[1:], ln[1:], t.indices, t.columns,
+                         t.shards, t.shard_of, t.longest)
     ps, cs = st[fmt.PROMPT], st[1:]
     p, c, r = _truncate3(ln[fmt.PROMPT], ln[fmt.CHOSEN], ln[fmt.REJECTED], max_length, min_completion_tokens)
-    if truncation == "keep_end" and max_length is not None:
+    if truncation == "keep_end":
         ps = ps + (ln[fmt.PROMPT] - p)  # keep the prompt's end: drop tokens from its start
-    return BatchPlan(t.tokens, ps, p, cs, np.stack([c, r]), t.indices, t.columns)
+    return BatchPlan(t.tokens, ps, p, cs, np.stack([c, r]), t.indices, t.columns, t.shards, t.shard_of)
 
 
 def identical_after_truncation(ds: "Dataset", indices: np.ndarray | None = None, *, max_length: int | None,

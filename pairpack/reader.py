@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from . import format as fmt
+from . import _accel, format as fmt
 from .errors import ChecksumError, FormatError
 
 __all__ = ["Pair", "Taken", "Dataset", "open_dataset", "verify_dataset"]
@@ -42,13 +42,18 @@ class _Shard:
 class Taken(NamedTuple):
     """Pairs located for a batch (:meth:`Dataset.take`): ``indices`` int64 ``(B,)`` (non-negative),
     ``tokens`` the token array of each pair, ``starts``/``lengths`` int64 ``(3, B)`` (rows prompt,
-    chosen, rejected), ``columns`` name -> ``(B,)`` values."""
+    chosen, rejected), ``columns`` name -> ``(B,)`` values. Optional, when known: ``shards`` the
+    distinct token arrays and ``shard_of`` int64 ``(B,)`` each pair's position in them (None: all
+    in ``shards[0]``), ``longest`` the longest row ``max(P + C, P + R)``."""
 
     indices: np.ndarray
     tokens: list[np.ndarray]
     starts: np.ndarray
     lengths: np.ndarray
     columns: dict[str, np.ndarray]
+    shards: tuple[np.ndarray, ...] | None = None
+    shard_of: np.ndarray | None = None
+    longest: int | None = None
 
 
 class Dataset:
@@ -69,6 +74,7 @@ class Dataset:
         self._bounds = np.cumsum([0] + [s.num_pairs for s in m.shards], dtype=np.int64)
         self._joined: dict[str, np.ndarray] = {}  # per-pair arrays joined over shards, once each
         self._tokenizer: Any = None
+        self._native_args: tuple[Any, ...] | None = None  # the shard tuples the C take() reads
 
     # --- basic protocol ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -93,6 +99,7 @@ class Dataset:
         (numpy unmaps when the last view dies), so closing never invalidates them."""
         self._shards = []
         self._joined = {}
+        self._native_args = None
 
     def _live(self) -> list[_Shard]:
         if not self._shards and self.manifest.shards:
@@ -185,6 +192,10 @@ class Dataset:
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = len(self)
+        if _accel.native is not None and idx.size:
+            got = self._take_native(_accel.native, idx, columns)
+            if got is not None:
+                return got
         if idx.size and (idx.min() < -n or idx.max() >= n):
             bad = idx[(idx < -n) | (idx >= n)][0]
             raise IndexError(f"pair index {int(bad)} out of range for {n} pairs")
@@ -211,6 +222,28 @@ class Dataset:
                 tokens[i] = sh.tokens
         return Taken(idx, tokens, starts, lengths, cols)
 
+    def _take_native(self, nat: Any, idx: np.ndarray, columns: Sequence[str]) -> Taken | None:
+        """:meth:`take` through the C kernel: one pass locates, range-checks and bounds-checks
+        every pair. None when a segment is bad, so the numpy path raises the detailed error."""
+        shards = self._live()
+        if self._native_args is None:
+            self._native_args = (tuple(s.starts for s in shards), tuple(s.lengths for s in shards),
+                                 np.array([s.tokens.shape[0] for s in shards], dtype=np.int64),
+                                 tuple(s.tokens for s in shards))
+        st, ln, ntok, toks = self._native_args
+        coords = np.empty((8, idx.size), dtype=np.int64)  # index, shard, 3 starts, 3 lengths
+        try:
+            longest = nat.take(np.ascontiguousarray(idx), len(self), self._bounds, st, ln, ntok, coords)
+        except ValueError:
+            return None
+        idx = coords[0]
+        cols = {c: np.asarray(self.column(c)[idx]) for c in columns}
+        if len(toks) == 1:
+            return Taken(idx, [toks[0]] * idx.size, coords[2:5], coords[5:8], cols, toks, None, longest)
+        shard_of = coords[1]
+        return Taken(idx, list(map(toks.__getitem__, shard_of.tolist())), coords[2:5], coords[5:8], cols, toks,
+                     shard_of, longest)
+
     def segments(self, indices: Sequence[int] | np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Coordinates of pairs ``indices``: (tokens array per pair, starts (3, B), lengths (3, B))."""
         t = self.take(indices)
@@ -229,7 +262,8 @@ class Dataset:
 
         t = self.take(indices, columns)
         return assemble(t.tokens, t.starts[0], t.lengths[0], t.starts[1:], t.lengths[1:], pad_id=self.pad_id,
-                        pad_to_multiple_of=pad_to_multiple_of, indices=t.indices, columns=t.columns)
+                        pad_to_multiple_of=pad_to_multiple_of, indices=t.indices, columns=t.columns,
+                        shards=t.shards, shard_of=t.shard_of, longest=t.longest)
 
     # --- text -----------------------------------------------------------------------------------
     @property

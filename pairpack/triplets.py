@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import _accel
+
 __all__ = ["Triplets", "assemble"]
 
 
@@ -122,6 +124,9 @@ def assemble(
     pad_to_multiple_of: int | None = None,
     indices: np.ndarray | None = None,
     columns: dict[str, np.ndarray] | None = None,
+    shards: tuple[np.ndarray, ...] | None = None,
+    shard_of: np.ndarray | None = None,
+    longest: int | None = None,
 ) -> Triplets:
     """Build a :class:`Triplets` from segment coordinates that are already bounds-checked.
 
@@ -133,6 +138,12 @@ def assemble(
         pad_id: the id written at padded positions.
         pad_to_multiple_of: round ``L`` up to a multiple of this.
         indices, columns: carried into the result.
+        shards, shard_of: optional, the distinct token arrays and int64 ``(B,)`` positions in
+            them (``shard_of`` None: one array), equivalent to ``tokens``; saves deriving them.
+        longest: optional, ``max(P + C, P + R)`` over the batch when the caller knows it.
+
+    With the compiled kernel (``pairpack._native``, see ``pairpack._accel``) one C pass writes
+    the int64 rows and the masks, the GIL released; the numpy path below gives the same bytes.
 
     The memory-map slices of each row (prompt, completion, padding; a prompt stored right before
     its completion is one slice) are joined in output order by one ``np.concatenate`` straight
@@ -142,6 +153,12 @@ def assemble(
     padded buffer in best-of-N timings, because it moves only the output bytes.
     """
     b = len(prompt_len)
+    nat = _accel.native
+    if nat is not None and b:
+        got = _assemble_native(nat, tokens, prompt_start, prompt_len, completion_start, completion_len, pad_id,
+                               pad_to_multiple_of, indices, columns, shards, shard_of, longest)
+        if got is not None:
+            return got
     total = prompt_len[None, :] + completion_len  # (2, B)
     n = _round_up(int(total.max()) if b else 0, pad_to_multiple_of)
     # an empty batch has no token array to take the dtype from; uint32 holds every valid pad_id
@@ -184,15 +201,64 @@ def assemble(
     runs[:, 0] = bounds
     runs[:, 1] = n - bounds
     masks = torch.from_numpy(np.repeat(_alternating(3 * b), runs.reshape(-1)).reshape(3, b, n))
-    return Triplets(
-        preferred_seq=seqs[0],
-        unpreferred_seq=seqs[1],
-        prompt_mask=masks[0],
-        preferred_seq_mask=masks[1],
-        unpreferred_seq_mask=masks[2],
-        indices=torch.from_numpy(np.asarray(indices if indices is not None else np.arange(b), dtype=np.int64)),
-        prompt_lengths=p_t,
-        chosen_lengths=c_t[0],
-        rejected_lengths=c_t[1],
-        columns={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in (columns or {}).items()},
-    )
+    return _triplets(seqs, masks, p_t, c_t, indices, columns, b)
+
+
+def _triplets(seqs: torch.Tensor, masks: torch.Tensor, p_t: torch.Tensor, c_t: torch.Tensor,
+              indices: np.ndarray | None, columns: dict[str, np.ndarray] | None, b: int) -> Triplets:
+    """A :class:`Triplets` of views into ``seqs`` (2, B, L), ``masks`` (3, B, L) and ``c_t`` (2, B)."""
+    pre, unp = seqs.unbind(0)
+    pm, m1, m2 = masks.unbind(0)
+    ch, rj = c_t.unbind(0)
+    return Triplets(pre, unp, pm, m1, m2,
+                    torch.from_numpy(np.asarray(indices if indices is not None else np.arange(b), dtype=np.int64)),
+                    p_t, ch, rj,
+                    {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in columns.items()} if columns else {})
+
+
+# the storage dtypes (FORMAT.md §3) the C kernel reads, with the largest pad_id each can hold
+_NATIVE_MAX = {np.dtype(np.uint16): 0xFFFF, np.dtype(np.uint32): 0xFFFFFFFF}
+
+
+def _assemble_native(nat: Any, tokens: Sequence[np.ndarray], prompt_start: np.ndarray, prompt_len: np.ndarray,
+                     completion_start: np.ndarray, completion_len: np.ndarray, pad_id: int,
+                     pad_to_multiple_of: int | None, indices: np.ndarray | None,
+                     columns: dict[str, np.ndarray] | None, shards: tuple[np.ndarray, ...] | None,
+                     shard_of: np.ndarray | None, longest: int | None) -> Triplets | None:
+    """:func:`assemble` through the C kernel; None where it does not apply (other dtypes, mixed
+    dtypes, a pad_id the dtype cannot hold: the numpy path then gives the result or the error)."""
+    b = len(prompt_len)
+    if shards is None:
+        first = tokens[0]
+        if len(set(map(id, tokens))) == 1:
+            shards, shard_of = (first,), None
+        else:
+            pos: dict[int, int] = {}
+            uniq: list[np.ndarray] = []
+            for t in tokens:  # per pair, only for batches that span several token arrays
+                if id(t) not in pos:
+                    pos[id(t)] = len(uniq)
+                    uniq.append(t)
+            shards = tuple(uniq)
+            shard_of = np.fromiter((pos[id(t)] for t in tokens), dtype=np.int64, count=b)
+    dtype = shards[0].dtype
+    hi = _NATIVE_MAX.get(dtype)
+    if hi is None or not 0 <= pad_id <= hi or (len(shards) > 1 and any(t.dtype != dtype for t in shards)):
+        return None
+    i64 = np.int64
+    ps = np.ascontiguousarray(prompt_start, dtype=i64)
+    pl = np.ascontiguousarray(prompt_len, dtype=i64)
+    cs = np.ascontiguousarray(completion_start, dtype=i64)
+    cl = np.ascontiguousarray(completion_len, dtype=i64)
+    if longest is None:
+        longest = int((pl + cl).max())
+    n = _round_up(longest, pad_to_multiple_of)
+    seqs = np.empty((2, b, n), dtype=i64)
+    masks = np.empty((3, b, n), dtype=np.bool_)
+    nat.assemble(shards, None if shard_of is None else np.ascontiguousarray(shard_of, dtype=i64),
+                 ps, pl, cs, cl, n, pad_id, seqs, masks)
+    f = torch.from_numpy  # one tensor per numpy row view: cheaper than torch.empty + unbind (~6 us a batch)
+    return Triplets(f(seqs[0]), f(seqs[1]), f(masks[0]), f(masks[1]), f(masks[2]),
+                    f(np.asarray(indices if indices is not None else np.arange(b), dtype=i64)),
+                    f(pl), f(cl[0]), f(cl[1]),
+                    {k: f(np.ascontiguousarray(v)) for k, v in columns.items()} if columns else {})

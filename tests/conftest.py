@@ -71,3 +71,17 @@ def write_jsonl(path: Path, records: list, blank_every: int = 0) -> Path:
         data = zstandard.ZstdCompressor().compress(data)
     path.write_bytes(data)
     return path
+
+
+@pytest.fixture(params=["native", "numpy"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on both batch paths: the C kernels (``pairpack._native``, skipped where they
+    are not built) and the numpy path they replace."""
+    from pairpack import _accel
+
+    if request.param == "native":
+        if _accel.native is None:
+            pytest.skip("pairpack._native is not built")
+    else:
+        monkeypatch.setattr(_accel, "native", None)
+    return request.param

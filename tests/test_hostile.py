@@ -490,7 +490,7 @@ def test_r12_flipped_byte(ds):
 @pytest.mark.parametrize("row, col, field, value", [
     (1, 0, "starts", 10_000), (0, 2, "starts", -1), (2, 1, "lengths", 0), (1, 2, "lengths", 2**62),
     (0, 0, "starts", -2**63), (2, 2, "starts", 2**63 - 1)])
-def test_r13_segment_out_of_bounds(ds, row, col, field, value):
+def test_r13_segment_out_of_bounds(ds, row, col, field, value, backend):
     s, n = _index(ds)
     (s if field == "starts" else n)[row, col] = value
     write_array(ds, f"shard-00000/{field}.npy", s if field == "starts" else n)

@@ -95,7 +95,7 @@ _ALL = list(range(40))  # with _to_indices: every pair, negative and positive, a
 @example(spec=_PAD_IS_REAL, raw=_ALL, multiple=8)
 @example(spec=DatasetSpec(pairs=[([65536, 1], [2], [65535, 3, 4])], pad_id=65535), raw=_ALL, multiple=None)
 @example(spec=DatasetSpec(pairs=[([65536], [1], [2])], pad_id=65536), raw=[], multiple=None)  # was OverflowError
-def test_batch_invariants(spec: DatasetSpec, raw: list[int], multiple: int | None) -> None:
+def test_batch_invariants(spec: DatasetSpec, raw: list[int], multiple: int | None, backend: str) -> None:
     indices = _to_indices(raw, len(spec.pairs))
     with scratch_dir() as d:
         ds = spec.write(Path(d) / "ds")
@@ -120,7 +120,7 @@ def test_masks_ignore_pad_id_inside_real_tokens(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("pad_id", [0, 65536, (1 << 32) - 1])
-def test_empty_batch(tmp_path: Path, pad_id: int) -> None:
+def test_empty_batch(tmp_path: Path, pad_id: int, backend: str) -> None:
     """Shrunk from test_batch_invariants: an empty batch of a uint32 dataset whose pad_id is
     >= 65536 raised OverflowError (the pad buffer defaulted to uint16)."""
     ds = DatasetSpec(pairs=[([1], [2], [3])], pad_id=pad_id).write(tmp_path / "ds")
@@ -129,10 +129,10 @@ def test_empty_batch(tmp_path: Path, pad_id: int) -> None:
     assert all(getattr(batch, k).shape == (0, 0) for k in KWARGS)
 
 
-def test_batch_index_out_of_range(tmp_path: Path) -> None:
+def test_batch_index_out_of_range(tmp_path: Path, backend: str) -> None:
     ds = DatasetSpec(pairs=[([1], [2], [3]), ([4], [5], [6])], shard_bytes=4).write(tmp_path / "ds")
     for bad in ([2], [-3], [0, 1, 2]):
-        with pytest.raises(IndexError):
+        with pytest.raises(IndexError, match=rf"pair index {bad[-1]} out of range for 2 pairs"):
             ds.batch(bad)
 
 

@@ -1,0 +1,238 @@
+"""The compiled kernels (``pairpack/_native.c``) against the numpy path they replace.
+
+Same bytes for any dataset, batch and plan; the same errors; and whatever coordinates the kernels
+are handed, either the exact result or a ValueError: never a read outside a token buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from pairpack import _accel
+from pairpack.triplets import Triplets, assemble
+
+from .strategies import DatasetSpec, datasets_spec, scratch_dir
+
+native = _accel.native
+needs_native = pytest.mark.skipif(native is None, reason="pairpack._native is not built")
+FIELDS = ("preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask",
+          "indices", "prompt_lengths", "chosen_lengths", "rejected_lengths")
+
+
+@contextmanager
+def numpy_path() -> Iterator[None]:
+    saved = _accel.native
+    _accel.native = None
+    try:
+        yield
+    finally:
+        _accel.native = saved
+
+
+def assert_same(a: Triplets, b: Triplets) -> None:
+    for f in FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f
+        assert x.is_contiguous(), f
+    assert a.columns.keys() == b.columns.keys()
+    for k in a.columns:
+        assert a.columns[k].dtype == b.columns[k].dtype and torch.equal(a.columns[k], b.columns[k]), k
+
+
+def test_built_where_a_compiler_is() -> None:
+    """CI has a C compiler, so a silently failed build (numpy path everywhere) fails here."""
+    if os.environ.get("PAIRPACK_NATIVE", "").strip() == "0":
+        pytest.skip("PAIRPACK_NATIVE=0")
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the numpy path serves")
+    assert native is not None, "pairpack._native is not built: `pip install -e .` compiles pairpack/_native.c"
+
+
+# --- datasets: take() and batch() -------------------------------------------------------------
+@needs_native
+@given(spec=datasets_spec(min_pairs=1, max_pairs=10),
+       raw=st.lists(st.integers(-1000, 1000), max_size=16),
+       multiple=st.one_of(st.none(), st.sampled_from([1, 8, 64])))
+@example(spec=DatasetSpec(pairs=[([65536, 1], [2], [65535, 3, 4]), ([7], [8], [9])], pad_id=65535, shard_bytes=8),
+         raw=list(range(8)), multiple=None)
+def test_dataset_paths_agree(spec: DatasetSpec, raw: list[int], multiple: int | None) -> None:
+    n = len(spec.pairs)
+    idx = [r % (2 * n) - n for r in raw]
+    cols = sorted(spec.columns)
+    with scratch_dir() as d:
+        ds = spec.write(Path(d) / "ds")
+        got_t = ds.take(idx, cols)
+        got = ds.batch(idx, pad_to_multiple_of=multiple, columns=cols)
+        with numpy_path():
+            ref_t = ds.take(idx, cols)
+            ref = ds.batch(idx, pad_to_multiple_of=multiple, columns=cols)
+        assert_same(got, ref)
+        for k in ("indices", "starts", "lengths"):
+            assert np.array_equal(getattr(got_t, k), getattr(ref_t, k)), k
+        assert all(a is b for a, b in zip(got_t.tokens, ref_t.tokens)) and len(got_t.tokens) == len(idx)
+        if idx:
+            ln = ref_t.lengths
+            assert got_t.longest == int(max((ln[0] + ln[1]).max(), (ln[0] + ln[2]).max()))
+
+
+# --- plans: assemble() on arbitrary coordinates ----------------------------------------------------
+@st.composite
+def plans(draw: st.DrawFn) -> dict:
+    """Coordinates over two or three token arrays (uint16 and/or uint32, the largest ids present),
+    any pad_id the dtype holds (sometimes one it does not), optional pad_to_multiple_of."""
+    dts = draw(st.lists(st.sampled_from([np.uint16, np.uint32]), min_size=2, max_size=3))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for dt in dts:
+        hi = int(np.iinfo(dt).max)
+        a = rng.integers(0, hi, draw(st.integers(1, 300)), endpoint=True, dtype=np.uint64).astype(dt)
+        a[rng.integers(0, len(a), 3)] = hi
+        arrays.append(a)
+    b = draw(st.integers(1, 12))
+    which = rng.integers(0, len(arrays), b) if draw(st.booleans()) else np.zeros(b, dtype=np.int64)
+    tokens = [arrays[k] for k in which.tolist()]
+    size = np.array([len(t) for t in tokens])
+
+    def seg(min_len: int) -> tuple[np.ndarray, np.ndarray]:
+        ln = np.minimum(rng.integers(min_len, 40, b), size)
+        return (rng.random(b) * (size - ln + 1)).astype(np.int64), ln.astype(np.int64)
+
+    ps, pl = seg(0)
+    c0, l0 = seg(0)
+    c1, l1 = seg(0)
+    if draw(st.booleans()):  # the writer's layout: chosen stored right after its prompt
+        c0 = np.minimum(ps + pl, size - l0)
+    pad = draw(st.sampled_from([0, 1, 65535, 65536, 2**32 - 1]))
+    return dict(tokens=tokens, prompt_start=ps, prompt_len=pl, completion_start=np.stack([c0, c1]),
+                completion_len=np.stack([l0, l1]), pad_id=pad,
+                pad_to_multiple_of=draw(st.sampled_from([None, 1, 8, 64])),
+                indices=rng.integers(-5, 10**6, b), columns={"score": rng.standard_normal(b).astype(np.float32)})
+
+
+def _result_or_error(fn, **kw):
+    try:
+        return fn(**kw)
+    except Exception as e:  # noqa: BLE001 - compared by type and message
+        return type(e), str(e)
+
+
+@needs_native
+@given(plan=plans())
+def test_assemble_paths_agree(plan: dict) -> None:
+    """Same batch (or the same error: a pad_id too large for the dtype) from both paths; mixed
+    dtypes fall back to numpy inside assemble and still agree."""
+    got = _result_or_error(assemble, **plan)
+    with numpy_path():
+        ref = _result_or_error(assemble, **plan)
+    if isinstance(ref, tuple):
+        assert got == ref
+    else:
+        assert_same(got, ref)
+
+
+# --- the kernels on hostile coordinates ---------------------------------------------------------
+def _reference_rows(tok: np.ndarray, ps, pl, cs, cl, n: int, pad: int) -> np.ndarray:
+    out = np.full((2, len(ps), n), pad, dtype=np.int64)
+    for s in range(2):
+        for i in range(len(ps)):
+            row = np.concatenate([tok[ps[i]:ps[i] + pl[i]], tok[cs[s][i]:cs[s][i] + cl[s][i]]])
+            out[s, i, :len(row)] = row
+    return out
+
+
+coords = st.integers(-5, 40) | st.sampled_from([2**62, -(2**62), 2**63 - 1])
+
+
+@needs_native
+@given(t=st.integers(0, 30), rows=st.lists(st.tuples(*[coords] * 6), min_size=1, max_size=5),
+       n=st.integers(0, 60), dtype=st.sampled_from([np.uint16, np.uint32]))
+@example(t=10, rows=[(8, 2, 10, 0, 0, 0)], n=2, dtype=np.uint16)  # a segment ending exactly at the end
+@example(t=10, rows=[(9, 2, 0, 1, 0, 1)], n=5, dtype=np.uint16)  # one token past the end
+@example(t=10, rows=[(2**63 - 1, 2**63 - 1, 0, 1, 0, 1)], n=5, dtype=np.uint32)  # start + length overflows
+def test_kernel_assemble_never_reads_outside(t: int, rows: list, n: int, dtype: type) -> None:
+    tok = np.arange(100, 100 + t).astype(dtype)
+    a = np.array(rows, dtype=np.int64).T  # (6, B): ps, pl, c0, l0, c1, l1
+    ps, pl, cs, cl = a[0].copy(), a[1].copy(), a[[2, 4]].copy(), a[[3, 5]].copy()
+    out = np.full((2, len(ps), n), -7, dtype=np.int64)
+    masks = np.zeros((3, len(ps), n), dtype=np.bool_)
+    inside = all(0 <= s <= t and 0 <= ln <= t - s for s, ln in
+                 [(ps[i], pl[i]) for i in range(len(ps))] + [(cs[k][i], cl[k][i]) for k in (0, 1) for i in range(len(ps))])
+    fits = inside and bool(((pl + cl) <= n).all())
+    if not fits:
+        with pytest.raises(ValueError):
+            native.assemble((tok,), None, ps, pl, cs, cl, n, 0, out, masks)
+        assert (out == -7).all() and not masks.any()  # nothing written
+        return
+    native.assemble((tok,), None, ps, pl, cs, cl, n, 3, out, masks)
+    assert np.array_equal(out, _reference_rows(tok, ps, pl, cs, cl, n, 3))
+    j = np.arange(n)
+    assert np.array_equal(masks[0], j < pl[:, None])
+    assert np.array_equal(masks[1:], j < (pl + cl)[:, :, None])
+
+
+@needs_native
+def test_kernel_rejects_malformed_arguments() -> None:
+    tok = np.arange(10, dtype=np.uint16)
+    one = np.ones(1, dtype=np.int64)
+    z2 = np.zeros((2, 1), dtype=np.int64)
+    out = np.empty((2, 1, 4), dtype=np.int64)
+    ok = ((tok,), None, one * 0, one, z2, z2 + 1, 4, 0, out, None)
+    native.assemble(*ok)
+    bad = {
+        0: ((), TypeError), 1: (np.array([1], dtype=np.int64), ValueError),  # shard 1 of 1
+        3: (np.ones(2, dtype=np.int64), ValueError),  # prompt_len of the wrong size
+        6: (5, ValueError),  # out sized for n = 4
+        8: (np.empty((2, 1, 4), dtype=np.int32), ValueError),
+    }
+    for pos, (value, err) in bad.items():
+        args = list(ok)
+        args[pos] = value
+        with pytest.raises(err):
+            native.assemble(*args)
+    with pytest.raises(ValueError, match="uint16 or all uint32"):
+        native.assemble((tok, tok.astype(np.uint32)), np.zeros(1, dtype=np.int64), *ok[2:])
+    with pytest.raises(ValueError, match="read-only"):  # a read-only output
+        ro = out.copy()
+        ro.flags.writeable = False
+        native.assemble(*ok[:8], ro, None)
+    with pytest.raises(ValueError, match="contiguous"):  # a strided view is refused, not misread
+        native.assemble(*ok[:4], np.zeros((2, 2), dtype=np.int64)[:, :1], *ok[5:])
+
+
+@needs_native
+@given(t=st.integers(0, 20), n_pairs=st.integers(1, 4),
+       cells=st.lists(coords, min_size=6, max_size=6), raw=st.lists(st.integers(-10, 10), max_size=6))
+def test_kernel_take_checks_every_pair(t: int, n_pairs: int, cells: list[int], raw: list[int]) -> None:
+    """take() on one shard whose first pair has arbitrary coordinates: out-of-range indices raise
+    IndexError, a bad segment ValueError, otherwise the coordinates come back exactly."""
+    st_ = np.zeros((3, n_pairs), dtype=np.int64)
+    ln = np.ones((3, n_pairs), dtype=np.int64) * min(t, 1)
+    st_[:, 0], ln[:, 0] = cells[:3], cells[3:]
+    idx = np.array(raw, dtype=np.int64)
+    co = np.zeros((8, len(idx)), dtype=np.int64)
+    args = (idx, n_pairs, np.array([0, n_pairs], dtype=np.int64), (st_,), (ln,), np.array([t], dtype=np.int64), co)
+    if ((idx < -n_pairs) | (idx >= n_pairs)).any():
+        with pytest.raises(IndexError):
+            native.take(*args)
+        return
+    g = np.where(idx < 0, idx + n_pairs, idx)
+    s, l_ = st_[:, g], ln[:, g]
+    if ((s < 0) | (l_ < 1) | (s > t) | (l_ > t - np.minimum(s, t))).any():
+        with pytest.raises(ValueError):
+            native.take(*args)
+        return
+    longest = native.take(*args)
+    assert np.array_equal(co[0], g) and not co[1].any()
+    assert np.array_equal(co[2:5], s) and np.array_equal(co[5:8], l_)
+    assert longest == (int(max((l_[0] + l_[1]).max(), (l_[0] + l_[2]).max())) if len(g) else 0)
