@@ -331,7 +331,366 @@ done:
     return PyLong_FromLongLong(longest);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * scan_ids: the JSONL fast path of `pairpack build` for pre-tokenized records.
+ *
+ * A strict, conservative JSON reader: it accepts a line only when it is certain that orjson
+ * (the exact path) would read the same object and that pairpack's exact path would accept the
+ * record as it is. Anything else (escapes or non-ASCII in a key, a repeated target key, a
+ * non-integer, negative or out-of-range id, an empty list, a missing field, a float, a number
+ * longer than 15 characters, nesting deeper than 64, a lone-surrogate escape, invalid UTF-8,
+ * a line over max_record_bytes, ...) makes it give up on the whole block, which the caller then
+ * processes with the exact path. So the fast path never decides an error and never accepts a
+ * record the exact path would reject.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct {
+    const unsigned char *p, *end;
+} Cursor;
+
+#define SCAN_BAIL (-1)
+
+static inline void skip_ws(Cursor *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\t' || *c->p == '\r' || *c->p == '\n')) c->p++;
+}
+
+static inline int hexval(unsigned char h) {
+    if (h >= '0' && h <= '9') return h - '0';
+    if (h >= 'a' && h <= 'f') return h - 'a' + 10;
+    if (h >= 'A' && h <= 'F') return h - 'A' + 10;
+    return -1;
+}
+
+/* One UTF-8 sequence starting at a byte >= 0x80 (no overlongs, no surrogates, <= U+10FFFF). */
+static int utf8_seq(Cursor *c) {
+    const unsigned char *p = c->p;
+    Py_ssize_t left = c->end - p;
+    unsigned char b0 = p[0];
+    int n;
+    if (b0 >= 0xC2 && b0 <= 0xDF) n = 1;
+    else if (b0 >= 0xE0 && b0 <= 0xEF) n = 2;
+    else if (b0 >= 0xF0 && b0 <= 0xF4) n = 3;
+    else return SCAN_BAIL;
+    if (left < n + 1) return SCAN_BAIL;
+    for (int k = 1; k <= n; k++)
+        if ((p[k] & 0xC0) != 0x80) return SCAN_BAIL;
+    if (b0 == 0xE0 && p[1] < 0xA0) return SCAN_BAIL;
+    if (b0 == 0xED && p[1] >= 0xA0) return SCAN_BAIL;
+    if (b0 == 0xF0 && p[1] < 0x90) return SCAN_BAIL;
+    if (b0 == 0xF4 && p[1] >= 0x90) return SCAN_BAIL;
+    c->p += n + 1;
+    return 0;
+}
+
+/* A string starting at '"'. With `plain` set (keys), escapes and non-ASCII give up; the raw
+ * bytes between the quotes are returned through start/len. */
+static int scan_string(Cursor *c, int plain, const unsigned char **start, Py_ssize_t *len) {
+    c->p++; /* the opening quote */
+    const unsigned char *s = c->p;
+    while (c->p < c->end) {
+        unsigned char ch = *c->p;
+        if (ch == '"') {
+            if (start) *start = s;
+            if (len) *len = c->p - s;
+            c->p++;
+            return 0;
+        }
+        if (ch < 0x20) return SCAN_BAIL;
+        if (ch == '\\') {
+            if (plain || c->end - c->p < 2) return SCAN_BAIL;
+            unsigned char e = c->p[1];
+            if (e == 'u') {
+                if (c->end - c->p < 6) return SCAN_BAIL;
+                int v = 0;
+                for (int k = 2; k < 6; k++) {
+                    int h = hexval(c->p[k]);
+                    if (h < 0) return SCAN_BAIL;
+                    v = v * 16 + h;
+                }
+                if (v >= 0xD800 && v <= 0xDFFF) return SCAN_BAIL; /* surrogate pairs: leave to orjson */
+                c->p += 6;
+            } else if (e == '"' || e == '\\' || e == '/' || e == 'b' || e == 'f' || e == 'n' || e == 'r' || e == 't') {
+                c->p += 2;
+            } else {
+                return SCAN_BAIL;
+            }
+            continue;
+        }
+        if (ch >= 0x80) {
+            if (plain || utf8_seq(c) < 0) return SCAN_BAIL;
+            continue;
+        }
+        c->p++;
+    }
+    return SCAN_BAIL;
+}
+
+/* Any JSON number, at most 15 characters (so orjson's range questions never arise). */
+static int skip_number(Cursor *c) {
+    const unsigned char *s = c->p;
+    if (c->p < c->end && *c->p == '-') c->p++;
+    if (c->p >= c->end) return SCAN_BAIL;
+    if (*c->p == '0') c->p++;
+    else if (*c->p >= '1' && *c->p <= '9') while (c->p < c->end && *c->p >= '0' && *c->p <= '9') c->p++;
+    else return SCAN_BAIL;
+    if (c->p < c->end && *c->p == '.') {
+        c->p++;
+        if (c->p >= c->end || *c->p < '0' || *c->p > '9') return SCAN_BAIL;
+        while (c->p < c->end && *c->p >= '0' && *c->p <= '9') c->p++;
+    }
+    if (c->p < c->end && (*c->p == 'e' || *c->p == 'E')) {
+        c->p++;
+        if (c->p < c->end && (*c->p == '+' || *c->p == '-')) c->p++;
+        if (c->p >= c->end || *c->p < '0' || *c->p > '9') return SCAN_BAIL;
+        while (c->p < c->end && *c->p >= '0' && *c->p <= '9') c->p++;
+    }
+    return c->p - s <= 15 ? 0 : SCAN_BAIL;
+}
+
+static int skip_value(Cursor *c, int depth);
+
+static int skip_container(Cursor *c, int depth, unsigned char close, int object) {
+    if (depth > 64) return SCAN_BAIL;
+    c->p++;
+    skip_ws(c);
+    if (c->p < c->end && *c->p == close) {
+        c->p++;
+        return 0;
+    }
+    for (;;) {
+        if (object) {
+            if (c->p >= c->end || *c->p != '"' || scan_string(c, 0, NULL, NULL) < 0) return SCAN_BAIL;
+            skip_ws(c);
+            if (c->p >= c->end || *c->p != ':') return SCAN_BAIL;
+            c->p++;
+            skip_ws(c);
+        }
+        if (skip_value(c, depth + 1) < 0) return SCAN_BAIL;
+        skip_ws(c);
+        if (c->p >= c->end) return SCAN_BAIL;
+        if (*c->p == ',') {
+            c->p++;
+            skip_ws(c);
+            continue;
+        }
+        if (*c->p == close) {
+            c->p++;
+            return 0;
+        }
+        return SCAN_BAIL;
+    }
+}
+
+static int skip_literal(Cursor *c, const char *lit, Py_ssize_t n) {
+    if (c->end - c->p < n || memcmp(c->p, lit, (size_t)n) != 0) return SCAN_BAIL;
+    c->p += n;
+    return 0;
+}
+
+static int skip_value(Cursor *c, int depth) {
+    if (c->p >= c->end) return SCAN_BAIL;
+    switch (*c->p) {
+    case '"': return scan_string(c, 0, NULL, NULL);
+    case '{': return skip_container(c, depth, '}', 1);
+    case '[': return skip_container(c, depth, ']', 0);
+    case 't': return skip_literal(c, "true", 4);
+    case 'f': return skip_literal(c, "false", 5);
+    case 'n': return skip_literal(c, "null", 4);
+    default: return skip_number(c);
+    }
+}
+
+/* A non-empty list of ids in [0, limit): plain non-negative integers, written to out[*pos...]. */
+static int scan_ids_list(Cursor *c, uint32_t *out, Py_ssize_t cap, Py_ssize_t *pos, int64_t limit) {
+    if (c->p >= c->end || *c->p != '[') return SCAN_BAIL;
+    c->p++;
+    skip_ws(c);
+    Py_ssize_t k = *pos;
+    for (;;) {
+        if (c->p >= c->end) return SCAN_BAIL;
+        const unsigned char *s = c->p;
+        int64_t v = 0;
+        if (*c->p == '0') {
+            c->p++;
+        } else if (*c->p >= '1' && *c->p <= '9') {
+            while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
+                if (c->p - s >= 12) return SCAN_BAIL; /* far beyond any vocabulary */
+                v = v * 10 + (*c->p - '0');
+                c->p++;
+            }
+        } else {
+            return SCAN_BAIL; /* '-', ']', a float, a string, true/false, ... */
+        }
+        if (c->p < c->end && (*c->p == '.' || *c->p == 'e' || *c->p == 'E')) return SCAN_BAIL;
+        if (v >= limit || k >= cap) return SCAN_BAIL;
+        out[k++] = (uint32_t)v;
+        skip_ws(c);
+        if (c->p >= c->end) return SCAN_BAIL;
+        if (*c->p == ',') {
+            c->p++;
+            skip_ws(c);
+            continue;
+        }
+        if (*c->p == ']') {
+            c->p++;
+            break;
+        }
+        return SCAN_BAIL;
+    }
+    *pos = k;
+    return 0;
+}
+
+PyDoc_STRVAR(scan_ids_doc,
+"scan_ids(data, keys, limit, drop_identical, max_record_bytes, tokens, lengths) -> tuple | None\n"
+"\n"
+"Read a block of JSONL lines whose records are objects with three lists of token ids under the\n"
+"byte-string keys (prompt, chosen, rejected). tokens: writable uint32 buffer (capacity in ids);\n"
+"lengths: writable int64 (3, cap) (cap records). Returns (ntokens, npairs, nrecords, identical,\n"
+"identical_dropped), or None when any line needs the exact path (see the comment above).");
+
+static PyObject *native_scan_ids(PyObject *self, PyObject *args) {
+    Py_buffer data = {0}, tok = {0}, lens = {0};
+    PyObject *keys;
+    long long limit;
+    int drop;
+    Py_ssize_t max_record;
+    if (!PyArg_ParseTuple(args, "y*O!Lpnw*w*", &data, &PyTuple_Type, &keys, &limit, &drop, &max_record, &tok, &lens))
+        return NULL;
+    PyObject *result = NULL;
+    const char *kp[3];
+    Py_ssize_t kl[3];
+    if (PyTuple_GET_SIZE(keys) != 3) {
+        PyErr_SetString(PyExc_ValueError, "keys must be three byte strings");
+        goto done;
+    }
+    for (int k = 0; k < 3; k++) {
+        PyObject *o = PyTuple_GET_ITEM(keys, k);
+        if (!PyBytes_Check(o)) {
+            PyErr_SetString(PyExc_TypeError, "keys must be bytes");
+            goto done;
+        }
+        kp[k] = PyBytes_AS_STRING(o);
+        kl[k] = PyBytes_GET_SIZE(o);
+    }
+    if (tok.len % 4 || lens.len % 24) {
+        PyErr_SetString(PyExc_ValueError, "tokens must be uint32 and lengths int64 (3, cap)");
+        goto done;
+    }
+    Py_ssize_t tcap = tok.len / 4, rcap = lens.len / 24;
+    uint32_t *T = tok.buf;
+    int64_t *L = lens.buf;
+    Py_ssize_t ntok = 0, npairs = 0, nrec = 0, identical = 0, dropped = 0;
+    int bail = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *p = data.buf, *end = p + data.len;
+    while (p <= end && !bail) {
+        const unsigned char *nl = memchr(p, '\n', (size_t)(end - p));
+        const unsigned char *le = nl ? nl : end;
+        if (le - p > max_record) {
+            bail = 1;
+            break;
+        }
+        /* a line of bytes.strip() whitespace only is skipped, as block_records does */
+        const unsigned char *q = p;
+        while (q < le && (*q == ' ' || *q == '\t' || *q == '\r' || *q == 0x0b || *q == 0x0c)) q++;
+        if (q < le) {
+            nrec++;
+            Cursor c = {p, le};
+            Py_ssize_t start = ntok, seg[3] = {-1, -1, -1}, segoff[3] = {0, 0, 0};
+            skip_ws(&c);
+            if (c.p >= c.end || *c.p != '{') { bail = 1; break; }
+            c.p++;
+            skip_ws(&c);
+            if (c.p < c.end && *c.p == '}') { bail = 1; break; } /* no fields: the exact path says which */
+            for (;;) {
+                const unsigned char *ks;
+                Py_ssize_t klen;
+                if (c.p >= c.end || *c.p != '"' || scan_string(&c, 1, &ks, &klen) < 0) { bail = 1; break; }
+                skip_ws(&c);
+                if (c.p >= c.end || *c.p != ':') { bail = 1; break; }
+                c.p++;
+                skip_ws(&c);
+                int which = -1;
+                for (int k = 0; k < 3; k++)
+                    if (klen == kl[k] && memcmp(ks, kp[k], (size_t)klen) == 0) which = k;
+                if (which >= 0) {
+                    if (seg[which] >= 0) { bail = 1; break; } /* repeated key: leave to orjson */
+                    Py_ssize_t before = ntok;
+                    if (scan_ids_list(&c, T, tcap, &ntok, limit) < 0) { bail = 1; break; }
+                    seg[which] = ntok - before;
+                    segoff[which] = before;
+                } else if (skip_value(&c, 1) < 0) {
+                    bail = 1;
+                    break;
+                }
+                skip_ws(&c);
+                if (c.p < c.end && *c.p == ',') {
+                    c.p++;
+                    skip_ws(&c);
+                    continue;
+                }
+                if (c.p < c.end && *c.p == '}') {
+                    c.p++;
+                    break;
+                }
+                bail = 1;
+                break;
+            }
+            if (bail) break;
+            skip_ws(&c);
+            if (c.p != c.end || seg[0] < 0 || seg[1] < 0 || seg[2] < 0 || npairs >= rcap) { bail = 1; break; }
+            /* the ids were written in key order; the output wants prompt, chosen, rejected */
+            if (!(segoff[0] == start && segoff[1] == start + seg[0] && segoff[2] == start + seg[0] + seg[1])) {
+                Py_ssize_t total = ntok - start;
+                uint32_t *tmp = PyMem_RawMalloc((size_t)(total ? total : 1) * 4);
+                if (tmp == NULL) { bail = 2; break; }
+                Py_ssize_t w = 0;
+                for (int k = 0; k < 3; k++) {
+                    memcpy(tmp + w, T + segoff[k], (size_t)seg[k] * 4);
+                    w += seg[k];
+                }
+                memcpy(T + start, tmp, (size_t)total * 4);
+                PyMem_RawFree(tmp);
+            }
+            int same = seg[1] == seg[2] &&
+                       memcmp(T + start + seg[0], T + start + seg[0] + seg[1], (size_t)seg[1] * 4) == 0;
+            if (same) {
+                identical++;
+                if (drop) {
+                    dropped++;
+                    ntok = start;
+                    goto next;
+                }
+            }
+            L[npairs] = seg[0];
+            L[rcap + npairs] = seg[1];
+            L[2 * rcap + npairs] = seg[2];
+            npairs++;
+        }
+    next:
+        if (nl == NULL) break;
+        p = nl + 1;
+    }
+    Py_END_ALLOW_THREADS
+    if (bail == 2) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (bail) {
+        Py_INCREF(Py_None);
+        result = Py_None;
+        goto done;
+    }
+    result = Py_BuildValue("nnnnn", ntok, npairs, nrec, identical, dropped);
+done:
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&tok);
+    PyBuffer_Release(&lens);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"scan_ids", native_scan_ids, METH_VARARGS, scan_ids_doc},
     {"take", native_take, METH_VARARGS, take_doc},
     {"assemble", native_assemble, METH_VARARGS, assemble_doc},
     {NULL, NULL, 0, NULL},

@@ -3,7 +3,8 @@
 Pipeline: sources (:mod:`pairpack.sources`) cut the input into blocks of consecutive records
 (raw JSONL bytes, or parsed records); each block is parsed, shaped (:mod:`pairpack.shapes`),
 tokenized and checked as a whole by :func:`process_block`, in worker processes when
-``workers > 1``; the main process takes the results *in input order* and hands each block's ids to
+``workers > 1`` (worker threads for pre-tokenized JSONL read by the C reader, which runs without
+the GIL); the main process takes the results *in input order* and hands each block's ids to
 :meth:`pairpack.writer.Writer.add_batch`. Every decision that shapes the output (shape, text or ids
 mode, special ids) is made once, before any block is processed, from the first records of the
 whole input, so the dataset is byte-identical whatever the number of workers, and the parts of a
@@ -20,7 +21,7 @@ import shutil
 import time
 from array import array
 from collections import Counter, deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import __version__
-from . import format as fmt
+from . import _accel, format as fmt
 from .errors import DatasetExistsError, PairpackError, SourceError
 from .progress import Progress
 from .shapes import HH_MARKER, FieldSpec, ShapeOptions, detect_shape, make_extractor
@@ -167,6 +168,11 @@ def _process_ids_fast(job: _Job, extractor: Callable[[Any], tuple], block: Block
     text cannot hold one; other records get a type check.
     """
     P, C, R = job.opts.spec.prompt, job.opts.spec.chosen, job.opts.spec.rejected
+    nat = _accel.native
+    if nat is not None and block.data is not None:
+        got = _scan_native(nat, job, block, (P, C, R))
+        if got is not None:
+            return got
     flat: list[int] = []
     lens: list[tuple[int, int, int]] = []
     errors: list[tuple[int, str | None, str, str, str]] = []
@@ -205,6 +211,23 @@ def _process_ids_fast(job: _Job, extractor: Callable[[Any], tuple], block: Block
         return _process_records(job, extractor, block_records(block), block.path)
     lengths = np.asarray(lens, dtype=np.int64).reshape(-1, 3).T.copy()
     return BlockResult(block.path, tokens.astype(np.uint32), lengths, errors, identical, dropped, nrec)
+
+
+def _scan_native(nat: Any, job: _Job, block: Block, names: tuple[str, str, str]) -> BlockResult | None:
+    """The JSONL block through the C reader (``_native.scan_ids``): ids parsed straight from the
+    text into uint32, no Python object per id. None when any line needs the exact path (the C
+    reader accepts only lines it is sure orjson and the exact path would read the same way)."""
+    data = block.data or b""
+    # capacities from the size alone: an id takes >= 2 bytes (a digit and , or ]), an accepted
+    # record >= 24 ({"":[1],"a":[1],"b":[1]}); the C reader gives up rather than overrun them
+    tokens = np.empty(len(data) // 2 + 1, dtype=np.uint32)
+    lengths = np.empty((3, len(data) // 24 + 1), dtype=np.int64)
+    got = nat.scan_ids(data, tuple(n.encode() for n in names), min(job.limit, _U32), job.drop_identical,
+                       block.max_record_bytes, tokens, lengths)
+    if got is None:
+        return None
+    ntok, npairs, nrec, identical, dropped = got
+    return BlockResult(block.path, tokens[:ntok].copy(), lengths[:, :npairs].copy(), [], identical, dropped, nrec)
 
 
 def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any, path: str) -> BlockResult:
@@ -506,7 +529,7 @@ def build(
     rej_file = None
     writer = Writer(out, vocab_size=vocab_size if tok is None else limit, pad_id=pad, bos_id=bos_id, eos_id=eos_id,
                     tokenizer=ident, force=force, shard_bytes=shard_bytes, dedup_window=dedup_window)
-    pool: ProcessPoolExecutor | None = None
+    pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
     try:
         if isinstance(tok, HFTokenizer):  # the dataset carries its tokenizer: decodable anywhere
             shutil.copyfile(tok.path, writer.tmp / TOKENIZER_FILE)
@@ -524,14 +547,20 @@ def build(
                 for b in s.blocks(lo, hi):
                     yield offsets[id(s)], b
 
-        if n_workers > 1:
+        if n_workers > 1 and _threads_suffice(job):
+            # the C reader releases the GIL for the whole block: threads parallelise it with no
+            # pickling of blocks and results between processes (which cost more than the parse)
+            extractor = make_extractor(opts, tok)
+            pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pairpack-build")
+            results = _ordered(lambda b, p=pool: p.submit(process_block, job, extractor, b), blocks(), 2 * n_workers)
+        elif n_workers > 1:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
             if ctx.get_start_method() == "fork":
                 # the parent's tokenizer threads must not be inherited mid-use; see tokenization.py
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
             pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker,
                                        initargs=(job,))
-            results = _ordered(pool, blocks(), 2 * n_workers)
+            results = _ordered(lambda b, p=pool: p.submit(_work, b), blocks(), 2 * n_workers)
         else:
             extractor = make_extractor(opts, tok)
             results = (((base_b, process_block(job, extractor, b)), b.done_bytes) for base_b, b in blocks())
@@ -621,13 +650,13 @@ def _choose_workers(workers: int | None, sources: list[Source], total_bytes: int
     return 1 if small else cores
 
 
-def _ordered(pool: ProcessPoolExecutor, blocks: Iterator[tuple[int, Block]], window: int
+def _ordered(submit: Callable[[Block], Future], blocks: Iterator[tuple[int, Block]], window: int
              ) -> Iterator[tuple[tuple[int, BlockResult], int]]:
     """Results of ``blocks`` in submission order, at most ``window`` in flight (bounded memory)."""
     q: deque[tuple[int, Block, Future]] = deque()
     it = iter(blocks)
     for base_b, b in it:
-        q.append((base_b, b, pool.submit(_work, b)))
+        q.append((base_b, b, submit(b)))
         if len(q) >= window:
             break
     while q:
@@ -635,8 +664,17 @@ def _ordered(pool: ProcessPoolExecutor, blocks: Iterator[tuple[int, Block]], win
         res = fut.result()
         nxt = next(it, None)
         if nxt is not None:
-            q.append((nxt[0], nxt[1], pool.submit(_work, nxt[1])))
+            q.append((nxt[0], nxt[1], submit(nxt[1])))
         yield (base_b, res), b.done_bytes
+
+
+def _threads_suffice(job: _Job) -> bool:
+    """Whether blocks take the C reader (:func:`_scan_native`), which runs without the GIL: then
+    worker threads beat worker processes. A block the C reader gives up on still comes out
+    right, on the Python path, just without parallelism."""
+    spec = job.opts.spec
+    return (_accel.native is not None and job.mode == "ids" and job.opts.shape == "fields" and job.bos is None
+            and job.eos is None and not any("." in n for n in (spec.prompt, spec.chosen, spec.rejected)))
 
 
 def _up_to_date(out: Path, sources: list[Source], options: dict[str, Any], part: dict[str, int] | None,

@@ -343,7 +343,7 @@ class _ZstdFrames(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         while self.pos == len(self.pending):
-            data = self.raw.read(4 << 20)
+            data = self.raw.read(256 << 10)  # small steps keep the read-ahead thread streaming
             if not data:
                 if self.in_frame:
                     raise EOFError("zstd stream ended inside a frame (truncated file)")
@@ -378,7 +378,7 @@ class _ReadAhead:
     at the end) and re-raises the reader's error, if any, in the caller's thread.
     """
 
-    def __init__(self, stream: BinaryIO, size: int, depth: int = 2) -> None:
+    def __init__(self, stream: BinaryIO, size: int, depth: int = 4) -> None:
         self.stream = stream
         self.size = size
         self.q: queue.Queue[Any] = queue.Queue(maxsize=depth)

@@ -6,6 +6,7 @@ are handed, either the exact result or a ValueError: never a read outside a toke
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -236,3 +237,117 @@ def test_kernel_take_checks_every_pair(t: int, n_pairs: int, cells: list[int], r
     assert np.array_equal(co[0], g) and not co[1].any()
     assert np.array_equal(co[2:5], s) and np.array_equal(co[5:8], l_)
     assert longest == (int(max((l_[0] + l_[1]).max(), (l_[0] + l_[2]).max())) if len(g) else 0)
+
+
+# --- the C JSONL reader of `pairpack build` ------------------------------------------------------
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                      st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
+json_values = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=3)
+                           | st.dictionaries(st.text(max_size=4), kids, max_size=3), max_leaves=6)
+ID_FORMS = ["1.0", "-1", "true", '"5"', "99999999999999999999", "01", "1e2", "-0", "[]", "null", "1100"]
+CORRUPT = ["drop_key", "dup_key", "bad_id", "empty", "ff_char", "garbage", "bad_utf8", "blank", "crlf", "not_object",
+           "escaped_key", "surrogate", "deep"]
+
+
+@st.composite
+def jsonl_lines(draw: st.DrawFn) -> bytes:
+    """Lines of pre-tokenized records, most valid (keys in any order, any spacing, extra fields of
+    any JSON value, non-ASCII text), some corrupted in the ways the C reader must hand back."""
+    out = []
+    corrupt_one_in = draw(st.sampled_from([0, 0, 0, 10, 3]))  # half the files are all valid records
+    extras = draw(st.booleans())
+    for _ in range(draw(st.integers(1, 8))):
+        ids = {k: draw(st.lists(st.integers(0, 999), min_size=1, max_size=6)) for k in ("prompt", "chosen", "rejected")}
+        if draw(st.integers(0, 5)) == 0:
+            ids["rejected"] = list(ids["chosen"])  # identical completions
+        rec: dict = dict(ids)
+        if extras:
+            for k, v in draw(st.dictionaries(st.sampled_from(["id", "meta", "src", "é"]), json_values,
+                                             max_size=2)).items():
+                rec[k] = v
+        keys = draw(st.permutations(list(rec)))
+        sep = draw(st.sampled_from([(",", ":"), (", ", ": "), (" , ", " : ")]))
+        text = "{" + sep[0].join(json.dumps(k) + sep[1] + json.dumps(rec[k], ensure_ascii=draw(st.booleans()),
+                                                                    separators=sep) for k in keys) + "}"
+        line = (draw(st.sampled_from(["", " ", "\t"])) + text + draw(st.sampled_from(["", " ", "\r"]))).encode()
+        if corrupt_one_in and draw(st.integers(1, corrupt_one_in)) == 1:
+            how = draw(st.sampled_from(CORRUPT))
+            if how == "drop_key":
+                line = line.replace(b'"chosen"', b'"chosenX"')
+            elif how == "dup_key":
+                line = line.replace(b"{", b'{"prompt":[3],', 1)
+            elif how == "bad_id":
+                line = line.replace(b"[", b"[" + draw(st.sampled_from(ID_FORMS)).encode() + b",", 1)
+            elif how == "empty":
+                line = line.replace(b'"rejected"' + sep[1].encode() + b"[", b'"rejected"' + sep[1].encode() + b"[]+", 1)
+            elif how == "ff_char":
+                line = b"\x0c" + line
+            elif how == "garbage":
+                line = line + b"x"
+            elif how == "bad_utf8":
+                line = line.replace(b"{", b'{"z":"\xff",', 1)
+            elif how == "blank":
+                line = draw(st.sampled_from([b"", b" ", b"\r", b"\x0b", b"\x0c \t"]))
+            elif how == "crlf":
+                line = line + b"\r"
+            elif how == "not_object":
+                line = b"[" + line + b"]"
+            elif how == "escaped_key":
+                line = line.replace(b'"prompt"', b'"pro\\u006dpt"')
+            elif how == "surrogate":
+                line = line.replace(b"{", b'{"z":"\\ud83d\\ude00",', 1)
+            elif how == "deep":
+                line = line.replace(b"{", b'{"z":' + b"[" * 70 + b"]" * 70 + b",", 1)
+        out.append(line)
+    return b"\n".join(out) + draw(st.sampled_from([b"", b"\n"]))
+
+
+def _build_outcome(src: Path, out: Path, drop: bool) -> object:
+    import pairpack
+
+    try:
+        rep = pairpack.build([src], out, force=True, vocab_size=1000, skip_invalid=True, drop_identical=drop,
+                             workers=1, progress=False)
+    except Exception as e:  # noqa: BLE001 - compared by type and message
+        return type(e).__name__, str(e).replace(str(out), "OUT")
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name != "manifest.json"}
+    rejects = Path(rep.rejects_file).read_text() if rep.rejects_file else None
+    return (rep.pairs, dict(rep.rejected), rep.identical, rep.identical_dropped, rep.tokens, files, rejects)
+
+
+@needs_native
+@given(data=jsonl_lines(), drop=st.booleans())
+@example(data=b'{"prompt":[1],"chosen":[2],"rejected":[2]}\n\x0b\n{"rejected":[7],"chosen":[5, 6],"prompt":[3]}',
+         drop=True)
+@example(data=b'{"prompt":[999],"chosen":[2],"rejected":[1000]}', drop=False)  # the limit itself
+@example(data=b'{"prompt":[1],"chosen":[2],"rejected":[3],"x":"\xed\xa0\x80"}', drop=False)  # UTF-8 surrogate
+def test_build_reader_paths_agree(data: bytes, drop: bool) -> None:
+    """A JSONL file builds to the same bytes, counts and rejects with the C reader and without."""
+    with scratch_dir() as d:
+        src = Path(d) / "in.jsonl"
+        src.write_bytes(data)
+        got = _build_outcome(src, Path(d) / "a", drop)
+        with numpy_path():
+            ref = _build_outcome(src, Path(d) / "b", drop)
+    assert got == ref
+
+
+@needs_native
+def test_scan_ids_reads_what_it_accepts() -> None:
+    """Direct checks of the C reader: key order restored, identical pairs counted/dropped, and it
+    gives up (None) on the first line it is not sure of."""
+    keys = (b"prompt", b"chosen", b"rejected")
+    data = (b'{"rejected":[7],"chosen":[5,6],"prompt":[3],"meta":{"a":[1.5,"\xc3\xa9"]}}\n\n'
+            b' {"prompt":[1],"chosen":[2],"rejected":[2]}\r\n')
+    tok = np.zeros(64, dtype=np.uint32)
+    ln = np.zeros((3, 8), dtype=np.int64)
+    assert native.scan_ids(data, keys, 1000, False, 1 << 20, tok, ln) == (7, 2, 2, 1, 0)
+    assert tok[:7].tolist() == [3, 5, 6, 7, 1, 2, 2] and ln[:, :2].tolist() == [[1, 1], [2, 1], [1, 1]]
+    assert native.scan_ids(data, keys, 1000, True, 1 << 20, tok, ln) == (4, 1, 2, 1, 1)
+    for bad in (b'{"prompt":[1],"chosen":[2],"rejected":[1000]}', b'{"prompt":[1],"chosen":[2]}',
+                b'{"prompt":[1],"chosen":[2],"rejected":[3]', b'{"prompt":[1],"prompt":[1],"chosen":[2],"rejected":[3]}',
+                b'{"prompt":[1],"chosen":[2],"rejected":[true]}', b'{"prompt":[1],"chosen":[2],"rejected":[3]} 1'):
+        assert native.scan_ids(bad, keys, 1000, False, 1 << 20, tok, ln) is None, bad
+    assert native.scan_ids(data, keys, 1000, False, 10, tok, ln) is None  # a line over max_record_bytes
+    assert native.scan_ids(data, keys, 1000, False, 1 << 20, tok[:3], ln) is None  # no room: gives up
