@@ -446,6 +446,22 @@ static int skip_number(Cursor *c) {
     return c->p - s <= 15 ? 0 : SCAN_BAIL;
 }
 
+/* After a value inside a container: 1 if ',' (another item follows), 0 if `close` (consumed). */
+static int after_item(Cursor *c, unsigned char close) {
+    skip_ws(c);
+    if (c->p >= c->end) return SCAN_BAIL;
+    if (*c->p == ',') {
+        c->p++;
+        skip_ws(c);
+        return 1;
+    }
+    if (*c->p == close) {
+        c->p++;
+        return 0;
+    }
+    return SCAN_BAIL;
+}
+
 static int skip_value(Cursor *c, int depth);
 
 static int skip_container(Cursor *c, int depth, unsigned char close, int object) {
@@ -465,18 +481,8 @@ static int skip_container(Cursor *c, int depth, unsigned char close, int object)
             skip_ws(c);
         }
         if (skip_value(c, depth + 1) < 0) return SCAN_BAIL;
-        skip_ws(c);
-        if (c->p >= c->end) return SCAN_BAIL;
-        if (*c->p == ',') {
-            c->p++;
-            skip_ws(c);
-            continue;
-        }
-        if (*c->p == close) {
-            c->p++;
-            return 0;
-        }
-        return SCAN_BAIL;
+        int more = after_item(c, close);
+        if (more <= 0) return more;
     }
 }
 
@@ -523,18 +529,9 @@ static int scan_ids_list(Cursor *c, uint32_t *out, Py_ssize_t cap, Py_ssize_t *p
         if (c->p < c->end && (*c->p == '.' || *c->p == 'e' || *c->p == 'E')) return SCAN_BAIL;
         if (v >= limit || k >= cap) return SCAN_BAIL;
         out[k++] = (uint32_t)v;
-        skip_ws(c);
-        if (c->p >= c->end) return SCAN_BAIL;
-        if (*c->p == ',') {
-            c->p++;
-            skip_ws(c);
-            continue;
-        }
-        if (*c->p == ']') {
-            c->p++;
-            break;
-        }
-        return SCAN_BAIL;
+        int more = after_item(c, ']');
+        if (more < 0) return SCAN_BAIL;
+        if (more == 0) break;
     }
     *pos = k;
     return 0;
@@ -623,18 +620,9 @@ static PyObject *native_scan_ids(PyObject *self, PyObject *args) {
                     bail = 1;
                     break;
                 }
-                skip_ws(&c);
-                if (c.p < c.end && *c.p == ',') {
-                    c.p++;
-                    skip_ws(&c);
-                    continue;
-                }
-                if (c.p < c.end && *c.p == '}') {
-                    c.p++;
-                    break;
-                }
-                bail = 1;
-                break;
+                int more = after_item(&c, '}');
+                if (more < 0) bail = 1;
+                if (more <= 0) break;
             }
             if (bail) break;
             skip_ws(&c);
