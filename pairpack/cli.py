@@ -14,7 +14,7 @@ from typing import Any
 import click
 import numpy as np
 
-from . import __version__
+from . import FORMAT_VERSION, __version__, backend
 from .errors import PairpackError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -33,7 +33,8 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
-@click.version_option(__version__, "-V", "--version", prog_name="pairpack")
+@click.version_option(__version__, "-V", "--version", prog_name="pairpack",
+                      message=f"%(prog)s %(version)s (format v{FORMAT_VERSION}, {backend()} kernels)")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
     """pairpack: preference pairs for DPO in a memory-mapped, checksummed format.

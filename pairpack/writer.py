@@ -207,7 +207,9 @@ class _ShardWriter:
         window = self.dedup_window
         base = nt = self.num_tokens
         had = self.num_pairs
-        key_src = tokens.astype(np.uint32, copy=False) if window > 0 else tokens
+        # prompts are hashed through a memoryview (slicing one costs a third of a numpy slice)
+        key_src = memoryview(np.ascontiguousarray(tokens, dtype=np.uint32)) if window > 0 else None
+        offs = off.tolist()
         ps: list[int] = []
         cs: list[int] = []
         rs: list[int] = []
@@ -221,13 +223,13 @@ class _ShardWriter:
             pl, cl, rl = pls[j], cls[j], rls[j]
             if (had or j > i0) and (nt + pl + cl + rl) * item > shard_bytes:
                 break
-            a = int(off[j])
+            a = offs[j]
             if window <= 0:
                 start = nt
                 nt += pl
                 self.num_prompts += 1
             else:
-                key = (pl, digest(key_src[a:a + pl]))
+                key = (pl, digest(key_src[a:a + pl]))  # type: ignore[index]
                 start = dedup.get(key)
                 if start is not None:
                     # a hash hit is confirmed against the stored tokens: de-duplication is exact
@@ -256,7 +258,7 @@ class _ShardWriter:
             j += 1
         if j == i0:
             return j
-        lo, hi = int(off[i0]), int(off[j])
+        lo, hi = offs[i0], offs[j]
         part = tokens[lo:hi]
         if drop:  # remove the repeated prompts' ranges: +1 at each start, -1 at each end
             mark = np.zeros(hi - lo + 1, dtype=np.int8)

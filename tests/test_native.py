@@ -351,3 +351,18 @@ def test_scan_ids_reads_what_it_accepts() -> None:
         assert native.scan_ids(bad, keys, 1000, False, 1 << 20, tok, ln) is None, bad
     assert native.scan_ids(data, keys, 1000, False, 10, tok, ln) is None  # a line over max_record_bytes
     assert native.scan_ids(data, keys, 1000, False, 1 << 20, tok[:3], ln) is None  # no room: gives up
+
+
+def test_version_names_the_kernels_in_use() -> None:
+    import subprocess
+    import sys
+
+    import pairpack
+
+    def version(**env: str) -> str:
+        return subprocess.run([sys.executable, "-m", "pairpack.cli", "--version"], capture_output=True, text=True,
+                              env={**os.environ, **env}, check=True).stdout
+
+    assert f"{'native' if native is not None else 'numpy'} kernels)" in version()
+    assert "numpy kernels)" in version(PAIRPACK_NATIVE="0")
+    assert pairpack.backend() == ("native" if native is not None else "numpy")

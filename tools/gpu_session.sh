@@ -7,6 +7,8 @@ set -u
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci
+python3 setup.py -q build_ext --inplace 2>&1 | tail -3  # the optional C kernels, built for this Python
+python3 -m pairpack.cli --version
 nvidia-smi -L
 python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$OUT/pytest.log" | tail -25
