@@ -64,8 +64,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from . import _accel
 from .errors import DeviceError
-from .triplets import Triplets, _round_up
+from .triplets import Triplets, _round_up, native_applies, shards_of
 
 if TYPE_CHECKING:
     from .batching import BatchPlan
@@ -122,6 +123,8 @@ class HostLayout:
             as written by the host: the storage dtype, or int64 for the ``_host_widen`` variant).
         columns: ``(name, offset, numpy dtype, shape)`` per carried column.
         nbytes: bytes used, the size of the one host-to-device copy.
+        mask_off: the ``_host_widen`` variant only (else -1): offset of the three bool masks
+            ``(3, B, L)``, written by the host, so the device runs no kernel at all.
     """
 
     compact: bool
@@ -134,6 +137,7 @@ class HostLayout:
     tok_dtype: np.dtype
     columns: tuple[tuple[str, int, np.dtype, tuple[int, ...]], ...]
     nbytes: int
+    mask_off: int = -1
 
 
 def _lengths(plan: _PlanLike) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +170,11 @@ def layout_for(plan: _PlanLike, *, compact: bool, pad_to_multiple_of: int | None
     else:
         stored, count = 0, 2 * b * n
         tdt = np.dtype(np.int64) if host_widen else dtype
-    return HostLayout(compact, b, n, stored, rows, off, count, tdt, tuple(cols), off + count * tdt.itemsize)
+    end = off + count * tdt.itemsize
+    if host_widen and not compact:  # the masks too: the batch arrives complete, as one copy
+        mask_off = _align(end)
+        return HostLayout(compact, b, n, stored, rows, off, count, tdt, tuple(cols), mask_off + 3 * b * n, mask_off)
+    return HostLayout(compact, b, n, stored, rows, off, count, tdt, tuple(cols), end)
 
 
 def write_host(plan: _PlanLike, lay: HostLayout, buf: np.ndarray, *, pad_id: int) -> None:
@@ -186,6 +194,19 @@ def write_host(plan: _PlanLike, lay: HostLayout, buf: np.ndarray, *, pad_id: int
         v = np.asarray((plan.columns or {})[name])
         buf[off:off + v.nbytes].view(dt).reshape(shape)[...] = v
     tok = buf[lay.tok_off:lay.tok_off + lay.tok_count * lay.tok_dtype.itemsize].view(lay.tok_dtype)
+    if lay.mask_off >= 0 and b:
+        masks = buf[lay.mask_off:lay.mask_off + 3 * b * n].view(np.bool_).reshape(3, b, n)
+        nat = _accel.native
+        shards, shard_of = (plan.shards, plan.shard_of) if getattr(plan, "shards", None) else shards_of(plan.tokens)
+        if nat is not None and native_applies(shards, pad_id):
+            # one C pass writes the int64 rows and the masks straight into the pinned buffer
+            nat.assemble(shards, None if shard_of is None else np.ascontiguousarray(shard_of, dtype=np.int64),
+                         np.ascontiguousarray(plan.prompt_start, dtype=np.int64), p,
+                         np.ascontiguousarray(plan.completion_start, dtype=np.int64).reshape(2, b), c, n, pad_id,
+                         tok, masks)
+            return
+        np.less(np.arange(n), meta[0][:, None], out=masks[0])
+        np.less(np.arange(n), meta[4:6][:, :, None], out=masks[1:])
     # slice plain ndarray views of the memory maps: slicing an np.memmap costs ~1.5 us (its
     # __array_finalize__), a plain view ~0.2 us, and a batch takes 3B to 6B slices
     base = {id(t): t for t in plan.tokens}
@@ -239,9 +260,13 @@ def expand(staged: torch.Tensor, lay: HostLayout, positions: torch.Tensor | None
     b, n = lay.batch, lay.length
     dev = staged.device
     meta = staged[: lay.meta_rows * b * 8].view(torch.int64).view(lay.meta_rows, b)
-    pos = positions[:n] if positions is not None and positions.numel() >= n else torch.arange(n, device=dev)
-    prompt_mask = pos < meta[0][:, None]  # (B, L)
-    seq_mask = pos < meta[4:6][:, :, None]  # (2, B, L): rows P + C and P + R
+    if lay.mask_off >= 0:  # written by the host: views only, no kernel
+        masks = staged[lay.mask_off:lay.mask_off + 3 * b * n].view(torch.bool).view(3, b, n)
+        prompt_mask, seq_mask = masks[0], masks[1:]
+    else:
+        pos = positions[:n] if positions is not None and positions.numel() >= n else torch.arange(n, device=dev)
+        prompt_mask = pos < meta[0][:, None]  # (B, L)
+        seq_mask = pos < meta[4:6][:, :, None]  # (2, B, L): rows P + C and P + R
     vdt, mask = _TOKEN_VIEWS.get(lay.tok_dtype, (torch.int64, None))
     tok = staged[lay.tok_off:lay.tok_off + lay.tok_count * lay.tok_dtype.itemsize].view(vdt)
     wide = tok.to(torch.int64)
@@ -299,6 +324,20 @@ class _Done:
         return self.value
 
 
+class _Later:
+    """A result computed on first use (views of a copy whose future may not have run yet)."""
+
+    __slots__ = ("fn", "value", "done")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.value, self.done = fn, None, False
+
+    def result(self) -> Any:
+        if not self.done:
+            self.value, self.done = self.fn(), True
+        return self.value
+
+
 class _CompletedEvent:
     def query(self) -> bool:
         return True
@@ -330,7 +369,8 @@ class _Engine:
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.clone()  # the ring buffer is rewritten later: results must not alias it
 
-    def copy(self, host: torch.Tensor) -> tuple[_Future, _Event]:
+    def copy(self, host: torch.Tensor, *, expand_after: bool = True) -> tuple[_Future, _Event]:
+        """Start the copy of ``host``; ``expand_after``: device work on the feeder's queue reads it."""
         fut = self.enqueue(lambda: self.to_device(host))
         return fut, self.record()
 
@@ -340,7 +380,7 @@ class _Engine:
     def record(self) -> _Event:
         return _CompletedEvent()
 
-    def hand_over(self, ready: _Event, fut: _Future) -> Triplets:
+    def hand_over(self, ready: _Event, fut: _Future, one_storage: bool = False) -> Triplets:
         return fut.result()
 
 
@@ -370,13 +410,14 @@ class _CudaEngine(_Engine):
     def host_buffer(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def copy(self, host: torch.Tensor) -> tuple[_Future, _Event]:
+    def copy(self, host: torch.Tensor, *, expand_after: bool = True) -> tuple[_Future, _Event]:
         with torch.cuda.device(self.device), torch.cuda.stream(self.copy_stream):
             staged = host.to(self.device, non_blocking=True)  # async DMA from pinned memory
             done = torch.cuda.Event()
             done.record(self.copy_stream)
-        self.stream.wait_event(done)  # expansion after the copy, device-side
-        staged.record_stream(self.stream)  # allocated on the copy stream, read on the expansion stream
+        if expand_after:
+            self.stream.wait_event(done)  # expansion after the copy, device-side
+            staged.record_stream(self.stream)  # allocated on the copy stream, read on the expansion stream
         return _Done(staged), done
 
     def enqueue(self, fn: Callable[[], Any]) -> _Future:
@@ -388,12 +429,13 @@ class _CudaEngine(_Engine):
         ev.record(self.stream)
         return ev
 
-    def hand_over(self, ready: _Event, fut: _Future) -> Triplets:
+    def hand_over(self, ready: _Event, fut: _Future, one_storage: bool = False) -> Triplets:
         cur = torch.cuda.current_stream(self.device)
         cur.wait_event(ready)  # device-side wait: the host returns at once
         out = fut.result()
-        for t in _tensors(out):
-            t.record_stream(cur)  # allocated on the feeder's streams, used on `cur`
+        # allocated on the feeder's streams, used on `cur`; views of one buffer need one call
+        for t in _tensors(out)[:1] if one_storage else _tensors(out):
+            t.record_stream(cur)
         return out
 
 
@@ -465,7 +507,7 @@ class DeviceFeeder:
         self._host_widen = bool(_host_widen) and not compact
         self._slots = [_Slot() for _ in range(prefetch)]
         self._next = 0
-        self._pending: deque[tuple[_Future, _Event]] = deque()
+        self._pending: deque[tuple[_Future, _Event, bool]] = deque()
         self._positions: torch.Tensor | None = None  # cached arange on the device (feeder stream)
         self._closed = False
         self.host_allocations = 0
@@ -521,9 +563,15 @@ class DeviceFeeder:
         write_host(plan, lay, view, pad_id=self.pad_id)  # type: ignore[arg-type]
         host = buf[: lay.nbytes]
         eng = self._engine
-        staged, slot.copied = eng.copy(host)
-        out = eng.enqueue(lambda: expand(staged.result(), lay, self._pos(lay.length)))
-        self._pending.append((out, eng.record()))
+        if lay.mask_off >= 0:
+            # the batch arrives complete: its tensors are views of the copy, ready when the copy
+            # is (no expansion stream, no kernel, fewer CUDA calls per batch)
+            staged, slot.copied = eng.copy(host, expand_after=False)
+            self._pending.append((_Later(lambda: expand(staged.result(), lay)), slot.copied, True))
+        else:
+            staged, slot.copied = eng.copy(host)
+            out = eng.enqueue(lambda: expand(staged.result(), lay, self._pos(lay.length)))
+            self._pending.append((out, eng.record(), False))
         self.bytes_copied += lay.nbytes
 
     def get(self) -> Triplets:
@@ -531,8 +579,8 @@ class DeviceFeeder:
         self._check_open()
         if not self._pending:
             raise DeviceError("DeviceFeeder.get() called with no batch submitted")
-        out, ready = self._pending.popleft()
-        return self._engine.hand_over(ready, out)
+        out, ready, one_storage = self._pending.popleft()
+        return self._engine.hand_over(ready, out, one_storage)
 
     def close(self) -> None:
         """Wait for the copies out of the ring buffers, then release them; pending batches are dropped."""
@@ -541,7 +589,7 @@ class DeviceFeeder:
         for s in self._slots:
             if s.copied is not None:
                 s.copied.synchronize()
-        for _, ready in self._pending:
+        for _, ready, _ in self._pending:
             ready.synchronize()
         self._pending.clear()
         self._slots = []

@@ -220,6 +220,28 @@ def _triplets(seqs: torch.Tensor, masks: torch.Tensor, p_t: torch.Tensor, c_t: t
 _NATIVE_MAX = {np.dtype(np.uint16): 0xFFFF, np.dtype(np.uint32): 0xFFFFFFFF}
 
 
+def shards_of(tokens: Sequence[np.ndarray]) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
+    """The distinct token arrays of a per-pair list and each pair's position in them (int64
+    ``(B,)``; None when all pairs share the first array), as the C kernel takes them."""
+    first = tokens[0]
+    if len(set(map(id, tokens))) == 1:
+        return (first,), None
+    pos: dict[int, int] = {}
+    uniq: list[np.ndarray] = []
+    for t in tokens:  # per pair, only for batches that span several token arrays
+        if id(t) not in pos:
+            pos[id(t)] = len(uniq)
+            uniq.append(t)
+    return tuple(uniq), np.fromiter((pos[id(t)] for t in tokens), dtype=np.int64, count=len(tokens))
+
+
+def native_applies(shards: tuple[np.ndarray, ...], pad_id: int) -> bool:
+    """Whether the C kernel reads these token arrays (all uint16 or all uint32) and pad_id fits."""
+    dtype = shards[0].dtype
+    hi = _NATIVE_MAX.get(dtype)
+    return hi is not None and 0 <= pad_id <= hi and all(t.dtype == dtype for t in shards[1:])
+
+
 def _assemble_native(nat: Any, tokens: Sequence[np.ndarray], prompt_start: np.ndarray, prompt_len: np.ndarray,
                      completion_start: np.ndarray, completion_len: np.ndarray, pad_id: int,
                      pad_to_multiple_of: int | None, indices: np.ndarray | None,
@@ -229,21 +251,8 @@ def _assemble_native(nat: Any, tokens: Sequence[np.ndarray], prompt_start: np.nd
     dtypes, a pad_id the dtype cannot hold: the numpy path then gives the result or the error)."""
     b = len(prompt_len)
     if shards is None:
-        first = tokens[0]
-        if len(set(map(id, tokens))) == 1:
-            shards, shard_of = (first,), None
-        else:
-            pos: dict[int, int] = {}
-            uniq: list[np.ndarray] = []
-            for t in tokens:  # per pair, only for batches that span several token arrays
-                if id(t) not in pos:
-                    pos[id(t)] = len(uniq)
-                    uniq.append(t)
-            shards = tuple(uniq)
-            shard_of = np.fromiter((pos[id(t)] for t in tokens), dtype=np.int64, count=b)
-    dtype = shards[0].dtype
-    hi = _NATIVE_MAX.get(dtype)
-    if hi is None or not 0 <= pad_id <= hi or (len(shards) > 1 and any(t.dtype != dtype for t in shards)):
+        shards, shard_of = shards_of(tokens)
+    if not native_applies(shards, pad_id):
         return None
     i64 = np.int64
     ps = np.ascontiguousarray(prompt_start, dtype=i64)

@@ -109,7 +109,7 @@ def _plan1(dtype: Any, p: list[int], c: list[int], r: list[int], fill: int) -> B
 @example((_plan1(np.uint32, [2], [1], [4], 2**32 - 1), 2**32 - 1, None), "padded")
 @example((BatchPlan([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((2, 0), np.int64),
                     np.zeros((2, 0), np.int64), np.zeros(0, np.int64), {}), 7, 8), "compact")  # B = 0
-def test_host_gather_then_expand_equals_assemble(case, mode):
+def test_host_gather_then_expand_equals_assemble(backend, case, mode):
     plan, pad_id, mult = case
     compact, widen = mode == "compact", mode == "padded-host-widen"
     lay = layout_for(plan, compact=compact, pad_to_multiple_of=mult, host_widen=widen)
@@ -205,7 +205,7 @@ class LazyEngine(_Engine):
             fut.value, fut.ran = fn(), True
             self.done += 1
 
-    def hand_over(self, ready: Any, fut: Any) -> Triplets:
+    def hand_over(self, ready: Any, fut: Any, one_storage: bool = False) -> Triplets:
         self.log.append(("hand_over", ready.mark))
         self.run_until(ready.mark)
         return fut.result()
@@ -217,11 +217,12 @@ def _ring_plans(n: int, seed: int = 3, max_len: int = 200) -> list[BatchPlan]:
     return [random_plan(rng, shards, int(rng.integers(1, 30)), max_len) for _ in range(n)]
 
 
-@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("mode", ["compact", "padded", "host-widened"])
 @pytest.mark.parametrize("prefetch", [1, 2, 3])
-def test_ring_reuses_a_buffer_only_after_its_copy_ran(compact, prefetch):
+def test_ring_reuses_a_buffer_only_after_its_copy_ran(mode, prefetch):
     eng = LazyEngine()
-    feeder = DeviceFeeder(pad_id=9, compact=compact, prefetch=prefetch, _engine=eng)
+    feeder = DeviceFeeder(pad_id=9, compact=mode == "compact", _host_widen=mode == "host-widened", prefetch=prefetch,
+                          _engine=eng)
     plans = _ring_plans(12)
     refs = [reference(p, 9, None) for p in plans]
     got = []
@@ -239,9 +240,11 @@ def test_ring_reuses_a_buffer_only_after_its_copy_ran(compact, prefetch):
     feeder.close()
 
 
-def test_ring_test_detects_a_feeder_that_does_not_wait():
+@pytest.mark.parametrize("mode", ["compact", "host-widened"])
+def test_ring_test_detects_a_feeder_that_does_not_wait(mode):
     # negative control for the test above: when waits do nothing, copies read rewritten buffers
-    feeder = DeviceFeeder(pad_id=9, compact=True, prefetch=2, _engine=LazyEngine(honest=False))
+    feeder = DeviceFeeder(pad_id=9, compact=mode == "compact", _host_widen=mode == "host-widened", prefetch=2,
+                          _engine=LazyEngine(honest=False))
     plans = _ring_plans(6, max_len=60)
     for plan in plans:
         feeder.submit(plan)
