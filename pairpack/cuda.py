@@ -3,25 +3,29 @@
 The usual path copies every batch three times (collate into pageable memory, copy into pinned
 memory, DMA to the GPU). pairpack knows each batch's exact size from its plan before touching a
 token, so :class:`DeviceFeeder` gathers the tokens from the memory maps directly into a page-locked
-buffer, issues one ``non_blocking`` copy on its own CUDA stream, and builds the padded int64 rows
-and the three masks on the GPU. One host copy, one DMA, no stall of the training stream.
+buffer, issues one ``non_blocking`` copy on its own CUDA stream, and (except in the host-widened
+mode) builds the padded int64 rows and the three masks on the GPU. One host copy, one DMA, no
+stall of the training stream.
 
-Two transfer modes (``compact``):
+Three transfer modes:
 
 * **compact** (default): the host writes only the stored tokens, unpadded and in the storage dtype
   (uint16/uint32), each prompt once (it is the same in both rows), plus per-row lengths and source
   offsets. The GPU expands them with one gather into the padded int64 rows. The host touches and
   the link carries only real bytes: for uint16 data at most a quarter of the padded int64 output,
   less again with padding and shared prompts.
-* **padded**: the host writes the padded rows in the storage dtype (exactly the bytes ``assemble``
-  joins before widening), the GPU widens them to int64. Chosen over widening on the host into a
-  pinned int64 buffer (kept as the private ``_host_widen`` variant so ``tools/gpu_check.py`` can
-  measure both) because the host would then write, and the link carry, 4x the bytes for uint16
-  data, while the widening costs the GPU one elementwise pass over a few MB. Host gather alone,
-  batches of 32 pairs with rows up to 2048 uint16 tokens, on a shared 2-core CPU
-  (``tools/gpu_check.py --device cpu --sections 2``): padded 135 us, widened on the host 210 us,
-  compact 106 us, ``assemble`` 488 us. Masks are built on the GPU from the lengths in every mode
-  (a compare per element, no bytes to copy).
+* **padded** (``compact=False``): the host writes the padded rows in the storage dtype, the GPU
+  widens them to int64 and builds the masks from the lengths.
+* **host-widened** (``compact=False, host_widen=True``): the host writes the finished batch, int64
+  rows and bool masks (one pass of the C kernel, ``pairpack/_native.c``, when it is built), and
+  the device receives it in one copy: every tensor handed out is a view of that copy, no kernel
+  runs, one ``record_stream`` per batch. It moves the most bytes (the usual path's) but makes the
+  fewest CUDA calls, and on the virtualised H200 machines measured a CUDA call costs the host
+  ~0.1 ms, more than the whole host gather. ``tools/gpu_check.py`` there (batches of 32 pairs,
+  rows up to 2048 uint16 tokens): host-widened 2,091 batches/s and 0.48 ms of host CPU a batch,
+  padded 1,220 / 0.82 ms, compact 1,039 / 0.96 ms, the usual collate + ``pin_memory()`` +
+  ``.to()`` path 1,500. Compact stays the default (it is what this module was specified with and
+  the right choice where the link, not the host, is the limit); the README has the table.
 
 Ring and stream discipline (CUDA):
 
@@ -120,10 +124,10 @@ class HostLayout:
             ``pad_id`` after them at index ``total``, which padded positions gather.
         meta_rows: int64 rows of ``(B,)`` metadata at offset 0 (see ``META_*``).
         tok_off, tok_count, tok_dtype: the token section (offset in bytes, elements, numpy dtype
-            as written by the host: the storage dtype, or int64 for the ``_host_widen`` variant).
+            as written by the host: the storage dtype, or int64 for the ``host_widen`` variant).
         columns: ``(name, offset, numpy dtype, shape)`` per carried column.
         nbytes: bytes used, the size of the one host-to-device copy.
-        mask_off: the ``_host_widen`` variant only (else -1): offset of the three bool masks
+        mask_off: the ``host_widen`` variant only (else -1): offset of the three bool masks
             ``(3, B, L)``, written by the host, so the device runs no kernel at all.
     """
 
@@ -241,7 +245,7 @@ def write_host(plan: _PlanLike, lay: HostLayout, buf: np.ndarray, *, pad_id: int
                 pieces.append(pad[: n - s_tl[i]])
         if pieces:
             # casting="unsafe" mirrors assemble's astype for (impossible) mixed-dtype shards and
-            # widens losslessly into int64 for the _host_widen variant
+            # widens losslessly into int64 for the host_widen variant
             np.concatenate(pieces, out=tok, casting="unsafe")
 
 
@@ -481,6 +485,10 @@ class DeviceFeeder:
         prefetch: ring slots = copies that may be in flight at once (>= 1). Submitting more batches
             ahead than this makes ``submit`` wait (on the oldest slot's copy only).
         compact: compact transfer (see the module docstring); False sends padded rows.
+        host_widen: with ``compact=False``, the host writes the finished batch (int64 rows and the
+            masks, by the C kernel when built) and the device receives it in one copy, running no
+            kernel. Moves the most bytes but makes the fewest CUDA calls per batch: the fastest
+            mode in ``tools/gpu_check.py`` on the H200 machines measured (README, "Feeding a GPU").
 
     Attributes:
         stream: the feeder's expansion stream, the last to touch a batch (None on CPU).
@@ -490,7 +498,7 @@ class DeviceFeeder:
     """
 
     def __init__(self, device: Any = None, *, pad_id: int, pad_to_multiple_of: int | None = None,
-                 prefetch: int = 2, compact: bool = True, _host_widen: bool = False,
+                 prefetch: int = 2, compact: bool = True, host_widen: bool = False,
                  _engine: _Engine | None = None) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
@@ -504,7 +512,7 @@ class DeviceFeeder:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.prefetch = prefetch
         self.compact = bool(compact)
-        self._host_widen = bool(_host_widen) and not compact
+        self._host_widen = bool(host_widen) and not compact
         self._slots = [_Slot() for _ in range(prefetch)]
         self._next = 0
         self._pending: deque[tuple[_Future, _Event, bool]] = deque()

@@ -62,7 +62,8 @@ class Loader:
             ``pairpack.cuda.DeviceFeeder`` (pinned buffers, asynchronous copies). Plans are made in
             this process (index arithmetic only) and the feeder assembles, so ``num_workers`` is
             not used on that path.
-        prefetch, compact: passed to the DeviceFeeder.
+        prefetch, compact, host_widen: passed to the DeviceFeeder (transfer modes: see
+            ``pairpack.cuda``).
         columns: per-pair columns to carry in ``Triplets.columns``.
         indices: iterate over these pairs only (a split, e.g. the training part of a dataset):
             distinct pair indices in ``[0, len(ds))``. The order is then a pure function of (seed,
@@ -95,6 +96,7 @@ class Loader:
         device: Any = None,
         prefetch: int = 2,
         compact: bool = True,
+        host_widen: bool = False,
         columns: Sequence[str] = (),
         indices: Sequence[int] | np.ndarray | None = None,
     ) -> None:
@@ -117,7 +119,7 @@ class Loader:
         self.min_completion_tokens, self.pad_to_multiple_of = min_completion_tokens, pad_to_multiple_of
         self.oversize = oversize
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
-        self.device, self.prefetch, self.compact = device, prefetch, compact
+        self.device, self.prefetch, self.compact, self.host_widen = device, prefetch, compact, host_widen
         self.columns = tuple(columns)
         self.indices = None if indices is None else _check_indices(indices, len(self.ds))
         # a split is part of the order's identity: its digest goes into the state (None: all pairs)
@@ -354,7 +356,7 @@ class Loader:
 
     def _iter_device(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
         feeder = self._feeder_cls(self.device, pad_id=self.ds.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
-                                  prefetch=self.prefetch, compact=self.compact)
+                                  prefetch=self.prefetch, compact=self.compact, host_widen=self.host_widen)
         try:
             ahead = start
             # keep `prefetch` plans submitted so the feeder's copies overlap the consumer's compute

@@ -221,7 +221,7 @@ def _ring_plans(n: int, seed: int = 3, max_len: int = 200) -> list[BatchPlan]:
 @pytest.mark.parametrize("prefetch", [1, 2, 3])
 def test_ring_reuses_a_buffer_only_after_its_copy_ran(mode, prefetch):
     eng = LazyEngine()
-    feeder = DeviceFeeder(pad_id=9, compact=mode == "compact", _host_widen=mode == "host-widened", prefetch=prefetch,
+    feeder = DeviceFeeder(pad_id=9, compact=mode == "compact", host_widen=mode == "host-widened", prefetch=prefetch,
                           _engine=eng)
     plans = _ring_plans(12)
     refs = [reference(p, 9, None) for p in plans]
@@ -243,7 +243,7 @@ def test_ring_reuses_a_buffer_only_after_its_copy_ran(mode, prefetch):
 @pytest.mark.parametrize("mode", ["compact", "host-widened"])
 def test_ring_test_detects_a_feeder_that_does_not_wait(mode):
     # negative control for the test above: when waits do nothing, copies read rewritten buffers
-    feeder = DeviceFeeder(pad_id=9, compact=mode == "compact", _host_widen=mode == "host-widened", prefetch=2,
+    feeder = DeviceFeeder(pad_id=9, compact=mode == "compact", host_widen=mode == "host-widened", prefetch=2,
                           _engine=LazyEngine(honest=False))
     plans = _ring_plans(6, max_len=60)
     for plan in plans:
@@ -367,7 +367,7 @@ def test_gpu_check_cpu_smoke():
 def test_cuda_batches_equal_the_cpu_path(mode):
     rng = np.random.default_rng(6)
     feeder = DeviceFeeder("cuda", pad_id=65535, pad_to_multiple_of=8, compact=mode == "compact",
-                          _host_widen=mode == "padded-host-widen", prefetch=2)
+                          host_widen=mode == "padded-host-widen", prefetch=2)
     for dt in (np.uint16, np.uint32):
         shards = shards_for(rng, dt, size=20000)
         plans = [random_plan(rng, shards, int(rng.integers(0, 40)), 900) for _ in range(40)]

@@ -309,13 +309,14 @@ def test_plain_dataloader_with_batch_sampler_and_workers(ds):
     assert len(dl) == len(ld)
 
 
-def test_device_loop_hands_plans_to_the_feeder_in_order(ds, monkeypatch):
+@pytest.mark.parametrize("transfer", [{}, {"compact": False}, {"compact": False, "host_widen": True}])
+def test_device_loop_hands_plans_to_the_feeder_in_order(ds, monkeypatch, transfer):
     """The device path (plans submitted ahead, batches taken in order, resume) with the CUDA
     engineer's DeviceFeeder running on CPU: every line but the CUDA calls."""
     cuda = pytest.importorskip("pairpack.cuda")
     kw = dict(max_tokens=400, group_by_length=True, max_length=25, seed=4)
     ref = _run(Loader(ds, **kw))
-    ld = Loader(ds, prefetch=3, **kw)
+    ld = Loader(ds, prefetch=3, **transfer, **kw)
     monkeypatch.setattr(ld, "_feeder_cls", cuda.DeviceFeeder)  # device=None -> the feeder's CPU mode
     assert _run(ld) == ref
     it = iter(ld)

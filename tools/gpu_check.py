@@ -48,7 +48,7 @@ FIELDS = ("preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask
 MODES = {  # name -> DeviceFeeder keyword arguments
     "feeder compact": dict(compact=True),
     "feeder padded": dict(compact=False),
-    "feeder padded, host-widened": dict(compact=False, _host_widen=True),
+    "feeder padded, host-widened": dict(compact=False, host_widen=True),
 }
 
 
@@ -269,7 +269,7 @@ def bench(dev: torch.device, z: Sizes, root: Path, rng: np.random.Generator) -> 
     host = {}
     for name, fn in [("assemble (the CPU path)", lambda q: assemble(*q.args(), **kw, indices=q.indices))] + [
             (mode, lambda q, m=mkw: write_host(q, layout_for(q, compact=m["compact"], pad_to_multiple_of=z.mult,
-                                                             host_widen=m.get("_host_widen", False)), buf, pad_id=0))
+                                                             host_widen=m.get("host_widen", False)), buf, pad_id=0))
             for mode, mkw in MODES.items()]:
         best = float("inf")
         for _ in range(3):  # best of three: the CPU may be shared
@@ -292,7 +292,7 @@ def bench(dev: torch.device, z: Sizes, root: Path, rng: np.random.Generator) -> 
 
         run(z.warmup)
         h2d = float(np.mean([layout_for(q, compact=mkw["compact"], pad_to_multiple_of=z.mult,
-                                        host_widen=mkw.get("_host_widen", False)).nbytes for q in plans]))
+                                        host_widen=mkw.get("host_widen", False)).nbytes for q in plans]))
         bs, cpu = _timed(dev, n, lambda: run(n))
         rows.append(Row(mode, h2d, bs, cpu, mean_out))
         feeder.close()
