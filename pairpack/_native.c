@@ -284,6 +284,22 @@ static PyObject *native_take(PyObject *self, PyObject *args) {
             goto done;
         }
     }
+    if (S == 1) { /* ask for every pair's index entries first: they sit at random places */
+        Py_buffer *sv = lazy_get(&st, 0), *lv = lazy_get(&ln, 0);
+        if (sv == NULL || lv == NULL) goto done;
+        int64_t npairs = BD[1] - BD[0];
+        if (sv->len == 24 * npairs && lv->len == 24 * npairs) {
+            const int64_t *SB = sv->buf, *LB = lv->buf;
+            for (Py_ssize_t i = 0; i < B; i++) {
+                int64_t g = I[i] < 0 ? I[i] + num_pairs : I[i];
+                if (g < 0 || g >= npairs) continue;
+                for (int r = 0; r < 3; r++) {
+                    PREFETCH(SB + r * npairs + g);
+                    PREFETCH(LB + r * npairs + g);
+                }
+            }
+        }
+    }
     for (Py_ssize_t i = 0; i < B; i++) {
         int64_t g = I[i] < 0 ? I[i] + num_pairs : I[i];
         /* the shard holding g: the last k with bounds[k] <= g (binary search) */

@@ -37,6 +37,7 @@ __all__ = [
     "oversize_mask",
     "plan_batches",
     "plan_rank",
+    "served_pairs",
     "padding_efficiency",
     "padding_ceiling",
     "make_plan",
@@ -208,6 +209,61 @@ def _split_to_multiple(bounds: np.ndarray, world_size: int) -> np.ndarray:
     return np.asarray(b, dtype=np.int64)
 
 
+def _global_plan(lengths: np.ndarray, order: np.ndarray, *, batch_size: int | None, max_tokens: int | None,
+                 group_by_length: bool, window: int | None, seed: int | Sequence[int], drop_last: bool,
+                 max_length: int | None, min_completion_tokens: int, pad_to_multiple_of: int | None,
+                 world_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every rank's batches of one epoch: ``(seq, starts, ends)`` where batch ``j`` of rank ``r``
+    is ``seq[starts[j * W + r]:ends[j * W + r]]`` (``W`` = world size; batches in serving order)."""
+    order = np.asarray(order, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    w = world_size
+    if batch_size is not None:
+        # DistributedSampler semantics on pairs: every rank gets m pairs, then batches of B.
+        from .sampling import equalize
+
+        b = batch_size
+        seq = equalize(order, w, drop_last)
+        m = len(seq) // w
+        if group_by_length and len(seq):
+            win = _round_up(window or DEFAULT_GROUP_BATCHES * b * w, b * w)
+            seq = _group(seq, row_lengths(lengths[:, seq], max_length, min_completion_tokens), win)
+        nfull, rem = divmod(m, b)
+        full = seq[: nfull * b * w].reshape(nfull, b, w)
+        if group_by_length and nfull > 1:
+            full = full[rng.permutation(nfull)]  # grouped batches in random order
+        # global batch j holds b*w consecutive entries; rank r takes every w-th from r: laid out
+        # here as w contiguous runs of b per batch round (then the tail round of rem per rank)
+        parts = [full.transpose(0, 2, 1).reshape(-1)]
+        sizes = [np.full(nfull * w, b, dtype=np.int64)]
+        if rem and not drop_last:
+            parts.append(seq[nfull * b * w:].reshape(rem, w).T.reshape(-1))
+            sizes.append(np.full(w, rem, dtype=np.int64))
+        ends = np.cumsum(np.concatenate(sizes))
+        return np.ascontiguousarray(np.concatenate(parts)), ends - np.concatenate(sizes), ends
+    # token budget: pack pairs greedily in (grouped) order, then deal batches to ranks round by round
+    assert max_tokens is not None  # internal invariant: check_options requires one of the two
+    seq = order
+    if group_by_length and len(seq):
+        if window is None:
+            mean = float(row_lengths(lengths[:, seq[:4096]], max_length, min_completion_tokens).mean())
+            window = DEFAULT_GROUP_BATCHES * w * max(1, int(max_tokens // (2 * max(mean, 1.0))))
+        seq = _group(seq, row_lengths(lengths[:, seq], max_length, min_completion_tokens), window)
+    cost = _round_up(row_lengths(lengths[:, seq], max_length, min_completion_tokens), pad_to_multiple_of)
+    bounds = _greedy_bounds(cost, max_tokens)
+    bounds = _split_to_multiple(bounds, w)
+    starts, ends = bounds[:-1], bounds[1:]
+    nb = len(starts)
+    if nb % w:  # fewer pairs than ranks: trim, or repeat batches from the start (DistributedSampler)
+        keep = nb // w * w if drop_last else -(-nb // w) * w
+        pick = np.resize(np.arange(nb), keep) if nb else np.zeros(0, dtype=np.int64)
+        starts, ends, nb = starts[pick], ends[pick], keep
+    rounds = nb // w
+    rid = rng.permutation(rounds) if group_by_length and rounds > 1 else np.arange(rounds)
+    g = (rid[:, None] * w + np.arange(w)).reshape(-1)  # serving order: round by round, rank by rank
+    return seq, starts[g], ends[g]
+
+
 def plan_rank(
     lengths: np.ndarray,
     order: np.ndarray,
@@ -235,55 +291,29 @@ def plan_rank(
                   window=window)
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    order = np.asarray(order, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    w = world_size
-    if batch_size is not None:
-        # DistributedSampler semantics on pairs: every rank gets m pairs, then batches of B.
-        from .sampling import equalize
-
-        b = batch_size
-        seq = equalize(order, w, drop_last)
-        m = len(seq) // w
-        if group_by_length and len(seq):
-            win = _round_up(window or DEFAULT_GROUP_BATCHES * b * w, b * w)
-            seq = _group(seq, row_lengths(lengths[:, seq], max_length, min_completion_tokens), win)
-        nfull, rem = divmod(m, b)
-        full = seq[: nfull * b * w].reshape(nfull, b, w)
-        if group_by_length and nfull > 1:
-            full = full[rng.permutation(nfull)]  # grouped batches in random order
-        # global batch j holds b*w consecutive entries; rank r takes every w-th from r
-        flat = full[:, :, rank].reshape(-1)
-        offsets = np.arange(0, nfull * b + 1, b, dtype=np.int64)
-        if rem and not drop_last:
-            tail = seq[nfull * b * w:].reshape(rem, w)[:, rank]
-            flat = np.concatenate([flat, tail])
-            offsets = np.append(offsets, nfull * b + rem)
-        return np.ascontiguousarray(flat), offsets
-    # token budget: pack pairs greedily in (grouped) order, then deal batches to ranks round by round
-    assert max_tokens is not None  # internal invariant: check_options requires one of the two
-    seq = order
-    if group_by_length and len(seq):
-        if window is None:
-            mean = float(row_lengths(lengths[:, seq[:4096]], max_length, min_completion_tokens).mean())
-            window = DEFAULT_GROUP_BATCHES * w * max(1, int(max_tokens // (2 * max(mean, 1.0))))
-        seq = _group(seq, row_lengths(lengths[:, seq], max_length, min_completion_tokens), window)
-    cost = _round_up(row_lengths(lengths[:, seq], max_length, min_completion_tokens), pad_to_multiple_of)
-    bounds = _greedy_bounds(cost, max_tokens)
-    bounds = _split_to_multiple(bounds, w)
-    starts, ends = bounds[:-1], bounds[1:]
-    nb = len(starts)
-    if nb % w:  # fewer pairs than ranks: trim, or repeat batches from the start (DistributedSampler)
-        keep = nb // w * w if drop_last else -(-nb // w) * w
-        pick = np.resize(np.arange(nb), keep) if nb else np.zeros(0, dtype=np.int64)
-        starts, ends, nb = starts[pick], ends[pick], keep
-    rounds = nb // w
-    rid = rng.permutation(rounds) if group_by_length and rounds > 1 else np.arange(rounds)
-    mine = rid * w + rank
-    s, e = starts[mine], ends[mine]
-    flat = seq[_ranges(s, e)]
+    seq, starts, ends = _global_plan(
+        lengths, order, batch_size=batch_size, max_tokens=max_tokens, group_by_length=group_by_length,
+        window=window, seed=seed, drop_last=drop_last, max_length=max_length,
+        min_completion_tokens=min_completion_tokens, pad_to_multiple_of=pad_to_multiple_of, world_size=world_size)
+    s, e = starts[rank::world_size], ends[rank::world_size]
     offsets = np.concatenate([[0], np.cumsum(e - s)]).astype(np.int64)
-    return flat, offsets
+    return np.ascontiguousarray(seq[_ranges(s, e)]), offsets
+
+
+def served_pairs(lengths: np.ndarray, order: np.ndarray, *, position: int, world_size: int,
+                 **options: Any) -> np.ndarray:
+    """The pair indices every rank of a ``world_size`` job was served in its first ``position``
+    batches of the epoch that ``order`` and ``options`` (as for :func:`plan_rank`) describe: what
+    an elastic resume must not serve again. int64, in serving order (a pair the
+    DistributedSampler rule repeats appears as often as it was served)."""
+    check_options(batch_size=options.get("batch_size"), max_tokens=options.get("max_tokens"),
+                  max_length=options.get("max_length"), min_completion_tokens=options.get("min_completion_tokens", 1),
+                  pad_to_multiple_of=options.get("pad_to_multiple_of"), window=options.get("window"))
+    defaults = dict(batch_size=None, max_tokens=None, group_by_length=False, window=None, seed=0, drop_last=False,
+                    max_length=None, min_completion_tokens=1, pad_to_multiple_of=None)
+    seq, starts, ends = _global_plan(lengths, order, world_size=world_size, **{**defaults, **options})
+    k = min(max(position, 0) * world_size, len(starts))
+    return seq[_ranges(starts[:k], ends[:k])]
 
 
 def plan_batches(

@@ -3,7 +3,9 @@
 One epoch is planned up front from the flat length array (:mod:`pairpack.sampling` gives the
 order, :mod:`pairpack.batching` the batches), so the batches are a pure function of
 ``(seed, epoch, dataset fingerprint, options)``; workers, devices and resumes only change *who*
-assembles batch ``j``, never *what* it holds.
+assembles batch ``j``, never *what* it holds. An elastic resume (a state loaded by a job of
+another world size) re-plans the rest of the epoch: the pairs the earlier job's ranks were not
+served, in epoch order, split over the new ranks (:func:`pairpack.batching.served_pairs`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["Loader"]
 
 STATE_FORMAT = "pairpack.loader/1"
-# options that shape the batches: a state saved under other values cannot be resumed
+# options that shape the batches: a state saved under other values cannot be resumed (except
+# world_size: another size is an elastic resume)
 _ORDER_OPTIONS = ("batch_size", "max_tokens", "shuffle", "drop_last", "group_by_length", "window", "world_size",
                   "max_length", "truncation", "min_completion_tokens", "pad_to_multiple_of", "oversize",
                   "indices_digest")
@@ -134,7 +137,10 @@ class Loader:
         self._pending: int | None = None  # start of the next iteration after load_state_dict
         self._valid: np.ndarray | None = None
         self._counts: dict[str, int] | None = None
-        self._plan_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._plan_cache: tuple[Any, np.ndarray, np.ndarray] | None = None
+        # elastic resume: (world_size, position) of the earlier parts of the current epoch, served
+        # by jobs of other sizes; this loader serves what they left, re-split over its own ranks
+        self._elastic: tuple[tuple[int, int], ...] = ()
         self._feeder_cls = self._device_feeder_class()
 
     # --- dataset-wide preparation (once) ---------------------------------------------------------
@@ -185,19 +191,28 @@ class Loader:
     # --- the epoch plan ----------------------------------------------------------------------------
     def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's batches of ``epoch`` as CSR (pair indices, offsets); cached for one epoch."""
-        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+        key = (epoch, self._elastic)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1], self._plan_cache[2]
         valid = self._prepare()
         order = epoch_order(len(self.ds), seed=self.seed, epoch=epoch, fingerprint=self._fingerprint,
                             shuffle=self.shuffle, subset=valid)
-        flat, offsets = bt.plan_rank(
-            self.ds.lengths, order, batch_size=self.batch_size, max_tokens=self.max_tokens,
-            group_by_length=self.group_by_length, window=self.window,
-            seed=[self.seed, epoch, self._fp_int, 1], drop_last=self.drop_last,
-            max_length=self.effective_max_length, min_completion_tokens=self.min_completion_tokens,
-            pad_to_multiple_of=self.pad_to_multiple_of, rank=self.rank, world_size=self.world_size)
-        self._plan_cache = (epoch, flat, offsets)
+        opts = dict(batch_size=self.batch_size, max_tokens=self.max_tokens, group_by_length=self.group_by_length,
+                    window=self.window, drop_last=self.drop_last, max_length=self.effective_max_length,
+                    min_completion_tokens=self.min_completion_tokens, pad_to_multiple_of=self.pad_to_multiple_of)
+        for k, (w, pos) in enumerate(self._elastic):
+            # what part k's job (w ranks, pos batches each) was served leaves the epoch, in order
+            served = bt.served_pairs(self.ds.lengths, order, position=pos, world_size=w,
+                                     seed=self._plan_seed(epoch, k), **opts)
+            order = order[~np.isin(order, served)]
+        flat, offsets = bt.plan_rank(self.ds.lengths, order, seed=self._plan_seed(epoch, len(self._elastic)),
+                                     rank=self.rank, world_size=self.world_size, **opts)
+        self._plan_cache = (key, flat, offsets)
         return flat, offsets
+
+    def _plan_seed(self, epoch: int, part: int) -> list[int]:
+        """Seed of the batch plan of part ``part`` of an epoch (0 unless an elastic resume split it)."""
+        return [self.seed, epoch, self._fp_int, 1] + ([part] if part else [])
 
     def batches(self) -> list[np.ndarray]:
         """This rank's batches of the current epoch as int64 pair-index arrays, in order."""
@@ -242,6 +257,7 @@ class Loader:
         if epoch != self._epoch:
             self._pending = None
             self._position = 0
+            self._elastic = ()
         self._epoch = int(epoch)
 
     # --- state -------------------------------------------------------------------------------------
@@ -254,7 +270,7 @@ class Loader:
         rank's state resumes every rank."""
         return {"format": STATE_FORMAT, "epoch": self._epoch, "position": self._position, "seed": self.seed,
                 "fingerprint": self._fingerprint, "num_pairs": len(self.ds), "rank": self.rank,
-                "options": self._options()}
+                "options": self._options(), "elastic": [list(x) for x in self._elastic]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration yields exactly the batches an uninterrupted run would yield next.
@@ -274,14 +290,30 @@ class Loader:
             raise StateError(f"loader state: field 'seed' is {state['seed']} but this loader has seed {self.seed}")
         mine = self._options()
         theirs = state["options"]
-        diff = {k: (theirs.get(k), mine[k]) for k in _ORDER_OPTIONS if theirs.get(k) != mine[k]}
+        diff = {k: (theirs.get(k), mine[k]) for k in _ORDER_OPTIONS
+                if k != "world_size" and theirs.get(k) != mine[k]}
         if diff:
             text = ", ".join(f"{k}: state {a!r} vs loader {b!r}" for k, (a, b) in diff.items())
             raise StateError(f"loader state: options differ ({text}); the batches would differ")
-        epoch, pos = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or pos < 0:
-            raise StateError(f"loader state: epoch {epoch} / position {pos} must be >= 0")
+        epoch, pos = state["epoch"], state["position"]
+        if type(epoch) is not int or type(pos) is not int or epoch < 0 or pos < 0:
+            raise StateError(f"loader state: epoch {epoch!r} / position {pos!r} must be ints >= 0")
+        elastic = state.get("elastic", [])
+        if not isinstance(elastic, list) or not all(
+                isinstance(x, (list, tuple)) and len(x) == 2 and all(type(v) is int for v in x) and x[0] >= 1
+                and x[1] >= 0 for x in elastic):
+            raise StateError(f"loader state: field 'elastic' must be a list of [world_size >= 1, position >= 0], "
+                             f"got {elastic!r}")
+        parts = tuple((int(w), int(p)) for w, p in elastic)
+        theirs_w = theirs.get("world_size")
+        if type(theirs_w) is not int or theirs_w < 1:
+            raise StateError(f"loader state: option 'world_size' must be an int >= 1, got {theirs_w!r}")
+        if theirs_w != self.world_size:
+            # elastic resume: the saving job's ranks were each served `pos` batches of what was
+            # left of the epoch; this job re-splits the rest over its own ranks, from its start
+            parts, pos = parts + ((theirs_w, pos),), 0
         self._epoch = epoch
+        self._elastic = parts
         n = len(self)
         if pos > n:
             raise StateError(f"loader state: field 'position' {pos} exceeds the {n} batches of epoch {epoch}")

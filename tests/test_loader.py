@@ -239,8 +239,11 @@ def test_state_is_small_and_validated(ds, tmp_path):
         Loader(ds, batch_size=9, seed=2, max_length=20).load_state_dict(state)
     with pytest.raises(StateError, match="seed"):
         Loader(ds, batch_size=8, seed=3, max_length=20).load_state_dict(state)
-    with pytest.raises(StateError, match="world_size"):
-        Loader(ds, batch_size=8, seed=2, max_length=20, rank=0, world_size=2).load_state_dict(state)
+    # another world size is an elastic resume (test_elastic_resume_*), not an error
+    Loader(ds, batch_size=8, seed=2, max_length=20, rank=0, world_size=2).load_state_dict(state)
+    for bad in ([[0, 1]], [[2]], "x", [[2, -1]], [[2.0, 1]]):
+        with pytest.raises(StateError, match="elastic"):
+            ld.load_state_dict({**state, "elastic": bad})
     other = _write(tmp_path / "other", [([1, 2], [3], [4])])
     with pytest.raises(StateError, match="fingerprint"):
         Loader(other, batch_size=8, seed=2, max_length=20).load_state_dict(state)
@@ -364,3 +367,74 @@ def test_split_indices_are_checked_and_bound_to_the_state(ds):
         Loader(ds, batch_size=4, indices=[0, 1, 2, 6]).load_state_dict(state)
     with pytest.raises(StateError, match="indices_digest"):
         Loader(ds, batch_size=4).load_state_dict(state)
+
+
+# --- elastic resume: a state saved by a job of W ranks, loaded by a job of another size ------------
+def _served(ld: Loader, upto: int | None = None) -> list[list[int]]:
+    """Pair indices of the next ``upto`` batches (all when None); takes no batch beyond them."""
+    from itertools import islice
+
+    return [b.indices.tolist() for b in islice(iter(ld), upto)]
+
+
+@given(w0=st.integers(1, 4), w1=st.integers(1, 4), w2=st.integers(1, 3), cut=st.integers(0, 6),
+       cut2=st.integers(0, 4), budget=st.booleans(), grouped=st.booleans(), epoch=st.integers(0, 1))
+@settings(max_examples=25)
+@example(w0=2, w1=3, w2=1, cut=1, cut2=1, budget=False, grouped=True, epoch=0)
+def test_elastic_resume_serves_each_pair_once(ds, w0, w1, w2, cut, cut2, budget, grouped, epoch):
+    """Job A (w0 ranks) is served `cut` batches per rank and saves; job B (w1 ranks) loads that
+    state, is served `cut2` batches and saves; job C (w2 ranks) finishes the epoch. Over A, B and
+    C every pair of the epoch is served, none twice across jobs, and within each job every rank
+    gets the same number of batches (collectives never hang)."""
+    kw = dict(max_tokens=300, max_length=25) if budget else dict(batch_size=3, max_length=25)
+    kw.update(group_by_length=grouped, seed=7)
+    epoch_pairs = set()
+    for r in range(w0):
+        full = Loader(ds, rank=r, world_size=w0, **kw)
+        full.set_epoch(epoch)
+        epoch_pairs |= {i for b in _served(full) for i in b}
+    state = None
+    seen: list[set[int]] = []
+    for w, upto in ((w0, cut), (w1, cut2), (w2, None)):
+        job: set[int] = set()
+        counts = set()
+        states = []
+        for r in range(w):
+            ld = Loader(ds, rank=r, world_size=w, **kw)
+            ld.set_epoch(epoch)
+            if state is not None:
+                ld.load_state_dict(state)
+            got = _served(ld, upto)
+            counts.add(len(got))
+            job |= {i for b in got for i in b}
+            states.append(ld.state_dict())
+        assert len(counts) == 1, counts  # same number of batches on every rank
+        assert all(st_["position"] == states[0]["position"] for st_ in states)
+        seen.append(job)
+        state = states[0]
+    a, b, c = seen
+    assert not (a & b) and not (a & c) and not (b & c)  # no pair served by two jobs
+    assert a | b | c == epoch_pairs  # and none lost
+
+
+def test_elastic_resume_then_plain_resume_and_next_epoch(ds):
+    kw = dict(batch_size=2, max_length=25, group_by_length=True, seed=3)
+    a = Loader(ds, rank=0, world_size=2, **kw)
+    _served(a, 2)
+    state = a.state_dict()
+    b = Loader(ds, rank=1, world_size=3, **kw)
+    b.load_state_dict(state)
+    assert b.state_dict()["elastic"] == [[2, 2]] and b.state_dict()["position"] == 0
+    whole = _served(b)
+    # a plain resume inside the elastic part continues it exactly
+    c = Loader(ds, rank=1, world_size=3, **kw)
+    c.load_state_dict(state)
+    head = _served(c, 1)
+    d = Loader(ds, rank=1, world_size=3, **kw)
+    d.load_state_dict(c.state_dict())
+    assert head + _served(d) == whole
+    # the next epoch is an ordinary one of the new size
+    d.set_epoch(1)
+    fresh = Loader(ds, rank=1, world_size=3, **kw)
+    fresh.set_epoch(1)
+    assert d.state_dict()["elastic"] == [] and _served(d) == _served(fresh)
