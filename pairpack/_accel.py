@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Sequence
+
+import numpy as np
 
 
 def _load() -> ModuleType | None:
@@ -23,3 +26,13 @@ def _load() -> ModuleType | None:
 
 
 native: ModuleType | None = _load()
+
+# the storage dtypes (FORMAT.md §3) the C kernels read, with the largest pad_id each can hold
+_NATIVE_MAX = {np.dtype(np.uint16): 0xFFFF, np.dtype(np.uint32): 0xFFFFFFFF}
+
+
+def native_applies(shards: Sequence[np.ndarray], pad_id: int) -> bool:
+    """Whether the C kernel reads these token arrays (all uint16 or all uint32) and pad_id fits."""
+    dtype = shards[0].dtype
+    hi = _NATIVE_MAX.get(dtype)
+    return hi is not None and 0 <= pad_id <= hi and all(t.dtype == dtype for t in shards[1:])

@@ -37,6 +37,7 @@ __all__ = [
     "oversize_mask",
     "plan_batches",
     "plan_rank",
+    "batch_of",
     "served_pairs",
     "padding_efficiency",
     "padding_ceiling",
@@ -463,6 +464,21 @@ class BatchPlan:
                         longest=self.longest)
 
 
+def batch_of(ds: "Dataset", indices: np.ndarray, *, max_length: int | None = None, truncation: str = "keep_end",
+             min_completion_tokens: int = 1, columns: Sequence[str] = (),
+             pad_to_multiple_of: int | None = None) -> "Triplets":
+    """The batch of pairs ``indices`` of ``ds``, truncated to ``max_length``: the C kernels'
+    two-call path when no row needs cutting, else :func:`make_plan` then assemble (same bytes)."""
+    from . import _accel
+
+    if _accel.native is not None:
+        got = ds._batch_native(_accel.native, indices, pad_to_multiple_of, columns, max_length)
+        if got is not None:
+            return got
+    return make_plan(ds, indices, max_length=max_length, truncation=truncation,
+                     min_completion_tokens=min_completion_tokens, columns=columns).assemble(ds.pad_id, pad_to_multiple_of)
+
+
 def make_plan(ds: "Dataset", indices: np.ndarray, *, max_length: int | None = None, truncation: str = "keep_end",
               min_completion_tokens: int = 1, columns: Sequence[str] = ()) -> BatchPlan:
     """The :class:`BatchPlan` of pairs ``indices`` of ``ds``, truncated to ``max_length`` (vectorised)."""
@@ -557,9 +573,9 @@ class Collate:
         if same.any():
             self.dropped += int(same.sum())
             idx = idx[~same]
-        plan = make_plan(self.ds, idx, max_length=self.max_length, truncation=self.truncation,
-                         min_completion_tokens=self.min_completion_tokens, columns=self.columns)
-        return plan.assemble(self.ds.pad_id, self.pad_to_multiple_of)
+        return batch_of(self.ds, idx, max_length=self.max_length, truncation=self.truncation,
+                        min_completion_tokens=self.min_completion_tokens, columns=self.columns,
+                        pad_to_multiple_of=self.pad_to_multiple_of)
 
     def _from_pairs(self, pairs: Sequence["Pair"]) -> "Triplets":
         from .triplets import assemble

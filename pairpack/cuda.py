@@ -70,7 +70,8 @@ import torch
 
 from . import _accel
 from .errors import DeviceError
-from .triplets import Triplets, _round_up, native_applies, shards_of
+from ._accel import native_applies
+from .triplets import Triplets, _round_up, shards_of
 
 if TYPE_CHECKING:
     from .batching import BatchPlan

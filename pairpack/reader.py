@@ -74,7 +74,7 @@ class Dataset:
         self._bounds = np.cumsum([0] + [s.num_pairs for s in m.shards], dtype=np.int64)
         self._joined: dict[str, np.ndarray] = {}  # per-pair arrays joined over shards, once each
         self._tokenizer: Any = None
-        self._native_args: tuple[Any, ...] | None = None  # the shard tuples the C take() reads
+        self._native_args: tuple[Any, ...] | None = None  # what the C kernels read (_native_shards)
 
     # --- basic protocol ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -222,15 +222,21 @@ class Dataset:
                 tokens[i] = sh.tokens
         return Taken(idx, tokens, starts, lengths, cols)
 
+    def _native_shards(self) -> tuple[Any, ...]:
+        """The per-shard arrays the C kernels read: (starts, lengths, token counts, tokens), built
+        once per open (raises on a closed dataset, as every read does)."""
+        shards = self._live()
+        if self._native_args is None:
+            toks = tuple(s.tokens for s in shards)
+            ok = bool(toks) and _accel.native_applies(toks, self.pad_id)  # dtypes, pad_id
+            self._native_args = (tuple(s.starts for s in shards), tuple(s.lengths for s in shards),
+                                 np.array([s.tokens.shape[0] for s in shards], dtype=np.int64), toks, ok)
+        return self._native_args
+
     def _take_native(self, nat: Any, idx: np.ndarray, columns: Sequence[str]) -> Taken | None:
         """:meth:`take` through the C kernel: one pass locates, range-checks and bounds-checks
         every pair. None when a segment is bad, so the numpy path raises the detailed error."""
-        shards = self._live()
-        if self._native_args is None:
-            self._native_args = (tuple(s.starts for s in shards), tuple(s.lengths for s in shards),
-                                 np.array([s.tokens.shape[0] for s in shards], dtype=np.int64),
-                                 tuple(s.tokens for s in shards))
-        st, ln, ntok, toks = self._native_args
+        st, ln, ntok, toks, _ = self._native_shards()
         coords = np.empty((8, idx.size), dtype=np.int64)  # index, shard, 3 starts, 3 lengths
         try:
             longest = nat.take(np.ascontiguousarray(idx), len(self), self._bounds, st, ln, ntok, coords)
@@ -243,6 +249,31 @@ class Dataset:
         shard_of = coords[1]
         return Taken(idx, list(map(toks.__getitem__, shard_of.tolist())), coords[2:5], coords[5:8], cols, toks,
                      shard_of, longest)
+
+    def _batch_native(self, nat: Any, indices: Sequence[int] | np.ndarray, pad_to_multiple_of: int | None,
+                      columns: Sequence[str], max_length: int | None = None) -> "Triplets | None":
+        """:meth:`batch` in two C calls (locate, assemble) and little else: the hot path of ds.batch
+        and the Loader. None when it does not apply (empty batch, dtype, a bad segment: the general
+        path then gives the result or the detailed error; rows over ``max_length``: truncation)."""
+        idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+        b = idx.size
+        st, ln, ntok, toks, ok = self._native_args or self._native_shards()
+        if not (b and ok):
+            return None
+        coords = np.empty((8, b), dtype=np.int64)  # index, shard, 3 starts, 3 lengths
+        try:
+            longest = nat.take(idx, self.manifest.num_pairs, self._bounds, st, ln, ntok, coords)
+        except ValueError:
+            return None
+        if max_length is not None and longest > max_length:
+            return None
+        n = -(-longest // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else longest
+        seqs = np.empty((2, b, n), dtype=np.int64)
+        masks = np.empty((3, b, n), dtype=np.bool_)
+        nat.assemble(toks, None if len(toks) == 1 else coords[1], coords[2], coords[5], coords[3:5], coords[6:8], n,
+                     self.manifest.pad_id, seqs, masks)
+        cols = {c: np.asarray(self.column(c)[coords[0]]) for c in columns} if columns else None
+        return _triplets().from_native(seqs, masks, coords, cols)
 
     def segments(self, indices: Sequence[int] | np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Coordinates of pairs ``indices``: (tokens array per pair, starts (3, B), lengths (3, B))."""
@@ -258,10 +289,12 @@ class Dataset:
             pad_to_multiple_of: round the padded length ``L`` up to a multiple of this.
             columns: per-pair columns to carry as ``(B,)`` tensors in ``Triplets.columns``.
         """
-        from .triplets import assemble
-
+        if _accel.native is not None:
+            got = self._batch_native(_accel.native, indices, pad_to_multiple_of, columns)
+            if got is not None:
+                return got
         t = self.take(indices, columns)
-        return assemble(t.tokens, t.starts[0], t.lengths[0], t.starts[1:], t.lengths[1:], pad_id=self.pad_id,
+        return _triplets().assemble(t.tokens, t.starts[0], t.lengths[0], t.starts[1:], t.lengths[1:], pad_id=self.pad_id,
                         pad_to_multiple_of=pad_to_multiple_of, indices=t.indices, columns=t.columns,
                         shards=t.shards, shard_of=t.shard_of, longest=t.longest)
 
@@ -290,6 +323,19 @@ class Dataset:
         """
         self._live()  # a closed dataset says so
         return verify_dataset(self.path, checksums=checksums)
+
+
+_TRIPLETS: Any = None
+
+
+def _triplets() -> Any:
+    """pairpack.triplets, imported on first use (it needs torch; ``import pairpack`` does not)."""
+    global _TRIPLETS
+    if _TRIPLETS is None:
+        from . import triplets
+
+        _TRIPLETS = triplets
+    return _TRIPLETS
 
 
 def _open_shard(root: Path, m: fmt.Manifest, i: int) -> _Shard:

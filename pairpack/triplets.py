@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import _accel
+from ._accel import native_applies
 
 __all__ = ["Triplets", "assemble"]
 
@@ -216,8 +217,14 @@ def _triplets(seqs: torch.Tensor, masks: torch.Tensor, p_t: torch.Tensor, c_t: t
                     {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in columns.items()} if columns else {})
 
 
-# the storage dtypes (FORMAT.md §3) the C kernel reads, with the largest pad_id each can hold
-_NATIVE_MAX = {np.dtype(np.uint16): 0xFFFF, np.dtype(np.uint32): 0xFFFFFFFF}
+def from_native(seqs: np.ndarray, masks: np.ndarray, coords: np.ndarray,
+                columns: dict[str, np.ndarray] | None) -> Triplets:
+    """A :class:`Triplets` of views into the C kernels' outputs: ``seqs`` int64 ``(2, B, L)``,
+    ``masks`` bool ``(3, B, L)``, ``coords`` int64 ``(8, B)`` (rows 0 index, 5-7 P, C, R)."""
+    f = torch.from_numpy
+    return Triplets(f(seqs[0]), f(seqs[1]), f(masks[0]), f(masks[1]), f(masks[2]), f(coords[0]), f(coords[5]),
+                    f(coords[6]), f(coords[7]),
+                    {k: f(np.ascontiguousarray(v)) for k, v in columns.items()} if columns else {})
 
 
 def shards_of(tokens: Sequence[np.ndarray]) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
@@ -233,13 +240,6 @@ def shards_of(tokens: Sequence[np.ndarray]) -> tuple[tuple[np.ndarray, ...], np.
             pos[id(t)] = len(uniq)
             uniq.append(t)
     return tuple(uniq), np.fromiter((pos[id(t)] for t in tokens), dtype=np.int64, count=len(tokens))
-
-
-def native_applies(shards: tuple[np.ndarray, ...], pad_id: int) -> bool:
-    """Whether the C kernel reads these token arrays (all uint16 or all uint32) and pad_id fits."""
-    dtype = shards[0].dtype
-    hi = _NATIVE_MAX.get(dtype)
-    return hi is not None and 0 <= pad_id <= hi and all(t.dtype == dtype for t in shards[1:])
 
 
 def _assemble_native(nat: Any, tokens: Sequence[np.ndarray], prompt_start: np.ndarray, prompt_len: np.ndarray,
