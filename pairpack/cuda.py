@@ -21,10 +21,10 @@ Three transfer modes:
   the device receives it in one copy: every tensor handed out is a view of that copy, no kernel
   runs, one ``record_stream`` per batch. It moves the most bytes (the usual path's) but makes the
   fewest CUDA calls, and on the virtualised H200 machines measured a CUDA call costs the host
-  ~0.1 ms, more than the whole host gather. ``tools/gpu_check.py`` there (batches of 32 pairs,
-  rows up to 2048 uint16 tokens): host-widened 2,091 batches/s and 0.48 ms of host CPU a batch,
-  padded 1,220 / 0.82 ms, compact 1,039 / 0.96 ms, the usual collate + ``pin_memory()`` +
-  ``.to()`` path 1,500. Compact stays the default (it is what this module was specified with and
+  0.1-0.2 ms, as much as the whole host gather. ``tools/gpu_check.py`` there (batches of 32 pairs,
+  rows up to 2048 uint16 tokens): host-widened 2,581 batches/s and 0.39 ms of host CPU a batch,
+  padded 1,535 / 0.65 ms, compact 1,304 / 0.77 ms, the usual collate + ``pin_memory()`` +
+  ``.to()`` path 1,982. Compact stays the default (it is what this module was specified with and
   the right choice where the link, not the host, is the limit); the README has the table.
 
 Ring and stream discipline (CUDA):
