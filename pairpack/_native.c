@@ -56,7 +56,20 @@ static int get_exact(PyObject *obj, Py_buffer *view, Py_ssize_t bytes, int writa
 WIDEN(widen_u16, uint16_t)
 WIDEN(widen_u32, uint32_t)
 
+/* Padding is most of a batch's bytes. Fast-string stores (memset's, `rep stosq`) write a freshly
+ * allocated output without first reading its cache lines, which a store loop does. */
 static inline void fill64(int64_t *dst, int64_t value, int64_t len) {
+    if (len <= 0) return;
+    if (value == 0) {
+        memset(dst, 0, (size_t)len * 8);
+        return;
+    }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (len >= 64) {
+        __asm__ volatile("rep stosq" : "+D"(dst), "+c"(len) : "a"(value) : "memory");
+        return;
+    }
+#endif
     for (int64_t j = 0; j < len; j++) dst[j] = value;
 }
 

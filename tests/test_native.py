@@ -157,11 +157,13 @@ coords = st.integers(-5, 40) | st.sampled_from([2**62, -(2**62), 2**63 - 1])
 
 @needs_native
 @given(t=st.integers(0, 30), rows=st.lists(st.tuples(*[coords] * 6), min_size=1, max_size=5),
-       n=st.integers(0, 60), dtype=st.sampled_from([np.uint16, np.uint32]))
-@example(t=10, rows=[(8, 2, 10, 0, 0, 0)], n=2, dtype=np.uint16)  # a segment ending exactly at the end
-@example(t=10, rows=[(9, 2, 0, 1, 0, 1)], n=5, dtype=np.uint16)  # one token past the end
-@example(t=10, rows=[(2**63 - 1, 2**63 - 1, 0, 1, 0, 1)], n=5, dtype=np.uint32)  # start + length overflows
-def test_kernel_assemble_never_reads_outside(t: int, rows: list, n: int, dtype: type) -> None:
+       n=st.integers(0, 60) | st.integers(60, 300), dtype=st.sampled_from([np.uint16, np.uint32]),
+       pad=st.sampled_from([0, 3, 2**32 - 1]))
+@example(t=10, rows=[(8, 2, 10, 0, 0, 0)], n=2, dtype=np.uint16, pad=0)  # a segment ending exactly at the end
+@example(t=10, rows=[(9, 2, 0, 1, 0, 1)], n=5, dtype=np.uint16, pad=0)  # one token past the end
+@example(t=10, rows=[(2**63 - 1, 2**63 - 1, 0, 1, 0, 1)], n=5, dtype=np.uint32, pad=0)  # start + length overflows
+@example(t=10, rows=[(0, 2, 2, 3, 5, 1)], n=300, dtype=np.uint32, pad=3)  # long padding: the fast-string fill
+def test_kernel_assemble_never_reads_outside(t: int, rows: list, n: int, dtype: type, pad: int) -> None:
     tok = np.arange(100, 100 + t).astype(dtype)
     a = np.array(rows, dtype=np.int64).T  # (6, B): ps, pl, c0, l0, c1, l1
     ps, pl, cs, cl = a[0].copy(), a[1].copy(), a[[2, 4]].copy(), a[[3, 5]].copy()
@@ -175,8 +177,8 @@ def test_kernel_assemble_never_reads_outside(t: int, rows: list, n: int, dtype: 
             native.assemble((tok,), None, ps, pl, cs, cl, n, 0, out, masks)
         assert (out == -7).all() and not masks.any()  # nothing written
         return
-    native.assemble((tok,), None, ps, pl, cs, cl, n, 3, out, masks)
-    assert np.array_equal(out, _reference_rows(tok, ps, pl, cs, cl, n, 3))
+    native.assemble((tok,), None, ps, pl, cs, cl, n, pad, out, masks)
+    assert np.array_equal(out, _reference_rows(tok, ps, pl, cs, cl, n, pad))
     j = np.arange(n)
     assert np.array_equal(masks[0], j < pl[:, None])
     assert np.array_equal(masks[1:], j < (pl + cl)[:, :, None])
