@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from . import format as fmt
+from . import _accel, format as fmt
 from .errors import PairpackError
 
 if TYPE_CHECKING:  # torch is imported only where a batch is assembled
@@ -469,8 +469,6 @@ def batch_of(ds: "Dataset", indices: np.ndarray, *, max_length: int | None = Non
              pad_to_multiple_of: int | None = None) -> "Triplets":
     """The batch of pairs ``indices`` of ``ds``, truncated to ``max_length``: the C kernels'
     two-call path when no row needs cutting, else :func:`make_plan` then assemble (same bytes)."""
-    from . import _accel
-
     if _accel.native is not None:
         got = ds._batch_native(_accel.native, indices, pad_to_multiple_of, columns, max_length)
         if got is not None:
