@@ -185,8 +185,10 @@ def layout_for(plan: _PlanLike, *, compact: bool, pad_to_multiple_of: int | None
 def write_host(plan: _PlanLike, lay: HostLayout, buf: np.ndarray, *, pad_id: int) -> None:
     """Gather ``plan`` into ``buf`` (uint8, at least ``lay.nbytes``) as ``lay`` says.
 
-    Every token is written once, by one ``np.concatenate(..., out=)`` over memory-map slices in
-    output order (one slice per segment: Python work per row, none per token, as in ``assemble``).
+    Every token is written once: for the host-widened layout by one pass of the C kernel
+    (``pairpack/_native.c``, rows and masks) when it is built; otherwise by one
+    ``np.concatenate(..., out=)`` over memory-map slices in output order (one slice per segment:
+    Python work per row, none per token, as in ``assemble``'s numpy path).
     """
     p, c = _lengths(plan)
     b, n = lay.batch, lay.length
