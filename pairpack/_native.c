@@ -20,16 +20,45 @@
 #define PREFETCH(p) ((void)(p))
 #endif
 
+/* Buffers of a tuple's items, acquired on first use (a batch touches few of many shards). */
 typedef struct {
+    PyObject *seq;
     Py_buffer *views;
     Py_ssize_t count;
-} Shards;
+} Lazy;
 
-static void release_shards(Shards *sh) {
-    for (Py_ssize_t k = 0; k < sh->count; k++) PyBuffer_Release(&sh->views[k]);
-    PyMem_Free(sh->views);
-    sh->views = NULL;
-    sh->count = 0;
+static int lazy_init(Lazy *lz, PyObject *seq, const char *name) {
+    lz->seq = seq;
+    lz->views = NULL;
+    lz->count = 0;
+    if (!PyTuple_Check(seq)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a tuple", name);
+        return -1;
+    }
+    lz->count = PyTuple_GET_SIZE(seq);
+    lz->views = PyMem_Calloc((size_t)(lz->count ? lz->count : 1), sizeof(Py_buffer));
+    if (lz->views == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static Py_buffer *lazy_get(Lazy *lz, Py_ssize_t k) {
+    Py_buffer *v = &lz->views[k];
+    if (v->obj == NULL && PyObject_GetBuffer(PyTuple_GET_ITEM(lz->seq, k), v, PyBUF_C_CONTIGUOUS) < 0) {
+        v->obj = NULL;
+        return NULL;
+    }
+    return v;
+}
+
+static void lazy_release(Lazy *lz) {
+    if (lz->views)
+        for (Py_ssize_t k = 0; k < lz->count; k++)
+            if (lz->views[k].obj) PyBuffer_Release(&lz->views[k]);
+    PyMem_Free(lz->views);
+    lz->views = NULL;
 }
 
 /* Borrow a C-contiguous buffer of exactly `bytes` bytes (any multiple of 8 when bytes < 0),
@@ -101,23 +130,13 @@ static PyObject *native_assemble(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "n must be >= 0");
         return NULL;
     }
-    Shards sh = {NULL, 0};
+    Lazy sh = {0};
     Py_buffer ps = {0}, pl = {0}, cs = {0}, cl = {0}, sof = {0}, out = {0}, masks = {0};
     int have_sof = 0, have_masks = 0, ok = 0;
     Py_ssize_t nshards = PyTuple_GET_SIZE(shard_seq);
     Py_ssize_t itemsize = 0;
-    sh.views = PyMem_Calloc((size_t)nshards, sizeof(Py_buffer));
-    if (sh.views == NULL) return PyErr_NoMemory();
-    for (Py_ssize_t k = 0; k < nshards; k++) {
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(shard_seq, k), &sh.views[k], PyBUF_C_CONTIGUOUS) < 0) goto done;
-        sh.count = k + 1;
-        Py_ssize_t isz = sh.views[k].itemsize;
-        if ((isz != 2 && isz != 4) || (itemsize && isz != itemsize)) {
-            PyErr_Format(PyExc_ValueError, "shards[%zd]: itemsize %zd (all shards must be uint16 or all uint32)", k, isz);
-            goto done;
-        }
-        itemsize = isz;
-    }
+    /* only the shards the batch uses are acquired (a dataset may have hundreds) */
+    if (lazy_init(&sh, shard_seq, "shards") < 0) goto done;
     /* B comes from prompt_start's size; every other buffer is checked against it */
     if (get_exact(ps_obj, &ps, -1, 0, "prompt_start") < 0) goto done;
     Py_ssize_t B = ps.len / 8;
@@ -150,7 +169,15 @@ static PyObject *native_assemble(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "pair %zd: shard %lld out of range", i, (long long)k);
             goto done;
         }
-        int64_t len = sh.views[k].len / itemsize;
+        Py_buffer *v = lazy_get(&sh, k);
+        if (v == NULL) goto done;
+        if ((v->itemsize != 2 && v->itemsize != 4) || (itemsize && v->itemsize != itemsize)) {
+            PyErr_Format(PyExc_ValueError, "shards[%lld]: itemsize %zd (all shards must be uint16 or all uint32)",
+                         (long long)k, v->itemsize);
+            goto done;
+        }
+        itemsize = v->itemsize;
+        int64_t len = v->len / itemsize;
         int64_t segs[3][2] = {{P0[i], PL[i]}, {C0[i], CL[i]}, {C0[B + i], CL[B + i]}};
         for (int g = 0; g < 3; g++) {
             int64_t a = segs[g][0], l = segs[g][1];
@@ -205,7 +232,7 @@ static PyObject *native_assemble(PyObject *self, PyObject *args) {
     ok = 1;
 
 done:
-    release_shards(&sh);
+    lazy_release(&sh);
     if (ps.obj) PyBuffer_Release(&ps);
     if (pl.obj) PyBuffer_Release(&pl);
     if (cs.obj) PyBuffer_Release(&cs);
@@ -217,47 +244,6 @@ done:
     Py_RETURN_NONE;
 }
 
-
-/* Buffers of a tuple's items, acquired on first use (a batch touches few of many shards). */
-typedef struct {
-    PyObject *seq;
-    Py_buffer *views;
-    Py_ssize_t count;
-} Lazy;
-
-static int lazy_init(Lazy *lz, PyObject *seq, const char *name) {
-    lz->seq = seq;
-    lz->views = NULL;
-    lz->count = 0;
-    if (!PyTuple_Check(seq)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a tuple", name);
-        return -1;
-    }
-    lz->count = PyTuple_GET_SIZE(seq);
-    lz->views = PyMem_Calloc((size_t)(lz->count ? lz->count : 1), sizeof(Py_buffer));
-    if (lz->views == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    return 0;
-}
-
-static Py_buffer *lazy_get(Lazy *lz, Py_ssize_t k) {
-    Py_buffer *v = &lz->views[k];
-    if (v->obj == NULL && PyObject_GetBuffer(PyTuple_GET_ITEM(lz->seq, k), v, PyBUF_C_CONTIGUOUS) < 0) {
-        v->obj = NULL;
-        return NULL;
-    }
-    return v;
-}
-
-static void lazy_release(Lazy *lz) {
-    if (lz->views)
-        for (Py_ssize_t k = 0; k < lz->count; k++)
-            if (lz->views[k].obj) PyBuffer_Release(&lz->views[k]);
-    PyMem_Free(lz->views);
-    lz->views = NULL;
-}
 
 PyDoc_STRVAR(take_doc,
 "take(indices, num_pairs, bounds, starts, lengths, num_tokens, coords) -> int\n"

@@ -203,8 +203,10 @@ def test_kernel_rejects_malformed_arguments() -> None:
         args[pos] = value
         with pytest.raises(err):
             native.assemble(*args)
-    with pytest.raises(ValueError, match="uint16 or all uint32"):
-        native.assemble((tok, tok.astype(np.uint32)), np.zeros(1, dtype=np.int64), *ok[2:])
+    two = np.zeros(2, dtype=np.int64)
+    with pytest.raises(ValueError, match="uint16 or all uint32"):  # a batch over both shards
+        native.assemble((tok, tok.astype(np.uint32)), np.array([0, 1]), two, two + 1, np.zeros((2, 2), np.int64),
+                        np.ones((2, 2), np.int64), 4, 0, np.empty((2, 2, 4), np.int64), None)
     with pytest.raises(ValueError, match="read-only"):  # a read-only output
         ro = out.copy()
         ro.flags.writeable = False
