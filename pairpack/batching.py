@@ -210,12 +210,17 @@ def _split_to_multiple(bounds: np.ndarray, world_size: int) -> np.ndarray:
     return np.asarray(b, dtype=np.int64)
 
 
-def _global_plan(lengths: np.ndarray, order: np.ndarray, *, batch_size: int | None, max_tokens: int | None,
-                 group_by_length: bool, window: int | None, seed: int | Sequence[int], drop_last: bool,
-                 max_length: int | None, min_completion_tokens: int, pad_to_multiple_of: int | None,
-                 world_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _global_plan(lengths: np.ndarray, order: np.ndarray, *, batch_size: int | None = None,
+                 max_tokens: int | None = None, group_by_length: bool = False, window: int | None = None,
+                 seed: int | Sequence[int] = 0, drop_last: bool = False, max_length: int | None = None,
+                 min_completion_tokens: int = 1, pad_to_multiple_of: int | None = None,
+                 world_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every rank's batches of one epoch: ``(seq, starts, ends)`` where batch ``j`` of rank ``r``
-    is ``seq[starts[j * W + r]:ends[j * W + r]]`` (``W`` = world size; batches in serving order)."""
+    is ``seq[starts[j * W + r]:ends[j * W + r]]`` (``W`` = world size; batches in serving order).
+    Options as for :func:`plan_rank`."""
+    check_options(batch_size=batch_size, max_tokens=max_tokens, max_length=max_length,
+                  min_completion_tokens=min_completion_tokens, pad_to_multiple_of=pad_to_multiple_of,
+                  window=window)
     order = np.asarray(order, dtype=np.int64)
     rng = np.random.default_rng(seed)
     w = world_size
@@ -287,9 +292,6 @@ def plan_rank(
     arguments; ``lengths`` must be the untruncated ``(3, N)`` lengths and ``max_length`` the
     effective truncation length (pairs over the budget already removed from ``order``).
     """
-    check_options(batch_size=batch_size, max_tokens=max_tokens, max_length=max_length,
-                  min_completion_tokens=min_completion_tokens, pad_to_multiple_of=pad_to_multiple_of,
-                  window=window)
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     seq, starts, ends = _global_plan(
@@ -307,12 +309,7 @@ def served_pairs(lengths: np.ndarray, order: np.ndarray, *, position: int, world
     batches of the epoch that ``order`` and ``options`` (as for :func:`plan_rank`) describe: what
     an elastic resume must not serve again. int64, in serving order (a pair the
     DistributedSampler rule repeats appears as often as it was served)."""
-    check_options(batch_size=options.get("batch_size"), max_tokens=options.get("max_tokens"),
-                  max_length=options.get("max_length"), min_completion_tokens=options.get("min_completion_tokens", 1),
-                  pad_to_multiple_of=options.get("pad_to_multiple_of"), window=options.get("window"))
-    defaults = dict(batch_size=None, max_tokens=None, group_by_length=False, window=None, seed=0, drop_last=False,
-                    max_length=None, min_completion_tokens=1, pad_to_multiple_of=None)
-    seq, starts, ends = _global_plan(lengths, order, world_size=world_size, **{**defaults, **options})
+    seq, starts, ends = _global_plan(lengths, order, world_size=world_size, **options)
     k = min(max(position, 0) * world_size, len(starts))
     return seq[_ranges(starts[:k], ends[:k])]
 

@@ -151,11 +151,17 @@ def _seg_ids(seg: Any, name: str, job: _Job) -> list[int]:
 def process_block(job: _Job, extractor: Callable[[Any], tuple], block: Block) -> BlockResult:
     """Parse, shape, tokenize and check one block. Pure: the result depends on ``job`` and the
     block only (never on which process runs it)."""
-    spec = job.opts.spec
-    if (job.mode == "ids" and job.opts.shape == "fields" and job.bos is None and job.eos is None
-            and not any("." in n for n in (spec.prompt, spec.chosen, spec.rejected))):
+    if _plain_ids(job):
         return _process_ids_fast(job, extractor, block)
     return _process_records(job, extractor, block_records(block), block.path)
+
+
+def _plain_ids(job: _Job) -> bool:
+    """Pre-tokenized ``fields`` records under plain (undotted) names, no BOS/EOS to add: the
+    inputs :func:`_process_ids_fast` (and its C reader) take."""
+    spec = job.opts.spec
+    return (job.mode == "ids" and job.opts.shape == "fields" and job.bos is None and job.eos is None
+            and not any("." in n for n in (spec.prompt, spec.chosen, spec.rejected)))
 
 
 def _process_ids_fast(job: _Job, extractor: Callable[[Any], tuple], block: Block) -> BlockResult:
@@ -672,9 +678,7 @@ def _threads_suffice(job: _Job) -> bool:
     """Whether blocks take the C reader (:func:`_scan_native`), which runs without the GIL: then
     worker threads beat worker processes. A block the C reader gives up on still comes out
     right, on the Python path, just without parallelism."""
-    spec = job.opts.spec
-    return (_accel.native is not None and job.mode == "ids" and job.opts.shape == "fields" and job.bos is None
-            and job.eos is None and not any("." in n for n in (spec.prompt, spec.chosen, spec.rejected)))
+    return _accel.native is not None and _plain_ids(job)
 
 
 def _up_to_date(out: Path, sources: list[Source], options: dict[str, Any], part: dict[str, int] | None,

@@ -71,7 +71,7 @@ import torch
 from . import _accel
 from .errors import DeviceError
 from ._accel import native_applies
-from .triplets import Triplets, _round_up, shards_of
+from .triplets import Triplets, _round_up, shards_of, write_native
 
 if TYPE_CHECKING:
     from .batching import BatchPlan
@@ -207,13 +207,11 @@ def write_host(plan: _PlanLike, lay: HostLayout, buf: np.ndarray, *, pad_id: int
         shards, shard_of = (plan.shards, plan.shard_of) if getattr(plan, "shards", None) else shards_of(plan.tokens)
         if nat is not None and native_applies(shards, pad_id):
             # one C pass writes the int64 rows and the masks straight into the pinned buffer
-            nat.assemble(shards, None if shard_of is None else np.ascontiguousarray(shard_of, dtype=np.int64),
-                         np.ascontiguousarray(plan.prompt_start, dtype=np.int64), p,
-                         np.ascontiguousarray(plan.completion_start, dtype=np.int64).reshape(2, b), c, n, pad_id,
-                         tok, masks)
+            write_native(nat, shards, shard_of, plan.prompt_start, p, plan.completion_start, c, n, pad_id, tok, masks)
             return
-        np.less(np.arange(n), meta[0][:, None], out=masks[0])
-        np.less(np.arange(n), meta[4:6][:, :, None], out=masks[1:])
+        pos = np.arange(n)
+        np.less(pos, meta[0][:, None], out=masks[0])
+        np.less(pos, meta[4:6][:, :, None], out=masks[1:])
     # slice plain ndarray views of the memory maps: slicing an np.memmap costs ~1.5 us (its
     # __array_finalize__), a plain view ~0.2 us, and a batch takes 3B to 6B slices
     base = {id(t): t for t in plan.tokens}

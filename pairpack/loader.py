@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import xxhash
 
-from . import _accel, batching as bt
+from . import batching as bt
 from .errors import PairpackError, StateError
 from .reader import Dataset, open_dataset
 from .sampling import epoch_order, resolve_rank
@@ -349,14 +349,8 @@ class Loader:
                   min_completion_tokens=self.min_completion_tokens, columns=self.columns,
                   pad_to_multiple_of=self.pad_to_multiple_of)
         cut = offsets.tolist()
-        nat = _accel.native
-        fast = self.ds._batch_native  # the two-C-call path, tried first (as bt.batch_of does)
-        mult, cols, cap = self.pad_to_multiple_of, self.columns, self.effective_max_length
         for j in range(start, nb):
-            idx = flat[cut[j]:cut[j + 1]]
-            batch = [fast(nat, idx, mult, cols, cap) if nat is not None else None]
-            if batch[0] is None:
-                batch[0] = bt.batch_of(self.ds, idx, **kw)
+            batch = [bt.batch_of(self.ds, flat[cut[j]:cut[j + 1]], **kw)]
             self._position = j + 1  # counted when handed out, so a state saved now resumes after it
             # the frame keeps no reference: once the caller drops a batch its memory is reused by
             # the next one while still in cache (measured ~20% faster in tools/bench_reader.py)

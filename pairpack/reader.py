@@ -223,8 +223,9 @@ class Dataset:
         return Taken(idx, tokens, starts, lengths, cols)
 
     def _native_shards(self) -> tuple[Any, ...]:
-        """The per-shard arrays the C kernels read: (starts, lengths, token counts, tokens), built
-        once per open (raises on a closed dataset, as every read does)."""
+        """What the C kernels read, built once per open: per-shard (starts, lengths, token counts,
+        tokens), and whether the kernels take this dataset's dtype and pad_id. Raises on a closed
+        dataset, as every read does."""
         shards = self._live()
         if self._native_args is None:
             toks = tuple(s.tokens for s in shards)
@@ -233,15 +234,24 @@ class Dataset:
                                  np.array([s.tokens.shape[0] for s in shards], dtype=np.int64), toks, ok)
         return self._native_args
 
+    def _locate_native(self, nat: Any, idx: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """The C ``take``: coords int64 ``(8, B)`` (index, shard, 3 starts, 3 lengths) and the
+        longest row; raises IndexError for an index out of range, None for a bad segment."""
+        st, ln, ntok = (self._native_args or self._native_shards())[:3]
+        coords = np.empty((8, idx.size), dtype=np.int64)
+        try:
+            return coords, nat.take(idx, self.manifest.num_pairs, self._bounds, st, ln, ntok, coords)
+        except ValueError:
+            return None
+
     def _take_native(self, nat: Any, idx: np.ndarray, columns: Sequence[str]) -> Taken | None:
         """:meth:`take` through the C kernel: one pass locates, range-checks and bounds-checks
         every pair. None when a segment is bad, so the numpy path raises the detailed error."""
-        st, ln, ntok, toks, _ = self._native_shards()
-        coords = np.empty((8, idx.size), dtype=np.int64)  # index, shard, 3 starts, 3 lengths
-        try:
-            longest = nat.take(np.ascontiguousarray(idx), len(self), self._bounds, st, ln, ntok, coords)
-        except ValueError:
+        got = self._locate_native(nat, np.ascontiguousarray(idx))
+        if got is None:
             return None
+        coords, longest = got
+        toks = self._native_shards()[3]
         idx = coords[0]
         cols = {c: np.asarray(self.column(c)[idx]) for c in columns}
         if len(toks) == 1:
@@ -257,23 +267,20 @@ class Dataset:
         path then gives the result or the detailed error; rows over ``max_length``: truncation)."""
         idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
         b = idx.size
-        st, ln, ntok, toks, ok = self._native_args or self._native_shards()
+        toks, ok = (self._native_args or self._native_shards())[3:]
         if not (b and ok):
             return None
-        coords = np.empty((8, b), dtype=np.int64)  # index, shard, 3 starts, 3 lengths
-        try:
-            longest = nat.take(idx, self.manifest.num_pairs, self._bounds, st, ln, ntok, coords)
-        except ValueError:
+        got = self._locate_native(nat, idx)
+        if got is None or (max_length is not None and got[1] > max_length):
             return None
-        if max_length is not None and longest > max_length:
-            return None
+        coords, longest = got
         n = -(-longest // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else longest
         seqs = np.empty((2, b, n), dtype=np.int64)
         masks = np.empty((3, b, n), dtype=np.bool_)
         nat.assemble(toks, None if len(toks) == 1 else coords[1], coords[2], coords[5], coords[3:5], coords[6:8], n,
                      self.manifest.pad_id, seqs, masks)
         cols = {c: np.asarray(self.column(c)[coords[0]]) for c in columns} if columns else None
-        return _triplets().from_native(seqs, masks, coords, cols)
+        return _triplets().wrap(seqs, masks, coords[0], coords[5], coords[6:8], cols)
 
     def segments(self, indices: Sequence[int] | np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Coordinates of pairs ``indices``: (tokens array per pair, starts (3, B), lengths (3, B))."""
@@ -294,9 +301,9 @@ class Dataset:
             if got is not None:
                 return got
         t = self.take(indices, columns)
-        return _triplets().assemble(t.tokens, t.starts[0], t.lengths[0], t.starts[1:], t.lengths[1:], pad_id=self.pad_id,
-                        pad_to_multiple_of=pad_to_multiple_of, indices=t.indices, columns=t.columns,
-                        shards=t.shards, shard_of=t.shard_of, longest=t.longest)
+        return _triplets().assemble(t.tokens, t.starts[0], t.lengths[0], t.starts[1:], t.lengths[1:],
+                                    pad_id=self.pad_id, pad_to_multiple_of=pad_to_multiple_of, indices=t.indices,
+                                    columns=t.columns, shards=t.shards, shard_of=t.shard_of, longest=t.longest)
 
     # --- text -----------------------------------------------------------------------------------
     @property
