@@ -1,7 +1,7 @@
 """Build hook for the optional C extension ``pairpack._native`` (all metadata is in pyproject.toml).
 
 The extension is optional: without a C compiler the build skips it and pairpack uses its numpy
-path (same results, slower batches; ``pairpack.triplets.NATIVE`` says which one is in use).
+path (same results, slower; ``pairpack --version`` and ``pairpack.backend()`` say which one is in use).
 """
 
 from setuptools import Extension, setup

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
     ChecksumError,
     DatasetExistsError,
     DeviceError,
@@ -25,19 +24,21 @@ from .errors import (  # noqa: E402
     StateError,
     TokenizerError,
 )
-from .format import FORMAT_VERSION  # noqa: E402
-from .reader import Dataset, Pair, open_dataset as open  # noqa: E402,A001
-from .writer import Writer  # noqa: E402
-from .build import build  # noqa: E402  (the function shadows the submodule name on purpose)
+from .format import FORMAT_VERSION
+from .read.dataset import Dataset, Pair
+from .read.dataset import open_dataset as open  # noqa: A001
+from .read.verify import verify_dataset as verify
+from .write.writer import Writer
 
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
     "open",
+    "build",
+    "verify",
     "Dataset",
     "Pair",
     "Writer",
-    "build",
     "Triplets",
     "Loader",
     "Collate",
@@ -62,18 +63,27 @@ def backend() -> str:
     return "native" if _accel.native is not None else "numpy"
 
 
+def build(*args: Any, **kwargs: Any) -> Any:
+    """Build a dataset from preference records: :func:`pairpack.ingest.build.build` (its docstring
+    lists the options). A thin wrapper so that ``import pairpack`` does not load the ingest
+    pipeline, which a training job never needs."""
+    from .ingest.build import build as _build
+
+    return _build(*args, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
-    # torch-dependent and heavier names load on first use, so `import pairpack` stays light
+    # the batch types need torch; they load on first use so that `import pairpack` stays light
     if name == "Triplets":
-        from .triplets import Triplets
+        from .batch.triplets import Triplets
 
         return Triplets
     if name == "Loader":
-        from .loader import Loader
+        from .batch.loader import Loader
 
         return Loader
     if name == "Collate":
-        from .batching import Collate
+        from .batch.plan import Collate
 
         return Collate
     raise AttributeError(f"module 'pairpack' has no attribute {name!r}")

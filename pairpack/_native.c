@@ -1,11 +1,13 @@
-/* pairpack._native: the batch gather of pairpack.triplets.assemble in one pass, in C.
+/* pairpack._native: the three hot loops of pairpack, in C.
  *
- * Optional: pairpack works without it (pairpack/triplets.py has the numpy path, which gives the
- * same bytes; tests compare the two). Why it exists: the numpy path joins ~5 memory-map slices
- * per pair with np.concatenate, and the Python cost of making those slices, plus a second pass
- * that widens to int64, dominates a batch (tools/bench_reader.py). Here every output byte is
- * written once, the GIL is released while copying, and every segment is bounds-checked against
- * its token buffer before anything is written (never an out-of-bounds read).
+ *   take      locate a batch's pairs and bounds-check every segment (twin: read/dataset.py, Dataset.take)
+ *   assemble  write a batch's int64 rows and masks in one pass, GIL released (twin: batch/triplets.py)
+ *   scan_ids  a strict JSONL reader for pre-tokenized records that hands any line it is not sure of
+ *             to the exact Python path (twin: ingest/build.py)
+ *
+ * Optional: pairpack works without it (each kernel's twin gives the same bytes; tests/test_native.py
+ * compares them). Every segment is bounds-checked against its token buffer before anything is
+ * written: never an out-of-bounds read, whatever the index arrays say.
  *
  * Uses only the buffer protocol: no numpy C API, so it builds against any numpy.
  */

@@ -14,7 +14,8 @@ from typing import Any
 import click
 import numpy as np
 
-from . import FORMAT_VERSION, __version__, backend
+from . import FORMAT_VERSION, backend
+from ._version import __version__
 from .errors import PairpackError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -122,7 +123,7 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
       pairpack build ids.jsonl.zst -o data/ids --vocab-size 151669 --pad-id 151643
       pairpack build big/ -o parts/p3 --num-shards 8 --shard-index 3 --resume
     """
-    from .build import build as run_build
+    from .ingest.build import build as run_build
 
     if shard_index >= num_shards:
         raise click.BadParameter(f"must be < --num-shards ({num_shards})", param_hint="--shard-index")
@@ -184,7 +185,7 @@ def merge(parts: tuple[Path, ...], output: Path, how: str | None, allow_partial:
       for i in 0 1 2 3; do pairpack build data/ -o parts/p$i --num-shards 4 --shard-index $i; done
       pairpack merge parts/p* -o data/all
     """
-    from .merge import merge as run_merge
+    from .ops.merge import merge as run_merge
 
     report = run_merge(list(parts), output, force=force, how=how or "link", allow_partial=allow_partial)
     click.echo(report.summary())
@@ -207,7 +208,7 @@ def export(dataset: Path, output: Path, decode: bool, force: bool) -> None:
       pairpack export data/train -o train.jsonl.zst --decode
       pairpack build train.jsonl.zst -o data/train2
     """
-    from .merge import export as run_export
+    from .ops.export import export as run_export
 
     n = run_export(dataset, output, decode=decode, force=force)
     click.echo(f"exported {n:,} pairs to {output} (settings in {output}.pairpack.json)")
@@ -254,7 +255,7 @@ def info(dataset: Path, as_json: bool) -> None:
     Example:
       pairpack info data/train
     """
-    from .reader import open_dataset
+    from .read.dataset import open_dataset
 
     ds = open_dataset(dataset)
     m = ds.manifest
@@ -308,8 +309,8 @@ def show(dataset: Path, index: int, show_ids: bool, as_json: bool, color: bool |
       pairpack show data/train -1 --ids
       pairpack show data/train 7 --json | jq .chosen.length
     """
-    from .reader import open_dataset
-    from .show import pair_to_json, render_pair, use_color
+    from .ops.show import pair_to_json, render_pair, use_color
+    from .read.dataset import open_dataset
 
     ds = open_dataset(dataset)
     try:
@@ -337,9 +338,8 @@ def verify(dataset: Path, no_checksums: bool) -> None:
     import time
 
     from .format import read_manifest
-    from .reader import verify_dataset
-
     from .progress import Progress
+    from .read.verify import verify_dataset
 
     t0 = time.perf_counter()
     try:
@@ -399,10 +399,9 @@ def stats(dataset: Path, max_lengths: tuple[int, ...], batch_size: int | None, m
       pairpack stats data/train --max-tokens 65536 --plot lengths.png
       pairpack stats data/train --json | jq .suggested_max_length
     """
-    from .reader import open_dataset
-    from .stats import PLOT_INSTALL_HINT, compute_stats, plot_stats
-
-    from .batching import check_options
+    from .batch.plan import check_options
+    from .ops.stats import PLOT_INSTALL_HINT, compute_stats, plot_stats
+    from .read.dataset import open_dataset
 
     if batch_size is not None and max_tokens is not None:
         raise click.UsageError("give --batch-size or --max-tokens, not both")
@@ -452,7 +451,7 @@ def pack(dataset: Path, output: Path, level: int, threads: int, force: bool, as_
       pairpack pack data/train -o train.pairpack.zst
       pairpack pack data/train -o train.pairpack.zst --level 19
     """
-    from .archive import pack as run_pack
+    from .ops.archive import pack as run_pack
 
     report = run_pack(dataset, output, level=level, threads=threads, force=force)
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else report.summary())
@@ -471,7 +470,7 @@ def unpack(archive: Path, output: Path, force: bool, as_json: bool) -> None:
     Example:
       pairpack unpack train.pairpack.zst -o data/train
     """
-    from .archive import unpack as run_unpack
+    from .ops.archive import unpack as run_unpack
 
     report = run_unpack(archive, output, force=force)
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else report.summary())
@@ -506,7 +505,7 @@ def demo(out: Path, plot: Path | None = None, steps: int | None = None, threads:
       pairpack demo --out /tmp/demo
       pairpack demo --plot dpo-curves.png
     """
-    from .build import build as run_build
+    from .ingest.build import build as run_build
 
     ds_path = out / "sample"
     click.echo(f"building {sample_path().name} -> {ds_path}")
@@ -521,11 +520,17 @@ def demo(out: Path, plot: Path | None = None, steps: int | None = None, threads:
 
 def _demo_dpo(ds_path: Path, *, plot: Path | None, steps: int | None, threads: int | None,
               progress: bool | None) -> None:
-    """The DPO part of ``pairpack demo`` (logic in pairpack.demo)."""
+    """The DPO part of ``pairpack demo`` (logic in pairpack.train.demo)."""
     import dataclasses
     import time
 
-    from .demo import DemoConfig, format_table, require_matplotlib, run_demo, save_plot
+    from .train.demo import (
+        DemoConfig,
+        format_table,
+        require_matplotlib,
+        run_demo,
+        save_plot,
+    )
 
     if plot is not None:
         require_matplotlib()  # fail now, not after a minute of training

@@ -18,7 +18,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import xxhash
 
-from .errors import TokenizerError
+from . import format as fmt
+from .errors import FormatError, TokenizerError
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_from_manifest",
            "HF_INSTALL_HINT", "TOKENIZER_FILE"]
@@ -276,11 +277,9 @@ def tokenizer_from_manifest(obj: dict[str, Any], root: str | os.PathLike | None 
         candidates = []
         f = obj.get("file")
         if root is not None and isinstance(f, dict) and isinstance(f.get("path"), str):
-            from . import format as fmt  # the dataset's copy must stay inside it (FORMAT.md §8 R3)
-
-            try:
+            try:  # the dataset's copy must stay inside it (FORMAT.md §8 R3)
                 candidates.append(fmt.resolve_file(Path(root), fmt.check_relpath(f["path"], root, "tokenizer.file")))
-            except fmt.FormatError:
+            except FormatError:
                 pass
         for p in candidates:
             if not p.is_file():

@@ -31,7 +31,7 @@ import numpy as np
 
 import pairpack
 from pairpack import format as fmt
-from pairpack.reader import verify_dataset
+from pairpack.read.verify import verify_dataset
 
 __all__ = ["run_case", "reference_read", "make_dataset", "CaseFailure", "CaseTimeout"]
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pairpack
-from pairpack import archive
+from pairpack.ops import archive as archive
 from pairpack.errors import ChecksumError, DatasetExistsError, FormatError, PairpackError
 
 from .conftest import run_cli

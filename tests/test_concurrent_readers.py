@@ -77,7 +77,7 @@ def test_readers_and_verify_concurrently(tmp_path):
 def test_verify_reports_progress_per_file(tmp_path):
     """verify_dataset's on_file callback sees every shard file once, with its manifest size (the
     CLI draws its progress bar from it)."""
-    from pairpack.reader import verify_dataset
+    from pairpack.read.verify import verify_dataset
 
     with pairpack.Writer(tmp_path / "ds", shard_bytes=64, columns={"score": "float32"}) as w:
         for i in range(20):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import pairpack
-from pairpack.reader import verify_dataset
+from pairpack.read.verify import verify_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -32,10 +32,12 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTH
 # SIGKILLs the process ("before" or "after" the real call): a kill at an exact commit step.
 KILL_AT = r"""
 import os, shutil, signal, sys
-import pairpack.writer as w
+import pairpack.format.fsio as fsio
+import pairpack.write.writer as w
 name, nth, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-owner = {"rename": os, "rmtree": shutil}.get(name, w)
-orig = getattr(owner, name)
+# every module that binds the name, so that the nth call counts across them
+owners = {"rename": [os], "rmtree": [shutil], "_exchange": [fsio], "_fsync_dir": [w, fsio]}.get(name, [w])
+orig = getattr(owners[0], name)
 calls = [0]
 def wrapped(*a, **k):
     calls[0] += 1
@@ -45,7 +47,8 @@ def wrapped(*a, **k):
     if calls[0] == nth and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)
     return out
-setattr(owner, name, wrapped)
+for owner in owners:
+    setattr(owner, name, wrapped)
 from pairpack.cli import main
 sys.argv = ["pairpack", "build"] + sys.argv[4:]
 main()
@@ -194,8 +197,8 @@ def test_disk_full_real_write_error(inputs, tmp_path, limit):
 @pytest.mark.parametrize("where", ["_flush_tokens", "_concat_npy", "_fsync_dir", "manifest"])
 def test_disk_full_injected_enospc(inputs, tmp_path, monkeypatch, where):
     """ENOSPC injected at the token flush, the index files, the directory sync or the manifest."""
-    import pairpack.writer as w
-    from pairpack.build import build
+    import pairpack.write.writer as w
+    from pairpack.ingest.build import build
 
     def boom(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -19,10 +19,10 @@ import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
-from pairpack.batching import BatchPlan
-from pairpack.cuda import DeviceFeeder, _Engine, expand, layout_for, write_host
+from pairpack.batch.plan import BatchPlan
+from pairpack.batch.cuda import DeviceFeeder, _Engine, expand, layout_for, write_host
 from pairpack.errors import DeviceError, PairpackError
-from pairpack.triplets import Triplets, assemble
+from pairpack.batch.triplets import Triplets, assemble
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask",
@@ -295,7 +295,7 @@ def test_returned_batches_stay_valid_while_held():
 
 def test_cpu_feeder_with_a_real_dataset_and_columns(tmp_path):
     import pairpack
-    from pairpack.batching import make_plan
+    from pairpack.batch.plan import make_plan
 
     rng = np.random.default_rng(5)
     with pairpack.Writer(tmp_path / "ds", vocab_size=70000, pad_id=69999, columns={"score": "float32"}) as w:
@@ -437,7 +437,7 @@ def _loader_dataset(tmp_path: Path) -> Path:
 def test_loader_device_path_runs_the_feeder_on_cpu(tmp_path):
     # the Loader sends plans to its feeder only for a non-CPU device; swap the feeder class in to
     # run that path (submission ahead, get, close) here, against the Loader's own CPU batches
-    from pairpack.loader import Loader
+    from pairpack.batch.loader import Loader
 
     path = _loader_dataset(tmp_path)
     plain = list(Loader(path, batch_size=7, seed=3, max_length=20, pad_to_multiple_of=4))
@@ -454,7 +454,7 @@ def test_loader_device_path_runs_the_feeder_on_cpu(tmp_path):
 
 @pytest.mark.cuda
 def test_loader_on_cuda_equals_the_cpu_loader(tmp_path):
-    from pairpack.loader import Loader
+    from pairpack.batch.loader import Loader
 
     path = _loader_dataset(tmp_path)
     plain = list(Loader(path, batch_size=7, seed=3, max_length=20))

@@ -1,4 +1,4 @@
-"""The DPO demo in a shortened form: the loss starts at ln 2 exactly and falls (pairpack.demo, CLI)."""
+"""The DPO demo in a shortened form: the loss starts at ln 2 exactly and falls (pairpack.train.demo, CLI)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from pairpack.build import build
-from pairpack.demo import DemoConfig, format_table, run_demo, save_plot
-from pairpack.reference import REFERENCE_COLUMNS
+from pairpack.ingest.build import build
+from pairpack.train.demo import DemoConfig, format_table, run_demo, save_plot
+from pairpack.train.reference import REFERENCE_COLUMNS
 
 from .conftest import run_cli
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pairpack
-from pairpack.loader import Loader
+from pairpack.batch.loader import Loader
 
 WORLD = 2
 CASES = [

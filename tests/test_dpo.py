@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pairpack.dpo import DPO, dpo_loss, sequence_logprobs
+from pairpack.train.dpo import DPO, dpo_loss, sequence_logprobs
 
 VOCAB = 11
 DIM = 8

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import pairpack
-from pairpack.build import build
-from pairpack.dpo import DPO
-from pairpack.reference import REFERENCE_COLUMNS, precompute_reference, reference_kwargs
-from pairpack.tinylm import TinyLM
+from pairpack.ingest.build import build
+from pairpack.train.dpo import DPO
+from pairpack.train.reference import REFERENCE_COLUMNS, precompute_reference, reference_kwargs
+from pairpack.train.tinylm import TinyLM
 
 BETA = 0.1
 BYTE_VOCAB, BYTE_EOS = 259, 258  # the built-in tokenizer: UTF-8 bytes, EOS appended to text completions

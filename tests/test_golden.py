@@ -139,7 +139,7 @@ def test_checksum_test_vector(tmp_path):
 
 
 def test_constants_cite_spec_sections():
-    src = (ROOT / "pairpack" / "format.py").read_text()
+    src = (ROOT / "pairpack" / "format" / "spec.py").read_text()
     for line in src.splitlines():
         if re.match(r"^[A-Z][A-Z0-9_]+ = ", line) and not line.startswith("_"):
             assert "FORMAT.md §" in line, f"constant without a spec section: {line}"

@@ -25,7 +25,7 @@ import pytest
 import pairpack
 from pairpack import ChecksumError, FormatError, PairpackError
 from pairpack import format as fmt
-from pairpack.reader import verify_dataset
+from pairpack.read.verify import verify_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,8 +1,6 @@
-"""Module dependencies point one way (the brief's layering), checked on the source's imports.
-
-errors <- format <- {writer, reader} <- {batching, sampling, cuda, loader} <- cli;
-dpo depends on torch only (other pairpack modules only lazily, inside functions).
-"""
+"""The package layout as a rule (README, "Development"): each subpackage may import only the layers
+below it, every import included (function-level imports too), with no cycles; ``import pairpack``
+and reading a pair load neither torch nor the ingest pipeline."""
 
 from __future__ import annotations
 
@@ -15,76 +13,166 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "pairpack"
 
-# module -> pairpack modules it must never import at module level
-FORBIDDEN = {
-    "errors": {"*"},
-    "format": {"writer", "reader", "build", "cli", "loader", "batching", "sampling", "cuda", "dpo", "triplets"},
-    "writer": {"reader", "build", "cli", "loader", "batching", "sampling", "cuda", "dpo"},
-    "reader": {"writer", "build", "cli", "loader", "batching", "sampling", "cuda", "dpo"},
-    "triplets": {"writer", "reader", "build", "cli", "loader", "batching", "sampling", "cuda", "dpo"},
-    "dpo": {"*"},
-    "sources": {"reader", "writer", "cli", "loader", "batching", "cuda", "dpo"},
-    "shapes": {"reader", "writer", "cli", "loader", "batching", "cuda", "dpo"},
-    "tokenization": {"reader", "writer", "cli", "loader", "batching", "cuda", "dpo"},
-    "batching": {"cli", "build", "loader", "cuda"},
-    "sampling": {"cli", "build", "writer", "loader", "cuda"},
-    "loader": {"cli", "build"},
-    "cuda": {"cli", "build", "loader"},
-    "tinylm": {"*"},
-    "stats": {"cli", "build", "cuda", "dpo"},
-    "archive": {"cli", "build", "loader", "cuda", "dpo"},
-    "merge": {"cli", "loader", "cuda", "dpo"},
-    "show": {"cli", "build", "loader", "cuda", "dpo"},
-    "reference": {"cli", "build"},
-    "demo": {"cli"},
+# unit (a subpackage, or a top-level module) -> the pairpack units it may import
+ALLOWED: dict[str, set[str]] = {
+    "_version": set(),
+    "errors": set(),
+    "_accel": set(),
+    "progress": set(),
+    "format": {"errors"},
+    "tokenization": {"format", "errors"},
+    "read": {"format", "errors", "_accel", "tokenization"},
+    "write": {"format", "errors"},
+    "ingest": {"format", "errors", "_accel", "_version", "progress", "tokenization", "write"},
+    "batch": {"format", "errors", "_accel", "read"},
+    "train": {"format", "errors", "_version", "progress", "read", "write", "batch"},
+    "ops": {"format", "errors", "_version", "progress", "tokenization", "read", "write", "batch"},
+    "dpo": {"train"}, "reference": {"train"}, "cuda": {"batch"},  # documented import paths
+    "cli": {"*"},
+    "__init__": {"_version", "errors", "format", "read", "write", "_accel", "ingest", "batch"},
 }
+# the only imports that point up a layer: each loads torch, which the importing module must not need
+UPWARD_FOR_TORCH = {("read", "batch")}
+# inside a function, a pairpack import is allowed only to keep torch (or the ingest pipeline) out of a
+# torch-free import, or, in the CLI, to keep `pairpack --help` fast
+LAZY_ALLOWED = {
+    ("read", "batch"), ("__init__", "ingest"), ("__init__", "batch"), ("__init__", "_accel"),
+    ("ops", "batch"), ("batch", "batch"), ("cli", "*"), ("_accel", "_native"),
+}
+# train/dpo.py is the loss alone: torch, nothing else of pairpack
+TORCH_ONLY = {"train/dpo.py", "train/tinylm.py"}
 
 
-def test_nothing_imports_cli():
-    for path in PKG.glob("*.py"):
-        if path.stem != "cli":
-            tree = ast.parse(path.read_text())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.ImportFrom):
-                    assert not ((node.module or "").endswith("cli") or
-                                any(a.name == "cli" for a in node.names)), f"{path.name} imports cli"
+def _unit(rel: Path) -> str:
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _top_level_pairpack_imports(path: Path) -> set[str]:
+def _imports(path: Path) -> list[tuple[str, bool, int]]:
+    """(imported pairpack unit, at module level?, line) for every import in ``path``."""
+    rel = path.relative_to(PKG)
+    pkg_parts = ["pairpack", *rel.parts[:-1]]
     tree = ast.parse(path.read_text())
-    out: set[str] = set()
-    for node in tree.body:  # module level only: imports inside functions are lazy on purpose
-        if isinstance(node, ast.ImportFrom) and node.level >= 1:
-            mod = (node.module or "").split(".")[0]
-            out |= {mod} if mod else {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pairpack"):
-            out.add((node.module.split(".") + [""])[1])
+    top = {id(n) for n in tree.body}
+    typing_only = {id(n) for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+                   for n in ast.walk(n)}  # never executed: annotations only
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg_parts[: len(pkg_parts) - node.level + 1]
+                mods = [".".join(base + ([node.module] if node.module else []))]
+                if not node.module:
+                    mods = [".".join(base + [a.name]) for a in node.names]
+            else:
+                mods = [node.module or ""]
         elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pairpack.")}
+            mods = [a.name for a in node.names]
+        else:
+            continue
+        for m in mods:
+            parts = m.split(".")
+            if parts[0] == "pairpack" and len(parts) > 1:
+                out.append((parts[1], id(node) in top, node.lineno))
     return out
 
 
-@pytest.mark.parametrize("module", sorted(FORBIDDEN))
-def test_module_imports_point_one_way(module):
-    path = PKG / f"{module}.py"
-    if not path.exists():
-        pytest.skip(f"{module}.py not present")
-    imported = _top_level_pairpack_imports(path) - {""}
-    banned = FORBIDDEN[module]
-    if "*" in banned:
-        allowed = {"errors"} if module != "errors" else set()
-        assert imported <= allowed, f"{module} imports {imported}"
-    else:
-        assert not (imported & banned), f"{module} imports {imported & banned}"
+def _modules() -> list[Path]:
+    return sorted(p for p in PKG.rglob("*.py"))
 
 
-def test_import_pairpack_does_not_import_torch():
-    code = "import sys, pairpack; pairpack.open; print('torch' in sys.modules)"
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down(path):
+    rel = path.relative_to(PKG)
+    unit = _unit(rel)
+    allowed = ALLOWED[unit]
+    for target, module_level, line in _imports(path):
+        where = f"{rel}:{line} imports pairpack.{target}"
+        if target == unit or "*" in allowed:
+            continue
+        ok = target in allowed or (unit, target) in UPWARD_FOR_TORCH or (unit, target) == ("_accel", "_native")
+        assert ok, f"{where}, which is not below {unit} (allowed: {sorted(allowed)})"
+
+
+def test_function_level_imports_are_only_for_torch_or_startup():
+    """A pairpack import inside a function must be one the table above names (keeping torch out of a
+    torch-free module, or the CLI's start-up fast); any other belongs at module level."""
+    for path in _modules():
+        rel = path.relative_to(PKG)
+        unit = _unit(rel)
+        for target, module_level, line in _imports(path):
+            if module_level or target == "_native":
+                continue
+            assert (unit, target) in LAZY_ALLOWED or (unit, "*") in LAZY_ALLOWED, \
+                f"{rel}:{line}: function-level import of pairpack.{target}"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module-level imports between pairpack modules (dotted names), for the cycle check."""
+    graph: dict[str, set[str]] = {}
+    for path in _modules():
+        rel = path.relative_to(PKG)
+        name = ".".join(["pairpack", *rel.with_suffix("").parts]).removesuffix(".__init__")
+        tree = ast.parse(path.read_text())
+        pkg_parts = ["pairpack", *rel.parts[:-1]]
+        deps = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = pkg_parts[: len(pkg_parts) - node.level + 1]
+                if node.module:
+                    deps.add(".".join(base + [node.module]))
+                else:
+                    deps |= {".".join(base + [a.name]) for a in node.names}
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    state: dict[str, int] = {}
+
+    def visit(n: str, stack: list[str]) -> None:
+        state[n] = 1
+        for d in graph.get(n, ()):
+            if d not in graph:
+                continue  # a name imported from a package (pairpack.format -> its __init__)
+            assert state.get(d) != 1, "import cycle: " + " -> ".join(stack + [n, d])
+            if d not in state:
+                visit(d, stack + [n])
+        state[n] = 2
+
+    for n in graph:
+        if n not in state:
+            visit(n, [])
+
+
+def test_dpo_depends_on_torch_only():
+    for rel in TORCH_ONLY:
+        assert not [t for t, _, _ in _imports(PKG / rel)], f"{rel} imports pairpack modules"
+
+
+def test_import_pairpack_and_reading_load_neither_torch_nor_ingest():
+    code = ("import sys, pairpack, tempfile, numpy as np\n"
+            "d = tempfile.mkdtemp() + '/ds'\n"
+            "with pairpack.Writer(d, vocab_size=100) as w:\n"
+            "    w.add([1, 2], [3], [4])\n"
+            "p = pairpack.open(d)[0]\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('pairpack.ingest')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
+
+
+def test_documented_import_paths():
+    code = ("import pairpack, pairpack.dpo, pairpack.reference, pairpack.cuda, pairpack.errors, pairpack.cli\n"
+            "for n in ('open', 'build', 'verify', 'Loader', 'Dataset', 'Writer', 'Triplets', 'Pair'): getattr(pairpack, n)\n"
+            "pairpack.dpo.DPO; pairpack.reference.precompute_reference; pairpack.cuda.DeviceFeeder")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_every_module_imports_alone():
-    for path in sorted(PKG.glob("*.py")):
-        name = f"pairpack.{path.stem}" if path.stem != "__init__" else "pairpack"
-        subprocess.run([sys.executable, "-c", f"import {name}"], check=True, capture_output=True)
+    names = [".".join(["pairpack", *p.relative_to(PKG).with_suffix("").parts]).removesuffix(".__init__")
+             for p in _modules()]
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)"
+    for n in names:  # one process each: an import that works only after another module's is a bug
+        subprocess.run([sys.executable, "-c", code, n], check=True, capture_output=True)

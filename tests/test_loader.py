@@ -10,9 +10,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pairpack
-from pairpack.batching import Collate, row_lengths
+from pairpack.batch.plan import Collate, row_lengths
 from pairpack.errors import PairpackError, StateError
-from pairpack.loader import Loader
+from pairpack.batch.loader import Loader
 
 PAD = 0
 

@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pairpack
-from pairpack.build import build
+from pairpack.ingest.build import build
 from pairpack.errors import StateError
-from pairpack.merge import export, merge
+from pairpack.ops.export import export
+from pairpack.ops.merge import merge
 
 from .conftest import run_cli
 from .strategies import pair_lists

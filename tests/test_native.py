@@ -20,7 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pairpack import _accel
-from pairpack.triplets import Triplets, assemble
+from pairpack.batch.triplets import Triplets, assemble
 
 from .strategies import DatasetSpec, datasets_spec, scratch_dir
 

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pairpack
-import pairpack.sources as sources
-from pairpack.build import build
+import pairpack.ingest.sources as sources
+from pairpack.ingest.build import build
 from pairpack.errors import SourceError
-from pairpack.writer import Writer
+from pairpack.write.writer import Writer
 
 from .strategies import pair_lists
 

@@ -1,5 +1,5 @@
 """Reference log-prob cache: columns round trip, equality with a live reference, settings checks,
-and atomic column updates (pairpack.reference, pairpack.writer.add_columns)."""
+and atomic column updates (pairpack.reference, pairpack.write.columns.add_columns)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pairpack
-from pairpack import writer as writer_mod
-from pairpack.dpo import DPO
+from pairpack.write import writer as writer_mod
+from pairpack.train.dpo import DPO
 from pairpack.errors import StateError
-from pairpack.reference import (
+from pairpack.train.reference import (
     REF_CHOSEN,
     REF_REJECTED,
     REFERENCE_COLUMNS,
@@ -29,8 +29,9 @@ from pairpack.reference import (
     reference_columns,
     reference_kwargs,
 )
-from pairpack.tinylm import TinyLM
-from pairpack.writer import Writer, add_columns
+from pairpack.train.tinylm import TinyLM
+from pairpack.write.writer import Writer
+from pairpack.write.columns import add_columns
 
 VOCAB = 40
 PAD = 0
@@ -168,7 +169,7 @@ def test_truncated_cache_matches_the_loaders_batches(tmp_path):
     ds = precompute_reference(path, ref, batch_size=7, reduction="sum", max_length=6, truncation="keep_end")
     attrs = check_reference(ds, reduction="sum", max_length=6)
     assert attrs["max_length"] == 6 and attrs["truncation"] == "keep_end"
-    from pairpack.batching import make_plan
+    from pairpack.batch.plan import make_plan
 
     idx = np.arange(len(ds))
     b = make_plan(ds, idx, max_length=6, columns=REFERENCE_COLUMNS).assemble(ds.pad_id)
@@ -355,7 +356,7 @@ def test_leftovers_of_a_killed_update_are_collected(tmp_path):
 
 
 def test_loader_delivers_the_cache_and_check_loader_guards_the_settings(tmp_path):
-    from pairpack.reference import check_loader
+    from pairpack.train.reference import check_loader
 
     path = tmp_path / "ds"
     make_dataset(path, n=30, seed=6)

@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pairpack
-from pairpack.build import build
+from pairpack.ingest.build import build
 from tests.conftest import write_jsonl
 from pairpack.tokenization import ByteTokenizer
 
@@ -179,7 +179,7 @@ def test_dedup_equal_length_prompts_not_merged(tmp_path: Path) -> None:
 @example(spec=DatasetSpec(pairs=[([1, 2], [0], [0]), ([2, 1], [0], [0]), ([1, 2], [0], [0])]))
 def test_dedup_exact_under_forced_hash_collisions(spec: DatasetSpec) -> None:
     """Every prompt hashes to the same digest: only the token comparison keeps prompts apart."""
-    import pairpack.writer as wmod
+    import pairpack.write.writer as wmod
 
     constant = types.SimpleNamespace(xxh3_128_digest=lambda b: b"\0" * 16)
     with scratch_dir() as d, mock.patch.object(wmod, "xxhash", constant):

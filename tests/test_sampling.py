@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pairpack.batching import (
+from pairpack.batch.plan import (
     check_options,
     padding_ceiling,
     padding_efficiency,
@@ -16,7 +16,7 @@ from pairpack.batching import (
     truncate_lengths,
 )
 from pairpack.errors import PairpackError
-from pairpack.sampling import epoch_order, equalize, rank_slice, resolve_rank
+from pairpack.batch.sampling import epoch_order, equalize, rank_slice, resolve_rank
 
 FP = "0123456789abcdef0123456789abcdef"
 

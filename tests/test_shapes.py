@@ -12,10 +12,20 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import pairpack
-from pairpack.build import build
+from pairpack.ingest.build import build
 from pairpack.errors import SourceError
-from pairpack.shapes import (ALPACA_TEMPLATE, ChatRenderer, FieldSpec, PromptTemplate, ShapeOptions, chat_messages,
-                             detect_shape, make_extractor, normalize_message, split_hh)
+from pairpack.ingest.shapes import (
+    ALPACA_TEMPLATE,
+    ChatRenderer,
+    FieldSpec,
+    PromptTemplate,
+    ShapeOptions,
+    chat_messages,
+    detect_shape,
+    make_extractor,
+    normalize_message,
+    split_hh,
+)
 
 from .conftest import run_cli
 

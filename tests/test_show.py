@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import pairpack
 from pairpack.cli import main
-from pairpack.show import pair_to_json, render_pair, use_color
+from pairpack.ops.show import pair_to_json, render_pair, use_color
 
 from .conftest import run_cli
 

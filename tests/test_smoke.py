@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 import pairpack
-from pairpack.build import build
+from pairpack.ingest.build import build
 
 
 def test_build_sample_roundtrip(tmp_path, sample_json):

@@ -14,11 +14,18 @@ from hypothesis import strategies as st
 
 import pairpack
 from tests.conftest import run_cli, write_jsonl
-import pairpack.sources as sources
-from pairpack.build import build
+import pairpack.ingest.sources as sources
+from pairpack.ingest.build import build
 from pairpack.errors import SourceError
-from pairpack.sources import (JsonArraySource, JsonlSource, ParquetSource, RecordsSource, block_records,
-                              expand_inputs, open_sources)
+from pairpack.ingest.sources import (
+    JsonArraySource,
+    JsonlSource,
+    ParquetSource,
+    RecordsSource,
+    block_records,
+    expand_inputs,
+    open_sources,
+)
 
 RECS = [{"prompt": f"p{i % 3}", "chosen": f"c{i}", "rejected": f"r{i}", "n": i} for i in range(40)]
 

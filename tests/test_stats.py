@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pairpack
-from pairpack import batching as bt
-from pairpack import stats as S
+from pairpack.batch import plan as bt
+from pairpack.ops import stats as S
 
 from .conftest import run_cli
 
@@ -271,7 +271,7 @@ def test_cli_usage_errors(sample_ds):
 
 
 def test_stats_imports_no_torch(sample_ds):
-    code = ("import sys, pairpack, pairpack.stats as s; r = s.compute_stats(pairpack.open(sys.argv[1])); "
+    code = ("import sys, pairpack, pairpack.ops.stats as s; r = s.compute_stats(pairpack.open(sys.argv[1])); "
             "assert r.padding and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:3]")
     r = subprocess.run([sys.executable, "-c", code, str(sample_ds)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

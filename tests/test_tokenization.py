@@ -17,10 +17,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pairpack
-from pairpack.build import build
+from pairpack.ingest.build import build
 from pairpack.errors import TokenizerError
-from pairpack.tokenization import (HF_INSTALL_HINT, ByteTokenizer, HFTokenizer, load_tokenizer,
-                                   tokenizer_from_manifest)
+from pairpack.tokenization import (
+    HF_INSTALL_HINT,
+    ByteTokenizer,
+    HFTokenizer,
+    load_tokenizer,
+    tokenizer_from_manifest,
+)
 
 from .conftest import run_cli
 

@@ -13,7 +13,7 @@ import torch
 xt = pytest.importorskip("x_transformers")
 from x_transformers.dpo import DPO as XTDPO  # noqa: E402
 
-from pairpack.dpo import DPO, xtransformers_inputs  # noqa: E402
+from pairpack.train.dpo import DPO, xtransformers_inputs  # noqa: E402
 
 VOCAB = 13
 PAD_ID = 0

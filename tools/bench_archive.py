@@ -17,7 +17,7 @@ Rows (best of two runs each):
   pack, 1 thread  threads=0
   zstd -dc | tar  the system tools (the baseline for unpack)
   pairpack unpack streaming decompress + xxh3 of every member + dataset invariants + atomic rename
-  stats           pairpack.stats.compute_stats (default candidates, batch 32, random and grouped)
+  stats           pairpack.ops.stats.compute_stats (default candidates, batch 32, random and grouped)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pairpack  # noqa: E402
-from pairpack import archive, stats  # noqa: E402
+from pairpack.ops import archive as archive, stats as stats  # noqa: E402
 
 VOCAB = 50_000
 

@@ -38,7 +38,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pairpack.build import build  # noqa: E402
+from pairpack.ingest.build import build  # noqa: E402
 
 GPT2 = ROOT.parent / "shared" / "tokenizers" / "gpt2.tokenizer.json"
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "

@@ -246,7 +246,7 @@ def open_10m(tmp: Path, n: int) -> dict[str, float]:
         "def rss():\n"
         "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import numpy, pairpack, pairpack.reader\n"
+        "import numpy, pairpack, pairpack.read.dataset\n"
         "r0 = rss(); t = time.perf_counter()\n"
         f"ds = pairpack.open({str(path)!r})\n"
         "t1 = time.perf_counter() - t; r1 = rss()\n"
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         ratios += [("HF list collator", results["HF list collator (TRL-style)"]), (f"best HF ({best})", results[best])]
     for label, per in ratios:
         print(f"pairpack ds.batch / Loader vs {label}: {per / pp:.1f}x / {per / ld:.1f}x")
-    from pairpack.batching import padding_ceiling
+    from pairpack.batch.plan import padding_ceiling
 
     ceil = padding_ceiling(lengths)
     effs = []

@@ -2,7 +2,7 @@
 
     python tools/bench_sample.py [--repeats 3] [--batches 2000] [--batch-size 32] [--json]
 
-* build: ``pairpack.build.build(sample, <tmp>/ds, prompt="instruction", force=True)``, the median
+* build: ``pairpack.ingest.build.build(sample, <tmp>/ds, prompt="instruction", force=True)``, the median
   of ``--repeats`` runs, as pairs/s and MB/s of input. Baseline: parsing the same JSON and
   byte-tokenizing every segment (the least any build must do), so the ratio is the cost of
   writing, de-duplicating, checksumming and fsyncing on top of that.
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 
 import pairpack  # noqa: E402
-from pairpack.build import build  # noqa: E402
+from pairpack.ingest.build import build  # noqa: E402
 from pairpack.tokenization import ByteTokenizer  # noqa: E402
 
 SAMPLE = Path(pairpack.__file__).resolve().parent / "data" / "instruction-data-with-preference.json"

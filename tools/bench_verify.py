@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pairpack  # noqa: E402
-from pairpack.reader import verify_dataset  # noqa: E402
+from pairpack.read.verify import verify_dataset  # noqa: E402
 
 
 def make(path: Path, gb: float) -> None:

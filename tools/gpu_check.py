@@ -39,9 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pairpack.batching import BatchPlan  # noqa: E402
-from pairpack.cuda import DeviceFeeder, layout_for, write_host  # noqa: E402
-from pairpack.triplets import Triplets, assemble  # noqa: E402
+from pairpack.batch.plan import BatchPlan  # noqa: E402
+from pairpack.batch.cuda import DeviceFeeder, layout_for, write_host  # noqa: E402
+from pairpack.batch.triplets import Triplets, assemble  # noqa: E402
 
 FIELDS = ("preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask",
           "indices", "prompt_lengths", "chosen_lengths", "rejected_lengths")

@@ -1,35 +1,26 @@
-"""``pairpack merge`` and ``pairpack export``: combine built parts; write a dataset back out as JSONL.
+"""``pairpack merge``: combine built parts into one dataset without copying tokens.
 
 Merge works on manifests: the parts' shard files are hard-linked (or moved, or copied where
 links are impossible) into renumbered shard directories of the new dataset, and their recorded
 sizes and checksums are reused, so no token data is copied or re-hashed. Parts must agree on
 everything that gives ids their meaning (tokenizer, special ids, token dtype, columns, and the
-build options that shape records).
-
-Export writes one JSON object per pair, ``{"prompt": [ids], "chosen": [ids], "rejected": [ids]}``
-plus the per-pair columns and, with ``decode``, the decoded texts, and a sidecar
-``<out>.pairpack.json`` holding the dataset settings; ``pairpack build`` of the export reads the
-sidecar and gives back a dataset with the same pairs, fingerprint and settings.
-"""
+build options that shape records)."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
-from . import format as fmt
-from .errors import DatasetExistsError, FormatError, StateError
-from .writer import install_dir, temp_dir_for
+from .. import format as fmt
+from .._version import __version__
+from ..errors import DatasetExistsError, FormatError, StateError
+from ..format.fsio import install_dir, temp_dir_for
 
-__all__ = ["merge", "MergeReport", "export", "SIDECAR_SUFFIX", "read_sidecar"]
+__all__ = ["merge", "MergeReport"]
 
-SIDECAR_SUFFIX = ".pairpack.json"
 # build options that change how records become ids: parts must agree on them to be merged
 _SEMANTIC_OPTIONS = ("shape", "prompt", "chosen", "rejected", "prompt_template", "chat_template", "hh_marker",
                      "add_bos", "add_eos", "drop_identical")
@@ -189,99 +180,3 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
         raise
     report.pairs, report.shards = manifest.num_pairs, len(shards)
     return report
-
-
-# --- export -------------------------------------------------------------------------------------
-def _open_out(path: Path, name: str) -> Any:
-    """A binary writer at ``path``, compressed as the final file ``name`` says (.zst, .gz)."""
-    name = name.lower()
-    if name.endswith((".zst", ".zstd")):
-        import zstandard
-
-        raw = open(path, "wb")
-        return zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=True)
-    if name.endswith(".gz"):
-        return gzip.open(path, "wb", compresslevel=6)
-    return open(path, "wb", buffering=1 << 20)
-
-
-def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The export sidecar of input ``path`` (``<path>.pairpack.json``), or None."""
-    p = Path(str(path) + SIDECAR_SUFFIX)
-    if not p.is_file():
-        return None
-    try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FormatError(f"unreadable export sidecar ({e})", path=p, field="sidecar") from None
-    return obj if isinstance(obj, dict) and obj.get("format") == "pairpack-export" else None
-
-
-def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: bool = False,
-           force: bool = False) -> int:
-    """Write every pair of ``dataset`` to ``output`` (``.jsonl``, ``.jsonl.gz`` or ``.jsonl.zst``).
-
-    Each line: ``{"prompt": [ids], "chosen": [ids], "rejected": [ids], <column>: value, ...}``,
-    with ``prompt_text``/``chosen_text``/``rejected_text`` added when ``decode`` and the tokenizer
-    is available. Beside it, ``<output>.pairpack.json`` records vocab_size, special ids,
-    tokenizer identity, shard_bytes and dedup_window (and ``<output>.tokenizer.json``, a copy of
-    the dataset's tokenizer file, when it has one), which ``pairpack build`` uses so that building
-    the export gives back the same dataset. Returns the number of pairs written.
-    """
-    from .reader import open_dataset
-
-    import orjson
-
-    ds = open_dataset(dataset)
-    out = Path(output)
-    if out.exists() and not force:
-        raise DatasetExistsError(f"{out}: already exists; pass --force to replace it")
-    tok = ds.tokenizer if decode else None
-    if decode and tok is None:
-        raise StateError(f"{dataset}: the tokenizer is not available here, cannot --decode (ids are exported)")
-    m = ds.manifest
-    opt = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    n = 0
-    try:
-        with _open_out(tmp, out.name) as f:
-            for sh in ds._live():
-                toks, st, ln = sh.tokens, sh.starts, sh.lengths
-                cols = {k: v for k, v in sh.columns.items()}
-                step = 4096
-                for a in range(0, sh.info.num_pairs, step):
-                    s_chunk, l_chunk = st[:, a:a + step].tolist(), ln[:, a:a + step].tolist()
-                    c_chunk = {k: v[a:a + step].tolist() for k, v in cols.items()}
-                    lines = []
-                    for j in range(len(s_chunk[0])):
-                        rec: dict[str, Any] = {}
-                        for row, key in enumerate(("prompt", "chosen", "rejected")):
-                            s0 = s_chunk[row][j]
-                            rec[key] = toks[s0:s0 + l_chunk[row][j]]
-                        for k, v in c_chunk.items():
-                            rec[k] = v[j]
-                        if tok is not None:
-                            for key in ("prompt", "chosen", "rejected"):
-                                rec[key + "_text"] = tok.decode(rec[key])
-                        lines.append(orjson.dumps(rec, option=opt))
-                    f.write(b"".join(lines))
-                    n += len(lines)
-        opts = m.provenance.get("options", {})
-        side: dict[str, Any] = {
-            "format": "pairpack-export", "pairpack_version": __version__, "num_pairs": n,
-            "fingerprint": m.fingerprint(), "vocab_size": m.vocab_size, "pad_id": m.pad_id, "bos_id": m.bos_id,
-            "eos_id": m.eos_id, "token_dtype": m.token_dtype, "tokenizer": m.tokenizer,
-            "shard_bytes": opts.get("shard_bytes"), "dedup_window": opts.get("dedup_window"),
-            "shards": len(m.shards), "columns": [c.to_json() for c in m.columns]}
-        tf = (m.tokenizer or {}).get("file")
-        if isinstance(tf, dict):
-            dst = Path(str(out) + ".tokenizer.json")
-            shutil.copyfile(fmt.resolve_file(ds.path, tf["path"]), dst)
-            side["tokenizer_file"] = dst.name
-        os.replace(tmp, out)
-        Path(str(out) + SIDECAR_SUFFIX).write_text(json.dumps(side, indent=1, sort_keys=True) + "\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return n
-

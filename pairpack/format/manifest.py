@@ -1,229 +1,37 @@
-"""The pairpack on-disk format in code: constants, manifest schema, validation, ``.npy`` I/O.
-
-spec/FORMAT.md is normative; this module implements it and each constant names the section
-that defines it. Nothing here reads token data: validation of whole arrays lives in
-:mod:`pairpack.reader` (cheap, on open) and :func:`pairpack.reader.Dataset.verify` (full).
-"""
+"""The manifest (FORMAT.md §5): its dataclasses, the strict parser (every field checked before use),
+and path containment for the files it names."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
-import stat
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, Mapping
 
-import numpy as np
 import xxhash
 
-from .errors import ChecksumError, FormatError
+from ..errors import FormatError
+from .npy import regular_file_size
+from .spec import (
+    _CHECKSUM_RE,
+    CHECKSUM_KEY,
+    COLUMN_DTYPES,
+    COLUMN_NAME_RE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILES,
+    MANIFEST_MAX_BYTES,
+    MANIFEST_NAME,
+    MAX_VOCAB,
+    SHARD_NAME_RE,
+    TOKEN_DTYPES,
+    token_dtype_for_vocab,
+)
 
-# --- §2 identity and versioning -------------------------------------------------------------
-FORMAT_NAME = "pairpack"  # FORMAT.md §2: value of manifest "format"
-FORMAT_VERSION = 1  # FORMAT.md §2: value of manifest "format_version"; independent of the package
-MANIFEST_NAME = "manifest.json"  # FORMAT.md §3
-MANIFEST_MAX_BYTES = 64 * 1024 * 1024  # FORMAT.md §5: readers refuse a larger manifest unparsed
-
-# --- §3 layout ------------------------------------------------------------------------------
-SHARD_NAME_RE = re.compile(r"^shard-[0-9]{5,}$")  # FORMAT.md §3: shard directory names
-COLUMN_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # FORMAT.md §4.4: per-pair column names
-TOKENS_FILE = "tokens.npy"  # FORMAT.md §4.1
-STARTS_FILE = "starts.npy"  # FORMAT.md §4.2
-LENGTHS_FILE = "lengths.npy"  # FORMAT.md §4.3
-INDEX_FILES = ("tokens", "starts", "lengths")  # FORMAT.md §5.3: the keys of a shard's "files"
-
-# --- §4 arrays ------------------------------------------------------------------------------
-NPY_MAGIC = b"\x93NUMPY"  # FORMAT.md §4: the NumPy .npy magic string
-NPY_HEADER_BYTES = 128  # FORMAT.md §4: writers emit a 128-byte header (magic to newline)
-NPY_ALIGN = 64  # FORMAT.md §4: array data starts at a multiple of 64 bytes
-NPY_MAX_HEADER = 4096  # FORMAT.md §8 R6: readers refuse longer .npy headers unparsed
-SEGMENTS = ("prompt", "chosen", "rejected")  # FORMAT.md §4.2: row order of starts/lengths
-PROMPT, CHOSEN, REJECTED = 0, 1, 2  # FORMAT.md §4.2: row indices
-INDEX_DTYPE = np.dtype("<i8")  # FORMAT.md §4.2/§4.3: starts and lengths are int64
-TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # FORMAT.md §4.1
-UINT16_MAX_VOCAB = 1 << 16  # FORMAT.md §4.1: uint16 iff vocab_size <= 65536
-MAX_VOCAB = 1 << 32  # FORMAT.md §5.1: ids must fit uint32
-COLUMN_DTYPES = {  # FORMAT.md §4.4: whitelisted per-pair column dtypes
-    "float32": np.dtype("<f4"),
-    "float64": np.dtype("<f8"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-}
-
-# --- §6 checksums ---------------------------------------------------------------------------
-CHECKSUM_KEY = "xxh3_128"  # FORMAT.md §6: file entries carry this key, 32 lowercase hex digits
-_CHECKSUM_RE = re.compile(r"^[0-9a-f]{32}$")
-_HASH_CHUNK = 16 * 1024 * 1024
+__all__ = ["FileEntry", "ShardInfo", "ColumnInfo", "Manifest", "check_relpath", "parse_manifest", "read_manifest", "resolve_file"]
 
 
-def token_dtype_for_vocab(vocab_size: int) -> str:
-    """Token dtype name for a vocabulary of ``vocab_size`` ids (FORMAT.md §4.1)."""
-    if not 1 <= vocab_size <= MAX_VOCAB:
-        raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
-    return "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
-
-
-def file_checksum(path: str | os.PathLike,
-                  visit: Callable[[memoryview, int], None] | None = None) -> str:
-    """xxh3-128 of a file's bytes as 32 hex digits (FORMAT.md §6). Streams; runs near disk speed.
-
-    ``visit(chunk, file_offset)``, when given, sees every chunk (16 MiB, at multiples of 16 MiB)
-    right after it is hashed, so a caller can check the data in the same pass (verify does).
-    """
-    h = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        fd = f.fileno()
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is not None:
-            advise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        buf = bytearray(_HASH_CHUNK)
-        view = memoryview(buf)
-        off = 0
-        while True:
-            if advise is not None:
-                # ask for the next chunk now: the disk reads it while this one is hashed
-                # (measured cold: ~700-830 MB/s without, ~1000-1180 MB/s with, = `cat` speed)
-                advise(fd, off + _HASH_CHUNK, _HASH_CHUNK, os.POSIX_FADV_WILLNEED)
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            if visit is not None:
-                visit(view[:n], off)
-            off += n
-    return h.hexdigest()
-
-
-# --- §4 .npy headers --------------------------------------------------------------------------
-def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The exact 128-byte .npy v1.0 header pairpack writes for a C-order array (FORMAT.md §4)."""
-    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-    shape_txt = "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %s, }" % (descr, shape_txt)
-    room = NPY_HEADER_BYTES - len(NPY_MAGIC) - 2 - 2  # magic, version, HEADER_LEN
-    body = text.encode("latin1")
-    if len(body) + 1 > room:  # cannot happen for shapes pairpack writes (< 2**63 per axis)
-        raise ValueError(f"npy header too long for shape {shape}")
-    body = body + b" " * (room - len(body) - 1) + b"\n"
-    return NPY_MAGIC + b"\x01\x00" + (room).to_bytes(2, "little") + body
-
-
-@dataclass(frozen=True)
-class NpyInfo:
-    """What a validated .npy header says: dtype, shape and where the data starts (bytes)."""
-
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    offset: int
-
-
-def read_npy_header(path: str | os.PathLike, f: BinaryIO, field_name: str) -> NpyInfo:
-    """Parse and check a .npy header without trusting it (FORMAT.md §8 R6).
-
-    Reads at most ``NPY_MAX_HEADER`` + 12 bytes: the declared header length is checked against
-    the cap before the header is read, so a header never makes the reader allocate. Refuses
-    pickles (object dtypes), structured dtypes, Fortran order, big-endian data and misaligned
-    data. The header text is parsed by ``ast.literal_eval`` (via numpy), never executed.
-    """
-    head = f.read(len(NPY_MAGIC) + 2 + 4 + NPY_MAX_HEADER)
-    if len(head) < len(NPY_MAGIC) + 2 or head[:len(NPY_MAGIC)] != NPY_MAGIC:
-        raise FormatError("not a .npy file (bad magic string)", path=path, field=field_name,
-                          expected=NPY_MAGIC, actual=head[:len(NPY_MAGIC)], section="§8 R6")
-    major, minor = head[len(NPY_MAGIC)], head[len(NPY_MAGIC) + 1]
-    if (major, minor) not in ((1, 0), (2, 0)):
-        raise FormatError("unsupported .npy version", path=path, field=field_name,
-                          expected="1.0 or 2.0", actual=f"{major}.{minor}", section="§8 R6")
-    len_bytes = 2 if major == 1 else 4
-    prefix = len(NPY_MAGIC) + 2 + len_bytes
-    hlen = int.from_bytes(head[len(NPY_MAGIC) + 2:prefix], "little")
-    if len(head) < prefix or hlen > NPY_MAX_HEADER or len(head) < prefix + hlen:
-        raise FormatError("truncated or over-long .npy header", path=path, field=field_name,
-                          expected=f"<= {NPY_MAX_HEADER} bytes, present", actual=hlen, section="§8 R6")
-    bio = io.BytesIO(head[:prefix + hlen])
-    bio.seek(len(NPY_MAGIC) + 2)
-    try:
-        reader = (np.lib.format.read_array_header_1_0 if major == 1
-                  else np.lib.format.read_array_header_2_0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numpy warns on Python-2 style headers
-            shape, fortran, dtype = reader(bio, max_header_size=NPY_MAX_HEADER)
-    except Exception as e:  # noqa: BLE001 - hostile header text: any parse failure is a format error
-        raise FormatError(f"bad .npy header ({type(e).__name__}: {str(e)[:200]})", path=path,
-                          field=field_name, section="§8 R6") from None
-    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
-        raise FormatError("object or structured dtypes are not allowed", path=path, field=field_name,
-                          actual=str(dtype), section="§8 R6")
-    if fortran:
-        raise FormatError("arrays must be C order", path=path, field=field_name,
-                          expected=False, actual=True, section="§8 R6")
-    if dtype.byteorder == ">":
-        raise FormatError("arrays must be little-endian", path=path, field=field_name,
-                          actual=dtype.str, section="§8 R6")
-    offset = prefix + hlen
-    if offset % NPY_ALIGN:
-        raise FormatError("array data must start at a multiple of 64 bytes", path=path,
-                          field=field_name, actual=offset, section="§8 R6")
-    return NpyInfo(dtype=dtype.newbyteorder("<"), shape=tuple(int(s) for s in shape), offset=offset)
-
-
-def regular_file_size(path: Path, field_name: str) -> int:
-    """Size in bytes of ``path``, which must be a regular file (FORMAT.md §8 R4).
-
-    A FIFO or device would block or stream forever; any OS error (missing, a directory, a path
-    through a file, permissions, name too long) is a FormatError.
-    """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FormatError("file is missing", path=path, field=field_name, section="§8 R4") from None
-    except OSError as e:
-        raise FormatError(f"cannot stat file ({e.strerror or e})", path=path, field=field_name,
-                          section="§8 R4") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise FormatError(f"expected a regular file, found {kind}", path=path, field=field_name,
-                          section="§8 R4")
-    return st.st_size
-
-
-def open_array(path: Path, field_name: str, *, dtype: np.dtype, shape: tuple[int, ...],
-               expected_bytes: int | None) -> np.ndarray:
-    """Memory-map one array file after checking header, dtype, shape and exact file size.
-
-    The file must hold exactly header + data bytes (no trailing bytes: FORMAT.md §8 R8). Empty
-    arrays are returned as ordinary empty arrays (mmap cannot map zero bytes).
-    """
-    size = regular_file_size(path, field_name)
-    if expected_bytes is not None and size != expected_bytes:
-        raise ChecksumError("file size differs from the manifest", path=path, field=f"{field_name}.bytes",
-                            expected=expected_bytes, actual=size, section="§8 R5")
-    try:
-        with open(path, "rb") as f:
-            info = read_npy_header(path, f, field_name)
-    except OSError as e:
-        raise FormatError(f"cannot read file ({e.strerror or e})", path=path, field=field_name,
-                          section="§8 R4") from None
-    if info.dtype != dtype:
-        raise FormatError("wrong dtype", path=path, field=field_name, expected=dtype.name,
-                          actual=info.dtype.name, section="§8 R7")
-    if info.shape != tuple(shape):
-        raise FormatError("wrong shape", path=path, field=field_name, expected=list(shape),
-                          actual=list(info.shape), section="§8 R7")
-    nbytes = dtype.itemsize * int(np.prod(shape, dtype=object))  # Python ints: no overflow
-    if info.offset + nbytes != size:
-        raise FormatError("file size does not match header + data", path=path, field=field_name,
-                          expected=info.offset + nbytes, actual=size, section="§8 R8")
-    if nbytes == 0:
-        return np.zeros(shape, dtype=dtype)
-    # a plain ndarray view of the map: zero-copy, and slices print as arrays, not memmaps
-    return np.memmap(path, dtype=dtype, mode="r", offset=info.offset, shape=tuple(shape)).view(np.ndarray)
-
-
-# --- §5 manifest --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FileEntry:
     """A file of the dataset: relative path, byte size, xxh3-128 checksum (FORMAT.md §5.3)."""

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .format import SEGMENTS
+from ..format import SEGMENTS
 
 __all__ = ["render_pair", "pair_to_json", "use_color", "STYLES"]
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from .errors import SourceError
+from ..errors import SourceError
 
 __all__ = ["FieldSpec", "Segment", "get_path", "extract", "SHAPES", "ShapeOptions", "detect_shape",
            "split_hh", "PromptTemplate", "ChatRenderer", "chat_messages", "normalize_message",

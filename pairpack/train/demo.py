@@ -2,7 +2,7 @@
 
 Steps (all on a dataset that ``pairpack build`` made from the bundled sample):
 
-1. A small causal transformer (:class:`~pairpack.tinylm.TinyLM`) is initialised; it is both the
+1. A small causal transformer (:class:`~pairpack.train.tinylm.TinyLM`) is initialised; it is both the
    policy and, frozen, the reference.
 2. The reference log-probs of every pair are computed once and stored in the dataset as
    columns (:func:`pairpack.reference.precompute_reference`); training then runs
@@ -29,11 +29,18 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from ..batch.loader import Loader
+from ..errors import PairpackError
+from ..progress import CountProgress
+from ..read.dataset import Dataset, open_dataset
 from .dpo import DPO
-from .errors import PairpackError
-from .progress import CountProgress
-from .reader import Dataset, open_dataset
-from .reference import REFERENCE_COLUMNS, check_reference, model_hash, precompute_reference, reference_kwargs
+from .reference import (
+    REFERENCE_COLUMNS,
+    check_reference,
+    model_hash,
+    precompute_reference,
+    reference_kwargs,
+)
 from .tinylm import TinyLM
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "format_table", "require_matplotlib", "save_plot"]
@@ -130,8 +137,6 @@ def _evaluate(dpo: DPO, ds: Dataset, lo: int, hi: int, eval_batch: int) -> tuple
 def _batches(ds: Dataset, h0: int, cfg: DemoConfig) -> Iterator[Any]:
     """Endless training batches of pairs ``[0, h0)`` from :class:`pairpack.Loader`: length-grouped
     within shuffled windows, reshuffled each epoch, carrying the cached reference log-probs."""
-    from .loader import Loader
-
     loader = Loader(ds, batch_size=cfg.batch_size, group_by_length=True, window=cfg.batch_size * cfg.group_window,
                     seed=cfg.seed, indices=np.arange(h0), columns=REFERENCE_COLUMNS)
     epoch = 0

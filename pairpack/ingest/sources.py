@@ -11,13 +11,12 @@ whoever processes the block, i.e. by build workers, so the main process never pa
 other containers give parsed records. Every source counts its *units* (physical lines of a
 JSONL file, elements of a JSON array, rows of a table) and can hand out the blocks of a unit range,
 which is how ``--num-shards/--shard-index`` split an input deterministically.
-Turning a record into prompt/chosen/rejected is :mod:`pairpack.shapes`' job.
+Turning a record into prompt/chosen/rejected is :mod:`pairpack.ingest.shapes`' job.
 """
 
 from __future__ import annotations
 
 import abc
-
 import codecs
 import gzip
 import io
@@ -31,7 +30,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import xxhash
 
-from .errors import SourceError
+from ..errors import SourceError
 
 try:  # orjson parses 3-5x faster; the standard library is the fallback
     import orjson as _json

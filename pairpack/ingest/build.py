@@ -1,11 +1,11 @@
 """``pairpack build``: inputs -> records -> token ids -> an atomic dataset.
 
-Pipeline: sources (:mod:`pairpack.sources`) cut the input into blocks of consecutive records
-(raw JSONL bytes, or parsed records); each block is parsed, shaped (:mod:`pairpack.shapes`),
+Pipeline: sources (:mod:`pairpack.ingest.sources`) cut the input into blocks of consecutive records
+(raw JSONL bytes, or parsed records); each block is parsed, shaped (:mod:`pairpack.ingest.shapes`),
 tokenized and checked as a whole by :func:`process_block`, in worker processes when
 ``workers > 1`` (worker threads for pre-tokenized JSONL read by the C reader, which runs without
 the GIL); the main process takes the results *in input order* and hands each block's ids to
-:meth:`pairpack.writer.Writer.add_batch`. Every decision that shapes the output (shape, text or ids
+:meth:`pairpack.write.writer.Writer.add_batch`. Every decision that shapes the output (shape, text or ids
 mode, special ids) is made once, before any block is processed, from the first records of the
 whole input, so the dataset is byte-identical whatever the number of workers, and the parts of a
 ``num_shards`` split agree with each other. Memory stays flat: a bounded number of blocks is in
@@ -28,15 +28,29 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import __version__
-from . import _accel, format as fmt
-from .errors import DatasetExistsError, PairpackError, SourceError
-from .progress import Progress
+from .. import _accel
+from .. import format as fmt
+from .._version import __version__
+from ..errors import DatasetExistsError, PairpackError, SourceError
+from ..format.sidecar import read_sidecar
+from ..progress import Progress
+from ..tokenization import (
+    TOKENIZER_FILE,
+    ByteTokenizer,
+    HFTokenizer,
+    load_tokenizer,
+    tokenizer_from_manifest,
+)
+from ..write.writer import Writer, check_ids
 from .shapes import HH_MARKER, FieldSpec, ShapeOptions, detect_shape, make_extractor
-from .sources import Block, JsonlSource, Source, block_records, open_sources, record_text
-from .merge import read_sidecar
-from .tokenization import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, load_tokenizer, tokenizer_from_manifest
-from .writer import Writer, check_ids
+from .sources import (
+    Block,
+    JsonlSource,
+    Source,
+    block_records,
+    open_sources,
+    record_text,
+)
 
 __all__ = ["build", "BuildReport", "rejects_path", "process_block", "BlockResult"]
 
@@ -436,9 +450,9 @@ def build(
         output: the dataset directory to create (atomically).
         prompt, chosen, rejected: field names, dotted paths allowed (every shape).
         shape: ``fields``, ``hh``, ``chat`` or ``template``; None detects it from the first records
-            (see :func:`pairpack.shapes.detect_shape`).
+            (see :func:`pairpack.ingest.shapes.detect_shape`).
         prompt_template: composite prompt over fields, e.g. ``"{instruction}[[\\n\\n{input}]]"`` or
-            ``"alpaca"`` (see :class:`pairpack.shapes.PromptTemplate`).
+            ``"alpaca"`` (see :class:`pairpack.ingest.shapes.PromptTemplate`).
         chat_template: ``chatml``, ``hh``, or a Jinja template file, for chat records.
         hh_marker: the assistant marker of HH transcripts.
         tokenizer: a tokenizer object, a path to a Hugging Face ``tokenizer.json``, or None (the
@@ -462,7 +476,7 @@ def build(
             missing parts).
         progress: show a progress line (None: when stderr is a terminal).
         max_record_bytes: JSONL lines longer than this are rejected as ``too_long`` without
-            being read into memory (default :data:`pairpack.sources.MAX_RECORD_BYTES`, 64 MiB).
+            being read into memory (default :data:`pairpack.ingest.sources.MAX_RECORD_BYTES`, 64 MiB).
 
     Returns:
         A :class:`BuildReport`. Raises SourceError (file, line, field) on the first bad record

@@ -40,9 +40,10 @@ from typing import Any, BinaryIO
 import xxhash
 import zstandard
 
-from . import format as fmt
-from .errors import ChecksumError, DatasetExistsError, FormatError
-from .writer import _fsync_dir, clean_stale_temps, install_dir, temp_dir_for
+from .. import format as fmt
+from ..errors import ChecksumError, DatasetExistsError, FormatError
+from ..format.fsio import _fsync_dir, clean_stale_temps, install_dir, temp_dir_for
+from ..read.dataset import open_dataset
 
 __all__ = ["pack", "unpack", "ArchiveReport", "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ARCHIVE_SUFFIX"]
 
@@ -360,8 +361,6 @@ def unpack(archive: str | os.PathLike, output: str | os.PathLike, *, force: bool
                 raise ChecksumError("checksum mismatch: the compressed data is damaged", path=src,
                                     field="trailer.xxh3_128", expected=digest.hex(), actual=source.h.hexdigest())
         if verify:
-            from .reader import open_dataset
-
             with open_dataset(tmp) as ds:
                 problems = ds.verify(checksums=False)  # checksums were checked while streaming
             if problems:

@@ -1,24 +1,27 @@
 """Lazy, zero-copy reader of pairpack datasets.
-
 Opening reads the manifest and memory-maps each array after checking its header and size
 (FORMAT.md §8): O(#shards) work, nothing proportional to the number of pairs or tokens. Every
 read checks the coordinates it uses against the file it reads, so no access can leave a file
-even when the index arrays are hostile; :meth:`Dataset.verify` checks everything up front.
-"""
+even when the index arrays are hostile; :meth:`Dataset.verify` checks everything up front."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from . import _accel, format as fmt
-from .errors import ChecksumError, FormatError
+from .. import _accel
+from .. import format as fmt
+from ..tokenization import tokenizer_from_manifest
+from .shard import _check_segments, _open_shard, _Shard
+from .verify import verify_dataset
 
-__all__ = ["Pair", "Taken", "Dataset", "open_dataset", "verify_dataset"]
+if TYPE_CHECKING:  # torch is imported only when a batch is assembled
+    from ..batch.triplets import Triplets
+
+__all__ = ["Pair", "Taken", "Dataset", "open_dataset"]
 
 
 class Pair(NamedTuple):
@@ -29,14 +32,7 @@ class Pair(NamedTuple):
     rejected: np.ndarray
 
 
-@dataclass
-class _Shard:
-    info: fmt.ShardInfo
-    tokens: np.ndarray  # (T,) token dtype
-    starts: np.ndarray  # (3, n) int64
-    lengths: np.ndarray  # (3, n) int64
-    columns: dict[str, np.ndarray]
-    dir: Path
+
 
 
 class Taken(NamedTuple):
@@ -310,8 +306,6 @@ class Dataset:
     def tokenizer(self) -> Any:
         """The tokenizer recorded in the manifest, loaded for decoding, or None when unknown."""
         if self._tokenizer is None and self.manifest.tokenizer is not None:
-            from .tokenization import tokenizer_from_manifest
-
             self._tokenizer = tokenizer_from_manifest(self.manifest.tokenizer, self.path)
         return self._tokenizer
 
@@ -336,267 +330,17 @@ _TRIPLETS: Any = None
 
 
 def _triplets() -> Any:
-    """pairpack.triplets, imported on first use (it needs torch; ``import pairpack`` does not)."""
+    """pairpack.batch.triplets, imported on first use (it needs torch; ``import pairpack`` does not)."""
     global _TRIPLETS
     if _TRIPLETS is None:
-        from . import triplets
+        from ..batch import triplets
 
         _TRIPLETS = triplets
     return _TRIPLETS
 
 
-def _open_shard(root: Path, m: fmt.Manifest, i: int) -> _Shard:
-    """Map shard ``i``'s files after the open-time checks (FORMAT.md §8 R3-R8)."""
-    s = m.shards[i]
-    where = f"shards[{i}]"
-    f = {k: fmt.resolve_file(root, s.files[k].path) for k in fmt.INDEX_FILES}
-    tokens = fmt.open_array(f["tokens"], f"{where}.tokens", dtype=fmt.TOKEN_DTYPES[m.token_dtype],
-                            shape=(s.num_tokens,), expected_bytes=s.files["tokens"].bytes)
-    starts = fmt.open_array(f["starts"], f"{where}.starts", dtype=fmt.INDEX_DTYPE,
-                            shape=(3, s.num_pairs), expected_bytes=s.files["starts"].bytes)
-    lengths = fmt.open_array(f["lengths"], f"{where}.lengths", dtype=fmt.INDEX_DTYPE,
-                             shape=(3, s.num_pairs), expected_bytes=s.files["lengths"].bytes)
-    cols = {}
-    for c in m.columns:
-        e = s.columns[c.name]
-        cols[c.name] = fmt.open_array(fmt.resolve_file(root, e.path), f"{where}.columns.{c.name}",
-                                      dtype=fmt.COLUMN_DTYPES[c.dtype], shape=(s.num_pairs,),
-                                      expected_bytes=e.bytes)
-    return _Shard(s, tokens, starts, lengths, cols, root / s.name)
-
-
-def _tokens_max_visitor(sh: _Shard, path: Path) -> tuple[Any, list[int]]:
-    """A file_checksum visitor computing the largest token id in the hashing pass (one read)."""
-    dt = sh.tokens.dtype
-    data_start = os.stat(path).st_size - int(sh.tokens.shape[0]) * dt.itemsize  # data ends the file (R8)
-    hi = [-1]
-
-    def visit(chunk: memoryview, off: int) -> None:
-        # chunk offsets are multiples of 16 MiB and data_start of 64: items stay aligned
-        part = chunk[max(data_start - off, 0):]
-        part = part[:len(part) - len(part) % dt.itemsize]
-        if len(part):
-            hi[0] = max(hi[0], int(np.frombuffer(part, dtype=dt).max()))
-
-    return visit, hi
-
-
-def _checksum_problems(root: Path, info: fmt.ShardInfo, i: int, sh: _Shard | None = None,
-                       on_file: Callable[[int], None] | None = None) -> tuple[list[str], int | None]:
-    """xxh3-128 of every file of a shard against the manifest (FORMAT.md §8 R12).
-
-    With the mapped shard ``sh`` it also returns the largest token id, read in the same pass.
-    ``on_file(nbytes)`` is called after each file (for progress).
-    """
-    out: list[str] = []
-    hi: list[int] | None = None
-    entries = {**info.files, **{f"columns.{k}": v for k, v in info.columns.items()}}
-    for key, e in entries.items():
-        fld = f"shards[{i}].{key}"
-        try:
-            p = fmt.resolve_file(root, e.path)
-            fmt.regular_file_size(p, fld)  # never open a FIFO or device (R4)
-            visit = None
-            if key == "tokens" and sh is not None:
-                visit, hi = _tokens_max_visitor(sh, p)
-            got = fmt.file_checksum(p, visit)
-        except FormatError as err:
-            out.append(str(err))
-            continue
-        except OSError as err:
-            out.append(str(FormatError(f"cannot read file ({err.strerror or err})", path=root / e.path,
-                                       field=fld, section="§8 R4")))
-            continue
-        finally:
-            if on_file is not None:
-                on_file(e.bytes)
-        if got != e.checksum:
-            out.append(str(ChecksumError("checksum mismatch", path=p, field=fld, expected=e.checksum,
-                                         actual=got, section="§8 R12")))
-    return out, (hi[0] if hi is not None and hi[0] >= 0 else None)
-
-
-def verify_dataset(path: str | os.PathLike, *, checksums: bool = True,
-                   on_file: Callable[[int], None] | None = None) -> list[str]:
-    """Every problem of the dataset at ``path`` as one message each; ``[]`` when it is sound.
-
-    Unlike ``open(path).verify()`` this never raises for a damaged dataset: a manifest that
-    cannot be read is one problem; a shard that cannot be opened is reported and the other
-    shards (and that shard's checksums) are still checked (FORMAT.md §8). ``on_file(nbytes)`` is
-    called after each shard file is hashed (for a progress bar).
-    """
-    root = Path(path)
-    try:
-        m = fmt.read_manifest(root)
-    except FormatError as e:
-        return [str(e)]
-    problems: list[str] = []
-    for i, s in enumerate(m.shards):
-        try:
-            sh: _Shard | None = _open_shard(root, m, i)
-        except FormatError as e:
-            problems.append(str(e))
-            sh = None
-        hi = None
-        if checksums:
-            more, hi = _checksum_problems(root, s, i, sh, on_file)
-            problems += [p for p in more if p not in problems]
-        if sh is not None:
-            problems += _verify_shard(sh, i, m.vocab_size, tokens_max=hi)
-    if checksums:
-        problems += _tokenizer_file_problems(root, m)
-    return problems
-
-
-def _tokenizer_file_problems(root: Path, m: fmt.Manifest) -> list[str]:
-    """The dataset's copy of its tokenizer file (manifest tokenizer.file: path, bytes, xxh3_128),
-    when it has one, against its recorded size and checksum (FORMAT.md §5.2)."""
-    e = (m.tokenizer or {}).get("file")
-    if e is None:
-        return []
-    fld = "tokenizer.file"
-    try:
-        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
-            raise FormatError("must be an object with path, bytes and xxh3_128", path=root / fmt.MANIFEST_NAME,
-                              field=fld, section="§5.2")
-        p = fmt.resolve_file(root, fmt.check_relpath(e["path"], root / fmt.MANIFEST_NAME, fld + ".path"))
-        size = fmt.regular_file_size(p, fld)  # never open a FIFO or device (R4)
-        if size != e.get("bytes"):
-            raise ChecksumError("file size differs from the manifest", path=p, field=fld + ".bytes",
-                                expected=e.get("bytes"), actual=size, section="§5.2")
-        got = fmt.file_checksum(p)
-        if got != e.get(fmt.CHECKSUM_KEY):
-            raise ChecksumError("checksum mismatch", path=p, field=fld, expected=e.get(fmt.CHECKSUM_KEY),
-                                actual=got, section="§5.2")
-    except FormatError as err:
-        return [str(err)]
-    except OSError as err:
-        return [str(FormatError(f"cannot read file ({err.strerror or err})", path=root / str(e.get("path")),
-                                field=fld, section="§5.2"))]
-    return []
-
-
-def _check_segments(shard: _Shard, starts: np.ndarray, lengths: np.ndarray, local: Any) -> None:
-    """Raise FormatError unless every segment lies inside the shard's tokens (FORMAT.md §8 R13)."""
-    t = shard.tokens.shape[0]
-    bad = (starts < 0) | (lengths < 1) | (starts > t) | (lengths > t - starts)
-    if bad.any():
-        seg, col = np.argwhere(bad)[0]
-        j = int(np.asarray(local).reshape(-1)[col])
-        raise FormatError(
-            f"pair {j}: {fmt.SEGMENTS[seg]} segment [start {int(starts[seg, col])}, length "
-            f"{int(lengths[seg, col])}) is not inside tokens [0, {t}) or is empty",
-            path=shard.dir, field=f"starts/lengths[{seg}, {j}]", section="§8 R13")
-
-
-_CHUNK = 1 << 22  # pairs per vectorised step in verify: bounded temporaries (~100 MiB)
-
-
-def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None = None) -> list[str]:
-    """Invariants of one mapped shard (FORMAT.md §8 R13-R17), chunked over pairs.
-
-    ``tokens_max``: the largest token id when the hashing pass already computed it.
-    """
-    out: list[str] = []
-    t = sh.tokens.shape[0]
-    where = sh.dir
-    n = sh.info.num_pairs
-    r13 = r10 = r11 = 0
-    first13 = first10 = first11 = ""
-    prev_end = 0  # where the previous pair's rejected segment ends (R17)
-    new_starts: list[np.ndarray] = []  # starts and lengths of first-stored prompts (R17)
-    new_lens: list[np.ndarray] = []
-    for a in range(0, n, _CHUNK):
-        st = np.asarray(sh.starts[:, a:a + _CHUNK])
-        ln = np.asarray(sh.lengths[:, a:a + _CHUNK])
-        # R13: inside the tokens and non-empty; int64 cannot overflow: t - st only where st <= t
-        bad = (st < 0) | (ln < 1) | (st > t) | (ln > t - np.minimum(st, t))
-        if bad.any():
-            seg, col = np.argwhere(bad)[0]
-            if not r13:
-                first13 = (f"pair {a + int(col)} {fmt.SEGMENTS[seg]} [start {int(st[seg, col])}, "
-                           f"length {int(ln[seg, col])})")
-            r13 += int(bad.sum())
-        # R17: pair order, no gaps: [new prompt] chosen rejected, each pair after the previous one
-        ps, cs, rs = st
-        pl, cl, rl = ln
-        prev = np.empty_like(cs)
-        if len(cs):
-            prev[0] = prev_end
-            np.add(rs[:-1], rl[:-1], out=prev[1:])
-            prev_end = int(rs[-1]) + int(rl[-1])
-        new = ps == prev
-        ok10 = (cs + cl == rs) & np.where(new, cs == ps + pl, (cs == prev) & (ps < prev))
-        if not ok10.all():
-            j = int(np.flatnonzero(~ok10)[0])
-            if not r10:
-                first10 = (f"pair {a + j}: prompt {int(ps[j])}+{int(pl[j])}, chosen {int(cs[j])}+"
-                           f"{int(cl[j])}, rejected {int(rs[j])}+{int(rl[j])}, previous pair ends at "
-                           f"{int(prev[j])}")
-            r10 += int((~ok10).sum())
-        new_starts.append(ps[new])
-        new_lens.append(pl[new])
-        reused = np.flatnonzero(~new)
-        if reused.size:
-            # R17: a reused prompt start is that of an earlier first-stored prompt, same length
-            known_s = np.concatenate(new_starts)
-            known_l = np.concatenate(new_lens)
-            k = np.searchsorted(known_s, ps[reused])
-            kc = np.minimum(k, max(len(known_s) - 1, 0))
-            ok11 = ((k < len(known_s)) & (known_s[kc] == ps[reused]) & (known_l[kc] == pl[reused])
-                    if len(known_s) else np.zeros(reused.size, dtype=bool))
-            if not ok11.all():
-                j = int(reused[np.flatnonzero(~ok11)[0]])
-                if not r11:
-                    first11 = (f"pair {a + j}: prompt [start {int(ps[j])}, length {int(pl[j])}) is not "
-                               f"a prompt stored earlier in this shard")
-                r11 += int((~ok11).sum())
-    if r13:
-        out.append(str(FormatError(f"{r13} segment(s) outside tokens [0, {t}) or empty; first: {first13}",
-                                   path=where, field=f"shards[{i}].starts/lengths", section="§8 R13")))
-    if r10 or prev_end != t:
-        detail = (f"{r10} pair(s) out of order; first: {first10}" if r10 else
-                  f"the last segment ends at {prev_end}, tokens hold {t}")
-        out.append(str(FormatError(f"segments are not stored in pair order without gaps ({detail})",
-                                   path=where, field=f"shards[{i}].starts/lengths", section="§8 R17")))
-    if r11:
-        out.append(str(FormatError(f"{r11} reused prompt(s) do not match a stored prompt; first: {first11}",
-                                   path=where, field=f"shards[{i}].starts[0]", section="§8 R17")))
-    if n:
-        # distinct prompt starts: the first-stored prompts when R17 holds (no sort needed)
-        distinct = (sum(len(x) for x in new_starts) if not (r10 or r11)
-                    else len(np.unique(sh.starts[0])))
-        if distinct != sh.info.num_prompts:
-            out.append(str(FormatError("num_prompts differs from the distinct prompt starts", path=where,
-                                       field=f"shards[{i}].num_prompts", expected=int(distinct),
-                                       actual=sh.info.num_prompts, section="§8 R15")))
-    hi = -1 if tokens_max is None else tokens_max
-    for a in range(0, t if tokens_max is None else 0, 1 << 24):
-        hi = max(hi, int(sh.tokens[a:a + (1 << 24)].max()))
-    if hi >= vocab_size:
-        out.append(str(FormatError("token id >= vocab_size", path=where / fmt.TOKENS_FILE,
-                                   field=f"shards[{i}].tokens", expected=f"< {vocab_size}", actual=hi,
-                                   section="§8 R14")))
-    for name, col in sh.columns.items():
-        if col.dtype.kind == "f" and n:
-            finite = np.isfinite(col)
-            if not finite.all():
-                j = int(np.flatnonzero(~finite)[0])
-                out.append(str(FormatError(f"{int((~finite).sum())} non-finite value(s); first at pair {j}: "
-                                           f"{col[j]}", path=where, field=f"shards[{i}].columns.{name}",
-                                           section="§8 R16")))
-    return out
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:
     """Open the pairpack dataset at ``path`` in O(1) (see :class:`Dataset`)."""
     return Dataset(path)
-
-
-# re-exported for type hints without importing torch at module import time
-def __getattr__(name: str) -> Any:
-    if name == "Triplets":
-        from .triplets import Triplets
-
-        return Triplets
-    raise AttributeError(name)

@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from . import _accel, format as fmt
-from .errors import PairpackError
+from .. import _accel
+from .. import format as fmt
+from ..errors import PairpackError
+from ..read.dataset import Pair
+from .sampling import equalize
 
 if TYPE_CHECKING:  # torch is imported only where a batch is assembled
-    from .reader import Dataset, Pair
+    from ..read.dataset import Dataset
     from .triplets import Triplets
 
 __all__ = [
@@ -226,8 +229,6 @@ def _global_plan(lengths: np.ndarray, order: np.ndarray, *, batch_size: int | No
     w = world_size
     if batch_size is not None:
         # DistributedSampler semantics on pairs: every rank gets m pairs, then batches of B.
-        from .sampling import equalize
-
         b = batch_size
         seq = equalize(order, w, drop_last)
         m = len(seq) // w
@@ -335,7 +336,7 @@ def plan_batches(
 
     Args:
         lengths: int64 ``(3, N)`` prompt/chosen/rejected lengths (``Dataset.lengths``), untruncated.
-        order: int64 pair indices in epoch order (e.g. :func:`pairpack.sampling.epoch_order`).
+        order: int64 pair indices in epoch order (e.g. :func:`pairpack.batch.sampling.epoch_order`).
         batch_size: pairs per batch (per rank). Exactly one of ``batch_size`` / ``max_tokens``.
             Ranks are equalised on pairs as ``DistributedSampler`` does (``drop_last`` trims the
             tail, else it is padded by repeating the first pairs); ``drop_last`` also drops a
@@ -429,9 +430,9 @@ class BatchPlan:
         completion_start, completion_len: int64 ``(2, B)``, row 0 chosen, row 1 rejected, after truncation.
         indices: int64 ``(B,)`` dataset indices.
         columns: per-pair column values, name -> ``(B,)`` array.
-        shards, shard_of, longest: optional shortcuts for :func:`~pairpack.triplets.assemble`
+        shards, shard_of, longest: optional shortcuts for :func:`~pairpack.batch.triplets.assemble`
             (the distinct token arrays, each pair's position in them, the longest row), as
-            :meth:`Dataset.take <pairpack.reader.Dataset.take>` gives them.
+            :meth:`Dataset.take <pairpack.read.dataset.Dataset.take>` gives them.
     """
 
     tokens: list[np.ndarray]
@@ -449,7 +450,7 @@ class BatchPlan:
         return len(self.prompt_len)
 
     def args(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The positional arguments of :func:`pairpack.triplets.assemble`."""
+        """The positional arguments of :func:`pairpack.batch.triplets.assemble`."""
         return self.tokens, self.prompt_start, self.prompt_len, self.completion_start, self.completion_len
 
     def assemble(self, pad_id: int, pad_to_multiple_of: int | None = None) -> "Triplets":
@@ -558,8 +559,6 @@ class Collate:
         self.dropped = 0
 
     def __call__(self, items: Sequence[Any]) -> "Triplets":
-        from .reader import Pair
-
         if len(items) and isinstance(items[0], Pair):
             return self._from_pairs(items)
         idx = np.asarray(items, dtype=np.int64).reshape(-1)

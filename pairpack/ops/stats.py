@@ -5,7 +5,7 @@ Everything here is numpy over the stored index arrays (``lengths``, ``starts``);
 measures for every pair the longest common prefix ``K`` of chosen and rejected, after which the
 count for any ``max_length`` is arithmetic (completions are cut from their end, so the truncated
 completions are identical exactly when they have the same length ``C' = R'`` and ``C' <= K``).
-No torch import: truncation is the loader's own rule (:func:`pairpack.batching.truncate_lengths`)
+No torch import: truncation is the loader's own rule (:func:`pairpack.batch.plan.truncate_lengths`)
 and the padding numbers come from a :class:`~pairpack.Loader`'s own epoch plan (its order and its
 planner's batches, nothing assembled), which are numpy too.
 
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .batching import padding_ceiling, padding_efficiency, truncate_lengths
+from ..batch.plan import padding_ceiling, padding_efficiency, truncate_lengths
 
 __all__ = [
     "DatasetStats",
@@ -148,7 +148,7 @@ def truncation_row(lengths: np.ndarray, lcp: np.ndarray, max_length: int, *,
 
     ``truncated``: pairs with ``P + max(C, R) > max_length``. ``become_identical``: truncated pairs
     whose completions are identical after the cut, which the loader drops (as
-    :func:`pairpack.batching.identical_after_truncation` decides, from the common prefix ``lcp``);
+    :func:`pairpack.batch.plan.identical_after_truncation` decides, from the common prefix ``lcp``);
     ``were_identical`` of them had identical completions before the cut already.
     """
     ln = np.asarray(lengths, dtype=np.int64)
@@ -171,12 +171,12 @@ def padding_row(ds: Any, max_length: int | None, *, batch_size: int | None, max_
     """Padding efficiency (real tokens / padded tokens, both rows) of epoch 0 of a one-rank
     :class:`~pairpack.Loader` with these options, random and length-grouped: the loader's own order
     (identical-after-truncation pairs left out), its planner's batches, counted by
-    :func:`pairpack.batching.padding_efficiency`. Also the ceiling over the same pairs,
+    :func:`pairpack.batch.plan.padding_efficiency`. Also the ceiling over the same pairs,
     ``sum(2P+C+R) / sum(2(P+max(C,R)))`` (a batch of one pair still pads its shorter completion).
 
     The loader module imports no torch; building a Loader plans batches and assembles nothing.
     """
-    from .loader import Loader
+    from ..batch.loader import Loader
 
     lengths = np.asarray(ds.lengths, dtype=np.int64)
     out: dict[str, Any] = {"max_length": max_length}

@@ -1,11 +1,11 @@
 """``pairpack.Loader``: deterministic, resumable, rank-aware batches of :class:`~pairpack.Triplets`.
 
-One epoch is planned up front from the flat length array (:mod:`pairpack.sampling` gives the
-order, :mod:`pairpack.batching` the batches), so the batches are a pure function of
+One epoch is planned up front from the flat length array (:mod:`pairpack.batch.sampling` gives the
+order, :mod:`pairpack.batch.plan` the batches), so the batches are a pure function of
 ``(seed, epoch, dataset fingerprint, options)``; workers, devices and resumes only change *who*
 assembles batch ``j``, never *what* it holds. An elastic resume (a state loaded by a job of
 another world size) re-plans the rest of the epoch: the pairs the earlier job's ranks were not
-served, in epoch order, split over the new ranks (:func:`pairpack.batching.served_pairs`).
+served, in epoch order, split over the new ranks (:func:`pairpack.batch.plan.served_pairs`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import xxhash
 
-from . import batching as bt
-from .errors import PairpackError, StateError
-from .reader import Dataset, open_dataset
+from ..errors import PairpackError, StateError
+from ..read.dataset import Dataset, open_dataset
+from . import plan as bt
 from .sampling import epoch_order, resolve_rank
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Loader:
             size instead of repeating its first pairs; with ``batch_size`` also drop a short last
             batch.
         group_by_length: sort pairs by length within large windows of the shuffled order, then
-            shuffle the batches (little padding, random order). See :func:`pairpack.batching.plan_batches`.
+            shuffle the batches (little padding, random order). See :func:`pairpack.batch.plan.plan_batches`.
         window: grouping window in pairs (default 512 batches per rank).
         rank, world_size: this process's share; default from ``torch.distributed`` when it is
             initialised, else (0, 1). Every rank gets the same number of batches.
@@ -226,7 +226,7 @@ class Loader:
         return _BatchSampler(self)
 
     def collate_fn(self) -> bt.Collate:
-        """A :class:`~pairpack.batching.Collate` with this loader's truncation and padding options."""
+        """A :class:`~pairpack.batch.plan.Collate` with this loader's truncation and padding options."""
         return bt.Collate(self.ds, max_length=self.effective_max_length, truncation=self.truncation,
                           min_completion_tokens=self.min_completion_tokens,
                           pad_to_multiple_of=self.pad_to_multiple_of, columns=self.columns)
@@ -326,7 +326,7 @@ class Loader:
                             min_completion_tokens=self.min_completion_tokens, columns=self.columns)
 
     def plans(self, start: int | None = None) -> Iterator[bt.BatchPlan]:
-        """The :class:`~pairpack.batching.BatchPlan` of each batch of the current epoch from ``start``
+        """The :class:`~pairpack.batch.plan.BatchPlan` of each batch of the current epoch from ``start``
         (no token copied; for custom assembly). Does not move the loader's position."""
         flat, offsets = self._plan(self._epoch)
         for j in range(start or 0, len(offsets) - 1):

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import _accel
-from ._accel import native_applies
+from .. import _accel
+from .._accel import native_applies
 
 __all__ = ["Triplets", "assemble"]
 

@@ -1,36 +1,32 @@
 """Streaming, atomic writer of pairpack datasets (FORMAT.md §9).
-
 Memory stays flat whatever the input size: tokens and index columns go to disk as they arrive,
 and prompt de-duplication uses a bounded window of recent prompts (FORMAT.md §7.2). The dataset
 is assembled in a temporary directory beside the target and renamed into place only when every
-file is written, fsynced and checksummed.
-"""
+file is written, fsynced and checksummed."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import dataclasses
-import fcntl
 import os
-import re
 import shutil
-import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import xxhash
 
-from . import format as fmt
-from .errors import DatasetExistsError, SourceError
+from .. import format as fmt
+from ..errors import DatasetExistsError, SourceError
+from ..format.fsio import (
+    _fsync_close,
+    _fsync_dir,
+    clean_stale_temps,
+    install_dir,
+    temp_dir_for,
+)
 
-__all__ = ["Writer", "add_columns", "check_ids"]
+__all__ = ["Writer", "check_ids"]
 
-_TMP_TAG = ".pairpack-tmp-"  # temp dirs: ".<name>.pairpack-tmp-<pid>-<hex>" beside the target
-_OLD_TAG = ".pairpack-old-"
 _FLUSH_BYTES = 4 << 20
 _SPILL_ROWS = 1 << 16
 
@@ -354,10 +350,6 @@ def _widen_closed(root: Path, shard: fmt.ShardInfo) -> fmt.ShardInfo:
                          shard.columns)
 
 
-def _fsync_close(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
 
 
 def _concat_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], parts: Sequence[Path]) -> None:
@@ -371,90 +363,6 @@ def _concat_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...], parts: Sequ
         os.fsync(out.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_RENAME_EXCHANGE = 2
-_libc = None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = _libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    AT_FDCWD = -100
-    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
-
-
-def temp_dir_for(target: Path) -> Path:
-    """A fresh temp directory name beside ``target`` that :func:`clean_stale_temps` recognises."""
-    return target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def install_dir(tmp: Path, target: Path, *, force: bool) -> None:
-    """Move the finished directory ``tmp`` to ``target`` (FORMAT.md §9 W1).
-
-    Replacing an existing ``target`` (only with ``force``) is one atomic exchange where the kernel
-    supports renameat2, so the path always holds a whole dataset; elsewhere two renames.
-    """
-    if target.exists() or target.is_symlink():
-        if not force:
-            raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
-        old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if _exchange(tmp, target):  # one atomic step: the path always holds a full dataset
-            os.rename(tmp, old)
-        else:
-            os.rename(target, old)
-            os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-
-
-def clean_stale_temps(target: Path) -> None:
-    """Remove temp directories that dead builds left beside ``target`` (their pid is gone)."""
-    parent = target.parent
-    if not parent.is_dir():
-        return
-    # the last tag is the rejects file a killed `build --skip-invalid` was writing (build.py)
-    for tag in (_TMP_TAG, _OLD_TAG, ".rejects.jsonl.tmp-"):
-        prefix = f".{target.name}{tag}"
-        for p in parent.glob(prefix + "*"):
-            try:
-                pid = int(p.name[len(prefix):].split("-")[0])
-            except ValueError:
-                continue
-            if pid != os.getpid() and not _pid_alive(pid):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Writer:
@@ -683,183 +591,3 @@ class Writer:
             self.current = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._closed = True
-
-
-# --- adding per-pair columns to an existing dataset (FORMAT.md §4.4, §9) ------------------------
-# add_columns names each new column file after its content, "<name>.<16 hex of its xxh3-128>.npy",
-# so a new file never overwrites a file that the current manifest points to: readers holding the
-# old manifest keep a consistent view until the old files are deleted, after the manifest swap.
-_COLFILE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}\.[0-9a-f]{16}\.npy$")
-_COLTMP_TAG = ".pairpack-coltmp-"  # temp files: ".<name>.pairpack-coltmp-<pid>-<hex>"
-
-
-@contextlib.contextmanager
-def _dataset_lock(root: Path) -> Iterator[None]:
-    """Exclusive advisory lock on the dataset directory (flock on its fd): one column update at a time."""
-    try:
-        fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except (FileNotFoundError, NotADirectoryError):
-        raise fmt.FormatError("not a dataset directory", path=root, field="manifest", section="§3") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the fd releases the lock
-
-
-def _column_array(name: str, values: Any, num_pairs: int) -> np.ndarray:
-    if not fmt.COLUMN_NAME_RE.match(name):
-        raise ValueError(f"bad column name {name!r}: names match [a-z][a-z0-9_]{{0,63}} (FORMAT.md §4.4)")
-    if hasattr(values, "detach"):  # a torch tensor: numpy view of its CPU copy
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values)
-    dt_name = arr.dtype.name if arr.dtype.kind in "fi" else ""
-    if dt_name not in fmt.COLUMN_DTYPES:
-        raise ValueError(f"column {name!r}: dtype {arr.dtype} is not allowed; use one of "
-                         f"{sorted(fmt.COLUMN_DTYPES)} (FORMAT.md §4.4)")
-    if arr.shape != (num_pairs,):
-        raise ValueError(f"column {name!r}: shape {arr.shape} differs from (num_pairs,) = ({num_pairs},)")
-    arr = np.ascontiguousarray(arr, dtype=fmt.COLUMN_DTYPES[dt_name])  # little-endian, C order
-    if arr.dtype.kind == "f" and num_pairs and not np.isfinite(arr).all():
-        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise ValueError(f"column {name!r}: non-finite value {arr[bad]} at pair {bad} (FORMAT.md §8 R16)")
-    return arr
-
-
-def _write_column_file(shard_dir: Path, name: str, data: np.ndarray, created: list[Path]) -> Path:
-    """Write ``data`` as a content-named .npy in ``shard_dir`` via a temp file; return its path."""
-    header = fmt.npy_header(data.dtype, data.shape)
-    h = xxhash.xxh3_128()
-    h.update(header)
-    h.update(memoryview(data).cast("B"))
-    digest = h.hexdigest()
-    final = shard_dir / f"{name}.{digest[:16]}.npy"
-    tmp = shard_dir / f".{name}{_COLTMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    created.append(tmp)
-    with open(tmp, "wb") as f:
-        f.write(header)
-        f.write(memoryview(data).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
-    existed = final.exists()
-    os.replace(tmp, final)  # same name => same bytes: replacing an identical file changes nothing
-    created.remove(tmp)
-    if not existed:
-        created.append(final)
-    return final
-
-
-def _collect_garbage(root: Path, manifest: fmt.Manifest) -> None:
-    """Delete column files no manifest entry points to and temp files of dead processes.
-
-    Only names that add_columns itself creates are touched (content-named column files and its
-    temp files), so files written by other tools are never removed.
-    """
-    live = {e.path for s in manifest.shards for e in s.columns.values()}
-    dirs = [root] + [root / s.name for s in manifest.shards]
-    for d in dirs:
-        try:
-            names = os.listdir(d)
-        except OSError:
-            continue
-        for fn in names:
-            p = d / fn
-            if _COLTMP_TAG in fn:
-                try:
-                    pid = int(fn.split(_COLTMP_TAG, 1)[1].split("-")[0])
-                except ValueError:
-                    continue
-                if pid != os.getpid() and not _pid_alive(pid):
-                    p.unlink(missing_ok=True)
-            elif d != root and _COLFILE_RE.match(fn) and p.relative_to(root).as_posix() not in live:
-                p.unlink(missing_ok=True)
-
-
-def add_columns(
-    path: str | os.PathLike,
-    columns: Mapping[str, Any],
-    *,
-    info: Mapping[str, Mapping[str, Any]] | None = None,
-) -> fmt.Manifest:
-    """Add or replace per-pair columns of an existing dataset, atomically (FORMAT.md §4.4, §9).
-
-    Each column is split over the shards and written as one ``.npy`` per shard, named after
-    its content (``shard-NNNNN/<name>.<16 hex of its xxh3-128>.npy``), fsynced, checksummed;
-    then ``manifest.json`` is replaced in one ``os.replace`` of a fsynced temp file. Only after
-    that are the files of replaced columns deleted. At every instant the manifest on disk
-    points only at complete files with the checksums it records: an interrupted call leaves
-    the dataset as it was (plus at most unreferenced files, removed by the next call). The
-    token and index files are untouched, so the fingerprint (§7.3) does not change. Column
-    updates of one dataset are serialised by an advisory lock on its directory.
-
-    Args:
-        path: the dataset directory.
-        columns: name -> values, one per pair: ``(num_pairs,)`` numpy array or torch tensor of
-            float32, float64, int32 or int64 (FORMAT.md §4.4). Floats must be finite (§8 R16).
-            A name that exists already is replaced.
-        info: optional name -> ``{"description": str, "attrs": dict}`` (attrs JSON values).
-            A replaced column without info gets empty ones: old attrs never describe new values.
-
-    Returns:
-        The new :class:`~pairpack.format.Manifest`. Open the dataset again to read the columns
-        (a :class:`~pairpack.reader.Dataset` opened before keeps its old view).
-
-    Raises:
-        ValueError: a bad name, dtype, shape, non-finite value, or attrs that are not JSON.
-        FormatError: ``path`` is not a readable dataset.
-    """
-    root = Path(path)
-    info = dict(info or {})
-    unknown = set(info) - set(columns)
-    if unknown:
-        raise ValueError(f"info given for columns not being added: {sorted(unknown)}")
-    with _dataset_lock(root):
-        old = fmt.read_manifest(root)
-        arrays = {k: _column_array(k, v, old.num_pairs) for k, v in columns.items()}
-        new_cols = {c.name: c for c in old.columns}
-        for k, arr in arrays.items():
-            meta = dict(info.get(k, {}))
-            new_cols[k] = fmt.ColumnInfo(k, arr.dtype.name, str(meta.get("description", "")),
-                                         dict(meta.get("attrs", {})))
-        created: list[Path] = []
-        try:
-            shards = []
-            lo = 0
-            for s in old.shards:
-                shard_dir = fmt.resolve_file(root, s.name)
-                entries = dict(s.columns)
-                for k, arr in arrays.items():
-                    p = _write_column_file(shard_dir, k, arr[lo:lo + s.num_pairs], created)
-                    entries[k] = _file_entry(root, p)
-                lo += s.num_pairs
-                shards.append(fmt.ShardInfo(s.name, s.num_pairs, s.num_tokens, s.num_prompts, s.files, entries))
-                _fsync_dir(shard_dir)
-            manifest = dataclasses.replace(old, shards=tuple(shards),
-                                           columns=tuple(new_cols[k] for k in sorted(new_cols)))
-            try:
-                data = manifest.dumps()
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"column attrs must be JSON values ({e})") from None
-            fmt.parse_manifest(data)  # never install what a reader refuses
-            tmp = root / f".{fmt.MANIFEST_NAME}{_COLTMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            created.append(tmp)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, root / fmt.MANIFEST_NAME)  # the commit point
-            created.clear()
-            _fsync_dir(root)
-        except BaseException:
-            for p in created:  # new files only: nothing the old manifest points to
-                p.unlink(missing_ok=True)
-            raise
-        # the old manifest is gone: drop the files of replaced columns, then any leftovers
-        live = {e.path for s in manifest.shards for e in s.columns.values()}
-        for s in old.shards:
-            for k in arrays:
-                e = s.columns.get(k)
-                if e is not None and e.path not in live:
-                    fmt.resolve_file(root, e.path).unlink(missing_ok=True)
-        _collect_garbage(root, manifest)
-    return manifest

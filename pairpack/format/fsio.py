@@ -1,0 +1,147 @@
+"""Filesystem primitives every writer uses: checksums (FORMAT.md §6), fsync, atomic install (§9 W1),
+and clean-up of temporaries that dead writers left behind."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import xxhash
+
+from ..errors import DatasetExistsError
+from .spec import _HASH_CHUNK
+
+_TMP_TAG = ".pairpack-tmp-"  # temp dirs: ".<name>.pairpack-tmp-<pid>-<hex>" beside the target
+_OLD_TAG = ".pairpack-old-"  # a replaced dataset, removed right after the swap
+
+__all__ = ["file_checksum", "temp_dir_for", "install_dir", "clean_stale_temps"]
+
+
+def file_checksum(path: str | os.PathLike,
+                  visit: Callable[[memoryview, int], None] | None = None) -> str:
+    """xxh3-128 of a file's bytes as 32 hex digits (FORMAT.md §6). Streams; runs near disk speed.
+
+    ``visit(chunk, file_offset)``, when given, sees every chunk (16 MiB, at multiples of 16 MiB)
+    right after it is hashed, so a caller can check the data in the same pass (verify does).
+    """
+    h = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is not None:
+            advise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(_HASH_CHUNK)
+        view = memoryview(buf)
+        off = 0
+        while True:
+            if advise is not None:
+                # ask for the next chunk now: the disk reads it while this one is hashed
+                # (measured cold: ~700-830 MB/s without, ~1000-1180 MB/s with, = `cat` speed)
+                advise(fd, off + _HASH_CHUNK, _HASH_CHUNK, os.POSIX_FADV_WILLNEED)
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            if visit is not None:
+                visit(view[:n], off)
+            off += n
+    return h.hexdigest()
+
+
+
+def _fsync_close(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_libc = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = _libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD = -100
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def temp_dir_for(target: Path) -> Path:
+    """A fresh temp directory name beside ``target`` that :func:`clean_stale_temps` recognises."""
+    return target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def install_dir(tmp: Path, target: Path, *, force: bool) -> None:
+    """Move the finished directory ``tmp`` to ``target`` (FORMAT.md §9 W1).
+
+    Replacing an existing ``target`` (only with ``force``) is one atomic exchange where the kernel
+    supports renameat2, so the path always holds a whole dataset; elsewhere two renames.
+    """
+    if target.exists() or target.is_symlink():
+        if not force:
+            raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
+        old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if _exchange(tmp, target):  # one atomic step: the path always holds a full dataset
+            os.rename(tmp, old)
+        else:
+            os.rename(target, old)
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+
+
+def clean_stale_temps(target: Path) -> None:
+    """Remove temp directories that dead builds left beside ``target`` (their pid is gone)."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    # the last tag is the rejects file a killed `build --skip-invalid` was writing (build.py)
+    for tag in (_TMP_TAG, _OLD_TAG, ".rejects.jsonl.tmp-"):
+        prefix = f".{target.name}{tag}"
+        for p in parent.glob(prefix + "*"):
+            try:
+                pid = int(p.name[len(prefix):].split("-")[0])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,519 @@
+"""DPO loss: per-sequence log-probabilities, the pairwise loss, and a training module.
+
+Shape legend:
+    B: preference pairs in a batch (a forward runs on 2B rows: chosen first, then rejected).
+    N: padded sequence length (prompt + completion + right padding).
+    V: vocabulary size.
+
+Conventions (each is tested in tests/test_dpo.py):
+    * Target alignment: ``logits[:, t]`` scores the *target* ``seq[:, t + 1]``. A target is
+      scored iff ``completion_mask[:, t + 1]`` is True, so the first completion token is scored
+      and no prompt token or pad is. This is ``labels[:, 1:]`` in the DPO reference code and TRL.
+    * Reduction: ``"sum"`` (per-sequence sum; the DPO paper, TRL, torchtune) or ``"mean"``
+      (per-token mean; x-transformers). ``beta`` is not comparable across the two.
+    * Padding is on the right; the model is called without an attention mask, which is only
+      correct for a causal model with right padding.
+
+This module depends on torch only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DPO",
+    "DPOOutput",
+    "LOSS_TYPES",
+    "REDUCTIONS",
+    "dpo_loss",
+    "pair_rows",
+    "sequence_logprobs",
+    "xtransformers_inputs",
+]
+
+LossType = Literal["sigmoid", "robust", "hinge", "ipo"]
+Reduction = Literal["sum", "mean"]
+
+LOSS_TYPES: tuple[str, ...] = ("sigmoid", "robust", "hinge", "ipo")
+REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+# Loss types whose formula has a label-smoothing term; the others reject a nonzero epsilon.
+_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
+_SEQ_MASK_NAMES = ("preferred_seq_mask", "unpreferred_seq_mask")
+
+
+def _check_bool_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        # An int 0/1 mask would be inverted bitwise by `~` (0 -> -1), silently wrong.
+        raise TypeError(f"{name} must be a bool tensor, got {got}; convert with `.bool()`")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    # `not beta > 0` also rejects NaN.
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 0.5):
+        # At 0.5 the sigmoid loss is constant and the robust loss divides by zero.
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing != 0.0 and loss_type not in _SMOOTHED_LOSS_TYPES:
+        raise ValueError(
+            f"label_smoothing={label_smoothing!r} has no effect with loss_type={loss_type!r}; "
+            f"it applies only to {_SMOOTHED_LOSS_TYPES}; pass label_smoothing=0.0"
+        )
+
+
+def sequence_logprobs(
+    logits: Tensor,
+    seq: Tensor,
+    completion_mask: Tensor,
+    *,
+    reduction: Reduction = "sum",
+) -> Tensor:
+    """Log-probability of each row's completion under next-token ``logits``.
+
+    ``logits[:, t]`` predicts ``seq[:, t + 1]``; that target is scored iff
+    ``completion_mask[:, t + 1]`` is True. For a row laid out as
+
+        position         0  1  2  3  4
+        seq              p0 p1 c0 c1 X        (2 prompt tokens, 2 completion tokens, 1 pad)
+        completion_mask  F  F  T  T  F
+
+    the scored terms are ``log p(c0 | p0 p1)`` from ``logits[:, 1]`` and
+    ``log p(c1 | p0 p1 c0)`` from ``logits[:, 2]``. ``logits[:, 0]`` (target p1, a prompt
+    token) and ``logits[:, 3]`` (target X, a pad) are not scored, and neither is
+    ``logits[:, 4]``, which has no target.
+
+    The log-softmax is taken in at least float32 (half precision is upcast). Unscored rows
+    are replaced by zeros with ``torch.where`` before the softmax and their terms are
+    selected out with ``torch.where`` after it, so NaN or inf at unscored positions cannot
+    reach the result or the gradient, and pad ids need not be valid vocabulary ids.
+
+    Args:
+        logits: float ``(B, N, V)`` or ``(B, N - 1, V)``, unnormalised next-token scores. With
+            length N the last position is ignored (it has no target).
+        seq: int ``(B, N)``, token ids.
+        completion_mask: bool ``(B, N)``, True on completion tokens that are real (not pad),
+            i.e. ``seq_mask & ~prompt_mask``.
+        reduction: ``"sum"`` gives the per-sequence sum of log-probs (nats); ``"mean"`` gives
+            that sum divided by the number of scored targets (nats per token). A row with no
+            scored target gives 0 under either reduction, not NaN.
+
+    Returns:
+        ``(B,)`` log-probabilities in nats, dtype ``float32`` or ``float64`` (the wider of
+        ``logits.dtype`` and float32). Differentiable with respect to ``logits``.
+
+    Raises:
+        TypeError: ``completion_mask`` is not bool, or ``seq`` is not an integer tensor.
+        ValueError: shapes disagree or ``reduction`` is unknown.
+    """
+    _check_reduction(reduction)
+    if seq.ndim != 2:
+        raise ValueError(f"seq must have shape (B, N), got {tuple(seq.shape)}")
+    if seq.dtype.is_floating_point or seq.dtype.is_complex or seq.dtype == torch.bool:
+        raise TypeError(f"seq must hold integer token ids, got {seq.dtype}")
+    b, n = seq.shape
+    _check_bool_mask("completion_mask", completion_mask, (b, n))
+    if logits.ndim != 3 or logits.shape[0] != b or logits.shape[1] not in (n, n - 1):
+        raise ValueError(
+            f"logits must have shape (B, N, V) or (B, N - 1, V) with B={b}, N={n}; "
+            f"got {tuple(logits.shape)}"
+        )
+    if not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+
+    logits = logits[:, : n - 1]
+    targets = seq[:, 1:]
+    scored = completion_mask[:, 1:]
+
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    safe_logits = torch.where(scored.unsqueeze(-1), logits, 0.0)
+    # Pad ids may be out of range (e.g. -100); gather needs a valid index.
+    safe_targets = torch.where(scored, targets, 0).long()
+    logp = safe_logits.log_softmax(dim=-1, dtype=compute_dtype)
+    token_logp = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    token_logp = torch.where(scored, token_logp, 0.0)
+
+    total = token_logp.sum(dim=-1)
+    if reduction == "sum":
+        return total
+    count = scored.sum(dim=-1).to(compute_dtype)
+    # clamp only changes empty rows (0 / 1 = 0); for count >= 1 this is exactly sum / count.
+    return total / count.clamp(min=1.0)
+
+
+class DPOOutput(NamedTuple):
+    """Result of :func:`dpo_loss`.
+
+    Attributes:
+        losses: float ``(B,)``, per-pair loss; differentiable. Reduce it yourself (``.mean()``).
+        chosen_rewards: float ``(B,)``, ``beta * (policy_chosen - ref_chosen)``, detached.
+        rejected_rewards: float ``(B,)``, ``beta * (policy_rejected - ref_rejected)``, detached.
+        metrics: 0-dim detached tensors, each a mean over pairs: ``"rewards/chosen"``,
+            ``"rewards/rejected"``, ``"rewards/margins"`` (chosen minus rejected reward),
+            ``"rewards/accuracies"`` (fraction with chosen reward strictly greater, so 0 when
+            policy equals reference), ``"logps/chosen"``, ``"logps/rejected"`` (policy
+            log-probs in whatever reduction they were computed with). Tensors rather than
+            floats so that no device sync happens until the caller logs them.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    metrics: dict[str, Tensor]
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: LossType = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOOutput:
+    """Pairwise DPO loss from sequence log-probabilities.
+
+    With ``h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)``,
+    ``b = beta`` and ``e = label_smoothing``, the per-pair losses are:
+
+    * ``"sigmoid"``: ``-(1 - e) * logsigmoid(b*h) - e * logsigmoid(-b*h)``. With ``e = 0``
+      this is DPO; with ``e > 0`` it is conservative DPO (cDPO).
+    * ``"robust"``: ``(-(1 - e) * logsigmoid(b*h) + e * logsigmoid(-b*h)) / (1 - 2e)`` (rDPO).
+    * ``"hinge"``: ``relu(1 - b*h)`` (SLiC / RSO; ``1/beta`` is the margin).
+    * ``"ipo"``: ``(h - 1/(2b))**2``. ``h`` is built from whatever reduction the inputs used:
+      summed log-probs give the IPO of the reference code and OpenRLHF, per-token means
+      give a length-normalised IPO.
+
+    When policy equals reference (``h = 0``): sigmoid and robust give ``ln 2``, hinge 1,
+    ipo ``1 / (4 b**2)``.
+
+    Args:
+        policy_chosen: float ``(B,)``, policy log-prob of each chosen completion (nats).
+        policy_rejected: float ``(B,)``, policy log-prob of each rejected completion.
+        ref_chosen: float ``(B,)``, reference log-prob of each chosen completion.
+        ref_rejected: float ``(B,)``, reference log-prob of each rejected completion.
+        beta: inverse temperature, > 0. Its scale depends on the reduction of the inputs.
+        loss_type: one of ``"sigmoid"``, ``"robust"``, ``"hinge"``, ``"ipo"``.
+        label_smoothing: assumed probability that a preference label is flipped, in
+            ``[0, 0.5)``; only for ``"sigmoid"`` and ``"robust"``.
+
+    Returns:
+        :class:`DPOOutput` with per-pair ``losses`` ``(B,)``, rewards and metrics.
+
+    Raises:
+        ValueError: unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` outside
+            ``[0, 0.5)`` or nonzero for hinge/ipo, or inputs that are not four ``(B,)``
+            tensors of one shape.
+    """
+    _check_loss_args(beta, loss_type, label_smoothing)
+    inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    shapes = {tuple(t.shape) for t in inputs}
+    if len(shapes) != 1 or policy_chosen.ndim != 1:
+        raise ValueError(
+            "policy_chosen, policy_rejected, ref_chosen and ref_rejected must all have shape (B,), "
+            f"got {[tuple(t.shape) for t in inputs]}"
+        )
+
+    chosen_logratio = policy_chosen - ref_chosen
+    rejected_logratio = policy_rejected - ref_rejected
+    h = chosen_logratio - rejected_logratio
+    eps = label_smoothing
+
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = F.relu(1 - beta * h)
+    else:  # "ipo"
+        losses = (h - 1 / (2 * beta)) ** 2
+
+    chosen_rewards = (beta * chosen_logratio).detach()
+    rejected_rewards = (beta * rejected_logratio).detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    }
+    return DPOOutput(losses, chosen_rewards, rejected_rewards, metrics)
+
+
+class DPO(nn.Module):
+    """Direct Preference Optimization around a causal language model.
+
+    ``model`` maps int64 ids ``(B, N)`` to logits ``(B, N, V)`` and must be causal. The
+    argument contract of :meth:`forward` is that of ``x_transformers.dpo.DPO.forward``, but
+    the loss mask is aligned with the targets (see :func:`sequence_logprobs`), so the loss
+    differs from x-transformers' released one; :func:`xtransformers_inputs` reconciles them.
+
+    The reference model is frozen: ``requires_grad`` off, always in eval mode (also after
+    ``.train()``), run under ``torch.no_grad``. It is registered as a submodule so that
+    ``.to(device)`` moves it, but :meth:`parameters` yields the policy's parameters only,
+    as x-transformers' does, so ``optimizer(dpo.parameters())`` trains the policy alone.
+    ``state_dict()`` holds both, under ``policy_model.`` and ``ref_model.``.
+    The policy's train/eval mode is left to the caller; dropout in train mode makes the
+    policy differ from the reference even at initialisation.
+
+    Args:
+        model: the policy, trained in place.
+        beta: inverse temperature, > 0. Under ``reduction="mean"`` (nats per token) and
+            ``reduction="sum"`` (nats per sequence) the same value weighs the log-ratio very
+            differently, roughly by the completion length; tune it per reduction.
+        reduction: ``"mean"`` (default, per-token mean as in x-transformers) or ``"sum"``
+            (per-sequence sum as in the DPO paper and TRL).
+        loss_type: see :func:`dpo_loss`.
+        label_smoothing: see :func:`dpo_loss`.
+        ref_model: ``None`` (default) takes a deep copy of ``model`` now, before training
+            changes it. A module uses that module as the reference and freezes it in place.
+            ``False`` holds no reference at all: every :meth:`forward` call must then pass
+            ``ref_chosen_logp`` and ``ref_rejected_logp`` (computed beforehand with the same
+            reduction), which saves the memory and compute of a second model.
+
+    Raises:
+        ValueError: invalid ``beta``, ``reduction``, ``loss_type`` or ``label_smoothing``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        beta: float = 0.1,
+        reduction: Reduction = "mean",
+        loss_type: LossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        ref_model: nn.Module | Literal[False] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        _check_loss_args(beta, loss_type, label_smoothing)
+        if ref_model is not None and ref_model is not False and not isinstance(ref_model, nn.Module):
+            raise TypeError(f"ref_model must be None, False or an nn.Module, got {type(ref_model).__name__}")
+        self.policy_model = model
+        if ref_model is None:
+            ref_model = copy.deepcopy(model)
+        if ref_model is False:
+            self.ref_model: nn.Module | None = None
+        else:
+            ref_model.requires_grad_(False)
+            ref_model.eval()
+            self.ref_model = ref_model
+        self.beta = beta
+        self.reduction: Reduction = reduction
+        self.loss_type: LossType = loss_type
+        self.label_smoothing = label_smoothing
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """Yield the policy's parameters only (the frozen reference is excluded)."""
+        return self.policy_model.parameters(recurse=recurse)
+
+    def train(self, mode: bool = True) -> DPO:
+        """Set the policy's mode; the reference stays in eval mode."""
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()
+        return self
+
+    def completion_logprobs(self, model: nn.Module, seq: Tensor, completion_mask: Tensor) -> Tensor:
+        """Log-probs of ``model``'s completions under this module's reduction.
+
+        Use it to precompute reference log-probs for ``ref_chosen_logp``/``ref_rejected_logp``
+        (under ``torch.no_grad()``). The last position is not fed to the model, since its
+        logits would have no target; x-transformers likewise calls ``model(seq[:, :-1])``.
+
+        Args:
+            model: maps int64 ``(R, N - 1)`` to logits ``(R, N - 1, V)``.
+            seq: int64 ``(R, N)``.
+            completion_mask: bool ``(R, N)``, ``seq_mask & ~prompt_mask``.
+
+        Returns:
+            float ``(R,)`` log-probs in nats (per sequence or per token, see ``reduction``).
+        """
+        logits = model(seq[:, :-1])
+        return sequence_logprobs(logits, seq, completion_mask, reduction=self.reduction)
+
+    def forward(
+        self,
+        preferred_seq: Tensor,
+        unpreferred_seq: Tensor,
+        *,
+        prompt_mask: Tensor,
+        preferred_seq_mask: Tensor | None = None,
+        unpreferred_seq_mask: Tensor | None = None,
+        ref_chosen_logp: Tensor | None = None,
+        ref_rejected_logp: Tensor | None = None,
+        return_metrics: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """DPO loss of a batch of pairs, right-padded to one length N.
+
+        Policy and reference each run once, on ``torch.cat([preferred_seq, unpreferred_seq])``.
+
+        Args:
+            preferred_seq: int64 ``(B, N)``, prompt + chosen completion + right padding.
+            unpreferred_seq: int64 ``(B, N)``, the same prompt + rejected completion + padding.
+            prompt_mask: bool ``(B, N)``, True on prompt tokens; shared by both sequences, so
+                the prompt must sit at the same positions in both.
+            preferred_seq_mask: bool ``(B, N)``, True on real (non-pad) tokens; None means all
+                positions are real.
+            unpreferred_seq_mask: bool ``(B, N)``, likewise for ``unpreferred_seq``.
+            ref_chosen_logp: float ``(B,)``, precomputed reference log-probs of the chosen
+                completions under this module's reduction. Pass both or neither; when passed,
+                the reference model is not run.
+            ref_rejected_logp: float ``(B,)``, likewise for the rejected completions.
+            return_metrics: also return the metrics dict of :func:`dpo_loss`.
+
+        Returns:
+            The scalar loss (mean over pairs), or ``(loss, metrics)`` if ``return_metrics``.
+
+        Raises:
+            ValueError: shapes disagree, N < 2, only one precomputed reference is passed, or
+                none is passed while the module holds no reference model.
+            TypeError: a mask is not bool.
+        """
+        if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
+            raise ValueError(
+                "preferred_seq and unpreferred_seq must both have shape (B, N) (pad them to one "
+                f"length), got {tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
+            )
+        b, n = preferred_seq.shape
+        if n < 2:
+            raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
+        _check_bool_mask("prompt_mask", prompt_mask, (b, n))
+        seq_masks = []
+        for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
+            if mask is None:
+                mask = torch.ones_like(prompt_mask)
+            _check_bool_mask(name, mask, (b, n))
+            seq_masks.append(mask)
+        if (ref_chosen_logp is None) != (ref_rejected_logp is None):
+            raise ValueError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
+        if ref_chosen_logp is None and self.ref_model is None:
+            raise ValueError(
+                "this DPO holds no reference model (ref_model=False); pass ref_chosen_logp and "
+                "ref_rejected_logp"
+            )
+
+        seq, completion_mask = pair_rows(preferred_seq, unpreferred_seq, prompt_mask, *seq_masks)
+
+        policy_logp = self.completion_logprobs(self.policy_model, seq, completion_mask)
+        policy_chosen, policy_rejected = policy_logp.split(b)
+
+        if ref_chosen_logp is not None:
+            ref_chosen, ref_rejected = ref_chosen_logp, ref_rejected_logp
+        else:
+            self.ref_model.eval()  # in case the caller switched it back
+            with torch.no_grad():
+                ref_logp = self.completion_logprobs(self.ref_model, seq, completion_mask)
+            ref_chosen, ref_rejected = ref_logp.split(b)
+
+        out = dpo_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )
+        loss = out.losses.mean()
+        if return_metrics:
+            return loss, out.metrics
+        return loss
+
+
+def pair_rows(
+    preferred_seq: Tensor,
+    unpreferred_seq: Tensor,
+    prompt_mask: Tensor,
+    preferred_seq_mask: Tensor,
+    unpreferred_seq_mask: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Both rows of each pair stacked for one model call: ``seq`` int64 ``(2B, N)`` (preferred rows
+    first) and its ``completion_mask`` bool ``(2B, N)`` (real tokens that are not prompt), as
+    :class:`DPO` feeds them to :func:`sequence_logprobs`."""
+    seq = torch.cat([preferred_seq, unpreferred_seq])
+    completion_mask = torch.cat([preferred_seq_mask, unpreferred_seq_mask]) & ~torch.cat([prompt_mask, prompt_mask])
+    return seq, completion_mask
+
+
+def xtransformers_inputs(
+    preferred_seq: Tensor,
+    unpreferred_seq: Tensor,
+    prompt_mask: Tensor,
+    preferred_seq_mask: Tensor | None = None,
+    unpreferred_seq_mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Keyword arguments for ``x_transformers.dpo.DPO.forward`` that score the right targets.
+
+    x-transformers (2.x) computes ``lp[:, i] = log p(seq[:, i + 1] | seq[:, :i + 1])`` for
+    i in 0..N-2, and before its masked mean it trims a loss mask of length N to
+    ``mask[:, :-1]``. That lines the mask up with the *inputs*, not the targets: it drops
+    the first completion token and scores the first pad. It trims only when the mask is
+    exactly one longer than ``lp``; a mask of length N - 1 is used as given.
+
+    So this returns the masks shifted onto the targets, ``mask[:, 1:]`` of shape
+    ``(B, N - 1)``: ``prompt_mask[:, 1:]`` and both seq masks ``[:, 1:]`` (all True when
+    None). x-transformers then forms ``~prompt_mask[:, 1:] & seq_mask[:, 1:]``, which is
+    exactly pairpack's scored-target mask ``completion_mask[:, 1:]``, and its loss equals
+    ``DPO(model, reduction="mean")`` on the original inputs. The seq masks are always
+    passed explicitly: if they were derived from x-transformers' ``pad_id`` they would have
+    length N and could not be combined with a prompt mask of length N - 1. The sequences
+    are passed unchanged.
+
+    Args:
+        preferred_seq: int64 ``(B, N)``.
+        unpreferred_seq: int64 ``(B, N)``.
+        prompt_mask: bool ``(B, N)``, True on prompt tokens.
+        preferred_seq_mask: bool ``(B, N)`` or None (all real tokens).
+        unpreferred_seq_mask: bool ``(B, N)`` or None.
+
+    Returns:
+        ``{"preferred_seq", "unpreferred_seq"}`` (``(B, N)``, unchanged) and
+        ``{"prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask"}`` (bool ``(B, N - 1)``),
+        to be splatted: ``xt_dpo(**xtransformers_inputs(...))``.
+
+    Raises:
+        ValueError: shapes disagree or N < 2.
+        TypeError: a mask is not bool.
+    """
+    if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
+        raise ValueError(
+            "preferred_seq and unpreferred_seq must both have shape (B, N), "
+            f"got {tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
+        )
+    b, n = preferred_seq.shape
+    if n < 2:
+        raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
+    _check_bool_mask("prompt_mask", prompt_mask, (b, n))
+    shifted = {}
+    for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
+        if mask is None:
+            mask = torch.ones_like(prompt_mask)
+        _check_bool_mask(name, mask, (b, n))
+        shifted[name] = mask[:, 1:]
+    return {
+        "preferred_seq": preferred_seq,
+        "unpreferred_seq": unpreferred_seq,
+        "prompt_mask": prompt_mask[:, 1:],
+        **shifted,
+    }
