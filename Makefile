@@ -12,7 +12,7 @@ install:
 	$(PIP) install -q -e .
 
 install-test: install
-	$(PIP) install -q -e ".[test,plot]"
+	$(PIP) install -q -e ".[test,plot,ray]"
 
 demo: install
 	$(PYTHON) -m pairpack.cli demo --out $(DEMO_OUT)

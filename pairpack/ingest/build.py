@@ -52,7 +52,8 @@ from .sources import (
     record_text,
 )
 
-__all__ = ["build", "BuildReport", "rejects_path", "process_block", "BlockResult"]
+__all__ = ["build", "BuildReport", "BuildPlan", "plan_build", "add_result", "attach_tokenizer", "finish_report",
+           "Rejects", "rejects_path", "process_block", "BlockResult"]
 
 DETECT_RECORDS = 1000  # records looked at (from the start of the whole input) to fix shape and mode
 PARALLEL_MIN_BYTES = 4 << 20  # with workers=None, smaller inputs are built in-process (no start-up cost)
@@ -82,6 +83,7 @@ class BuildReport:
     workers: int = 1
     part: str | None = None
     skipped: bool = False
+    tasks: int = 0  # Ray write tasks (pairpack.ray); 0 for a build
 
     def summary(self) -> str:
         """A short multi-line human summary."""
@@ -91,7 +93,8 @@ class BuildReport:
         lines = [
             f"wrote {self.output}: {self.pairs:,} pairs in {self.shards} shard(s), {self.token_dtype}"
             + (f", part {self.part}" if self.part else ""),
-            f"  input            shape {self.shape}, {self.mode}, {self.workers} worker(s)",
+            f"  input            shape {self.shape}, {self.mode}, {self.workers} worker(s)"
+            + (f", {self.tasks} Ray write task(s)" if self.tasks else ""),
             f"  unique prompts   {self.unique_prompts:,}",
             f"  tokens stored    {self.tokens:,} ({self.prompt_tokens_saved:,} prompt tokens saved by de-duplication)",
             f"  dataset size     {self.dataset_bytes / 1e6:,.2f} MB",
@@ -114,6 +117,36 @@ def rejects_path(output: str | os.PathLike) -> Path:
     """Where ``--skip-invalid`` writes rejected records: ``<output>.rejects.jsonl`` beside it."""
     p = Path(output)
     return p.parent / (p.name + ".rejects.jsonl")
+
+
+class Rejects:
+    """A rejects file being written (``skip_invalid``): one JSON object a line, first to a temp
+    file beside ``final`` (which :func:`pairpack.format.fsio.clean_stale_temps` removes if the
+    writer dies), moved into place by :meth:`commit`."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        self.f: Any = None
+
+    def add(self, entry: dict[str, Any]) -> None:
+        if self.f is None:
+            self.f = open(self.tmp, "w", encoding="utf-8", errors="backslashreplace")
+        self.f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def commit(self) -> str | None:
+        """Put the file in place; with no entry, remove a stale one. Returns its path or None."""
+        if self.f is None:
+            self.final.unlink(missing_ok=True)  # a stale file from an earlier build would mislead
+            return None
+        self.f.close()
+        os.replace(self.tmp, self.final)
+        return str(self.final)
+
+    def discard(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 # --- per-block work (runs in workers) ----------------------------------------------------------
@@ -412,6 +445,79 @@ def _detect(sources: list[Source], opts: ShapeOptions, tokenizer: Any) -> tuple[
     return resolved or ShapeOptions(shape="fields", spec=opts.spec), None
 
 
+@dataclass
+class BuildPlan:
+    """Every decision that shapes the output, fixed before the first block is processed (so the
+    output never depends on how the input is cut into blocks, workers, parts or Ray tasks).
+
+    job: what :func:`process_block` needs. mode: ``"text"`` or ``"ids"``. tokenizer: the loaded
+    tokenizer (a :class:`ByteTokenizer` for text without one; None for ids without one).
+    options: recorded as the manifest's provenance ``options``. writer: keyword arguments of
+    :class:`~pairpack.write.writer.Writer` (vocab_size, special ids, tokenizer identity, shard_bytes,
+    dedup_window).
+    """
+
+    job: _Job
+    mode: str
+    tokenizer: Any
+    options: dict[str, Any]
+    writer: dict[str, Any]
+
+
+def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool | None = None,
+               add_eos: bool | None = None, skip_invalid: bool = False, drop_identical: bool = False,
+               vocab_size: int | None = None, pad_id: int | None = None, shard_bytes: int | None = None,
+               dedup_window: int | None = None) -> BuildPlan:
+    """The plan of a build whose shape (``opts``) and mode were detected (:func:`_detect`); ``mode``
+    None (nothing detected) means text with a tokenizer, ids without."""
+    shard_bytes = 1 << 30 if shard_bytes is None else shard_bytes
+    dedup_window = 1 << 16 if dedup_window is None else dedup_window
+    mode = mode or ("text" if tok is not None else "ids")
+    if mode == "text" and tok is None:
+        tok = ByteTokenizer()
+    if tok is not None:
+        limit = vocab_size if vocab_size is not None else tok.vocab_size
+        pad = pad_id if pad_id is not None else tok.pad_id
+        bos_id, eos_id, ident = tok.bos_id, tok.eos_id, tok.identity()
+    else:
+        limit, pad, bos_id, eos_id, ident = (vocab_size if vocab_size is not None else _U32), \
+            (pad_id if pad_id is not None else 0), None, None, None
+    want_eos = add_eos if add_eos is not None else mode == "text"
+    job = _Job(opts=opts, tokenizer=tok if mode == "text" else None, mode=mode, limit=limit,
+               bos=bos_id if add_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical)
+    options = {"add_bos": add_bos, "add_eos": add_eos, "skip_invalid": skip_invalid, "drop_identical": drop_identical,
+               "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes, "dedup_window": dedup_window,
+               **opts.to_json()}
+    writer = {"vocab_size": vocab_size if tok is None else limit, "pad_id": pad, "bos_id": bos_id, "eos_id": eos_id,
+              "tokenizer": ident, "shard_bytes": shard_bytes, "dedup_window": dedup_window}
+    return BuildPlan(job, mode, tok, options, writer)
+
+
+def attach_tokenizer(directory: Path, tok: Any, ident: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Copy a Hugging Face tokenizer file into the dataset being written at ``directory`` (so it
+    decodes anywhere) and return the identity that records it (FORMAT.md §5.2); other
+    tokenizers: ``ident`` unchanged."""
+    if not isinstance(tok, HFTokenizer) or ident is None:
+        return ident
+    shutil.copyfile(tok.path, directory / TOKENIZER_FILE)
+    return {**ident, "file": {"path": TOKENIZER_FILE, "bytes": tok.nbytes, fmt.CHECKSUM_KEY: tok.hash}}
+
+
+def add_result(writer: Writer, res: BlockResult, report: BuildReport, rejects: Rejects | None) -> None:
+    """A processed block into ``writer``, in order. Its invalid records go to ``rejects`` (counted
+    in ``report``); without one, the first raises SourceError (file, line, field)."""
+    for line, fld, reason, msg, text in res.errors:
+        if rejects is None:
+            raise SourceError(msg, path=res.path, line=line, field=fld, reason=reason)
+        report.rejected[reason] += 1
+        rejects.add({"file": res.path, "line": line, "field": fld, "reason": reason, "message": msg, "record": text})
+    report.identical += res.identical
+    report.identical_dropped += res.identical_dropped
+    if res.lengths.shape[1]:
+        writer.add_batch(res.tokens, res.lengths)
+        report.tokens += len(res.tokens)
+
+
 # --- the build ----------------------------------------------------------------------------------
 def build(
     inputs: Any,
@@ -503,38 +609,22 @@ def build(
         pad_id = side.get("pad_id") if pad_id is None else pad_id
         shard_bytes = side.get("shard_bytes") if shard_bytes is None else shard_bytes
         dedup_window = side.get("dedup_window") if dedup_window is None else dedup_window
-    shard_bytes = 1 << 30 if shard_bytes is None else shard_bytes
-    dedup_window = 1 << 16 if dedup_window is None else dedup_window
-    options: dict[str, Any] = {
-        "add_bos": add_bos, "add_eos": add_eos, "skip_invalid": skip_invalid,
-        "drop_identical": drop_identical, "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes,
-        "dedup_window": dedup_window}
     part = None if num_shards == 1 else {"num_shards": num_shards, "shard_index": shard_index}
     if (out.exists() or out.is_symlink()) and not (force or resume):
         raise DatasetExistsError(f"{out}: already exists; pass --force to replace it")
 
     opts, mode = _detect(sources, opts, tok)
-    mode = mode or ("text" if tok is not None else "ids")
-    if mode == "text" and tok is None:
-        tok = ByteTokenizer()
+    bp = plan_build(opts, mode, tok, add_bos=add_bos, add_eos=add_eos, skip_invalid=skip_invalid,
+                    drop_identical=drop_identical, vocab_size=vocab_size, pad_id=pad_id, shard_bytes=shard_bytes,
+                    dedup_window=dedup_window)
+    opts, mode, tok, job, options = bp.job.opts, bp.mode, bp.tokenizer, bp.job, bp.options
     if out.exists() or out.is_symlink():
         ident_now = tok.identity() if tok is not None else None
-        if resume and _up_to_date(out, sources, {**options, **opts.to_json()}, part, ident_now):
+        if resume and _up_to_date(out, sources, options, part, ident_now):
             return BuildReport(output=str(out), skipped=True, shape=opts.shape or "", mode=mode,
                                part=f"{shard_index}/{num_shards}" if part else None)
         if not force:
             raise DatasetExistsError(f"{out}: already exists and was built differently; pass --force to replace it")
-    if tok is not None:
-        limit = vocab_size if vocab_size is not None else tok.vocab_size
-        pad = pad_id if pad_id is not None else tok.pad_id
-        bos_id, eos_id, ident = tok.bos_id, tok.eos_id, tok.identity()
-    else:
-        limit, pad, bos_id, eos_id, ident = (vocab_size if vocab_size is not None else _U32), \
-            (pad_id if pad_id is not None else 0), None, None, None
-    want_eos = add_eos if add_eos is not None else mode == "text"
-    job = _Job(opts=opts, tokenizer=tok if mode == "text" else None, mode=mode, limit=limit,
-               bos=bos_id if add_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical)
-    options.update(opts.to_json())
 
     plan, unit_info = _part_ranges(sources, num_shards, shard_index)
     report = BuildReport(output=str(out), shape=opts.shape or "", mode=mode,
@@ -544,18 +634,11 @@ def build(
     n_workers = _choose_workers(workers, sources, total_bytes)
     report.workers = n_workers
     bar = Progress(total_bytes or None, enabled=progress)
-    rej_path = rejects_path(out)
-    rej_tmp = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
-    rej_file = None
-    writer = Writer(out, vocab_size=vocab_size if tok is None else limit, pad_id=pad, bos_id=bos_id, eos_id=eos_id,
-                    tokenizer=ident, force=force, shard_bytes=shard_bytes, dedup_window=dedup_window)
+    rejects = Rejects(rejects_path(out))
+    writer = Writer(out, force=force, **bp.writer)
     pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
     try:
-        if isinstance(tok, HFTokenizer):  # the dataset carries its tokenizer: decodable anywhere
-            shutil.copyfile(tok.path, writer.tmp / TOKENIZER_FILE)
-            ident = dict(ident)
-            ident["file"] = {"path": TOKENIZER_FILE, "bytes": tok.nbytes, fmt.CHECKSUM_KEY: tok.hash}
-            writer.tokenizer = ident
+        writer.tokenizer = attach_tokenizer(writer.tmp, tok, writer.tokenizer)
         offsets = {}
         base = 0
         for s in sources:
@@ -585,20 +668,7 @@ def build(
             extractor = make_extractor(opts, tok)
             results = (((base_b, process_block(job, extractor, b)), b.done_bytes) for base_b, b in blocks())
         for (base_b, res), done in results:
-            for line, fld, reason, msg, text in res.errors:
-                err = SourceError(msg, path=res.path, line=line, field=fld, reason=reason)
-                if not skip_invalid:
-                    raise err
-                report.rejected[reason] += 1
-                if rej_file is None:
-                    rej_file = open(rej_tmp, "w", encoding="utf-8", errors="backslashreplace")
-                rej_file.write(json.dumps({"file": res.path, "line": line, "field": fld, "reason": reason,
-                                           "message": msg, "record": text}, ensure_ascii=False) + "\n")
-            report.identical += res.identical
-            report.identical_dropped += res.identical_dropped
-            if res.lengths.shape[1]:
-                writer.add_batch(res.tokens, res.lengths)
-                report.tokens += len(res.tokens)
+            add_result(writer, res, report, rejects if skip_invalid else None)
             if on_record is not None:
                 on_record(writer.num_pairs)
             bar.update(writer.num_pairs, base_b + done)
@@ -612,24 +682,24 @@ def build(
             "mode": mode,
             **({"part": {**part, **unit_info}} if part else {}),
         }
-        if rej_file is not None:
-            rej_file.close()
         manifest = writer.commit()
-        if rej_file is not None:
-            os.replace(rej_tmp, rej_path)
-            report.rejects_file = str(rej_path)
-        else:
-            rej_path.unlink(missing_ok=True)  # a stale file from an earlier build would mislead
+        report.rejects_file = rejects.commit()
     except BaseException:
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         writer.abort()
-        if rej_file is not None:
-            rej_file.close()
-        rej_tmp.unlink(missing_ok=True)
+        rejects.discard()
         raise
     bar.close()
+    finish_report(report, manifest)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def finish_report(report: BuildReport, manifest: fmt.Manifest) -> None:
+    """The report's figures read from the written manifest; ``report.tokens`` goes in as the
+    tokens given to the writer and comes out as the tokens stored (prompt sharing the difference)."""
     report.pairs = manifest.num_pairs
     report.unique_prompts = sum(s.num_prompts for s in manifest.shards)
     stored = sum(s.num_tokens for s in manifest.shards)
@@ -638,8 +708,6 @@ def build(
     report.token_dtype = manifest.token_dtype
     report.shards = len(manifest.shards)
     report.dataset_bytes = sum(e.bytes for e in manifest.files()) + len(manifest.dumps())
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _sidecar_tokenizer(side: dict[str, Any], where: Path) -> Any:

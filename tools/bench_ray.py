@@ -1,0 +1,143 @@
+"""Benchmark ``pairpack.ray.build`` on a local Ray against ``pairpack build --workers N``, same run.
+
+Generated text pairs (``bench_build.gen_text``: English-like words, log-normal lengths, ~575
+GPT-2 tokens a pair), written as ``--files`` JSONL files (a corpus is many files; Ray reads one
+block per file and fuses the read into the write tasks), tokenized with the real GPT-2 tokenizer
+(../shared/tokenizers/gpt2.tokenizer.json). For N in 1 and 2:
+
+  * Ray: ``ray.init(num_cpus=N)``, one small warm-up job (starts the worker processes, loads the
+    tokenizer once in each), then the timed job: ``pairpack.ray.build(ray.data.read_json(dir),
+    out, tokenizer=gpt2)``, its shape detection (the first 1,000 rows) included;
+  * ``pairpack.build(dir, out, tokenizer=gpt2, workers=N)`` (the CLI's ``--workers N``).
+
+Printed: pairs/s of wall time; scaling efficiency 1 -> 2 CPUs (rate at 2 / (2 x rate at 1));
+Ray at 2 CPUs / build --workers 2. Targets (issue 14): efficiency >= 0.8, Ray >= 0.8x build.
+On a shared machine the load average is printed before and after: rerun when it is quiet.
+
+Usage:
+    python tools/bench_ray.py                       # 20k text pairs in 8 files
+    python tools/bench_ray.py --pairs 5000 --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_build import GPT2, gen_text  # noqa: E402
+
+from pairpack.ingest.build import build  # noqa: E402
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _split(src: Path, out: Path, files: int) -> None:
+    lines = src.read_bytes().splitlines(keepends=True)
+    out.mkdir()
+    step = -(-len(lines) // files)
+    for k in range(files):
+        (out / f"part-{k:03d}.jsonl").write_bytes(b"".join(lines[k * step:(k + 1) * step]))
+
+
+def _best(fn, repeat: int) -> float:
+    """Fastest wall time of ``repeat`` runs (the least disturbed by other load)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _import_fsspec() -> None:
+    # Ray's JSON read tasks import fsspec from several threads at once, which fails now and then
+    # ("partially initialized module 'fsspec'"); importing it when the worker starts avoids it
+    import fsspec  # noqa: F401
+
+
+def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int) -> float:
+    import ray
+
+    import pairpack.ray as pray
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             configure_logging=False, runtime_env={"worker_process_setup_hook": _import_fsspec})
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        files = sorted(str(p) for p in data.iterdir())
+        # warm-up: worker processes started, tokenizer loaded in each
+        pray.build(ray.data.read_json(files[:cpus]).limit(200 * cpus), work / "warm", tokenizer=GPT2, force=True)
+        rep = {}
+
+        def run() -> None:
+            rep["r"] = pray.build(ray.data.read_json(files), work / "ray", tokenizer=GPT2, force=True)
+
+        t = _best(run, repeat)
+        assert rep["r"].pairs == n, rep["r"].summary()
+        return n / t
+    finally:
+        ray.shutdown()
+
+
+def build_rate(workers: int, data: Path, work: Path, n: int, repeat: int) -> float:
+    rep = {}
+
+    def run() -> None:
+        rep["r"] = build([data], work / "pp", tokenizer=GPT2, workers=workers, force=True)
+
+    t = _best(run, repeat)
+    assert rep["r"].pairs == n
+    return n / t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=20_000)
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs per row; the fastest counts")
+    args = ap.parse_args()
+    if not GPT2.exists():
+        sys.exit(f"{GPT2} not found (the real tokenizer this benchmark uses)")
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
+    load0 = _load()
+    try:
+        gen_text(work / "all.jsonl", args.pairs)
+        _split(work / "all.jsonl", work / "data", args.files)
+        rates = {}
+        for n in (1, 2):
+            rates[("ray", n)] = ray_rate(n, work / "data", work, args.pairs, args.repeat)
+            rates[("build", n)] = build_rate(n, work / "data", work, args.pairs, args.repeat)
+            print(json.dumps({"cpus": n, "ray": rates[("ray", n)], "build": rates[("build", n)]}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    eff = {k: rates[(k, 2)] / (2 * rates[(k, 1)]) for k in ("ray", "build")}
+    print(f"\n{args.pairs:,} text pairs (GPT-2) in {args.files} files; best of {args.repeat}; "
+          f"load average {load0:.1f} before, {_load():.1f} after\n")
+    print("| path | 1 CPU, pairs/s | 2 CPUs, pairs/s | scaling efficiency 1 -> 2 |")
+    print("|---|---:|---:|---:|")
+    print(f"| `pairpack.ray.build`, local Ray `num_cpus=N` | {rates[('ray', 1)]:,.0f} | {rates[('ray', 2)]:,.0f} | "
+          f"{eff['ray']:.2f} |")
+    print(f"| `pairpack build --workers N` | {rates[('build', 1)]:,.0f} | {rates[('build', 2)]:,.0f} | "
+          f"{eff['build']:.2f} |")
+    print(f"\nRay at 2 CPUs / build --workers 2: {rates[('ray', 2)] / rates[('build', 2)]:.2f} "
+          f"(target >= 0.8); Ray scaling efficiency {eff['ray']:.2f} (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
