@@ -256,6 +256,8 @@ class Datasink(ray.data.Datasink):
         """One write task: its blocks become part ``part-<task>`` under the staging directory."""
         idx = int(ctx.task_idx)
         name = f"part-{idx:06d}"
+        if not self._staging.is_dir():  # the job failed and was cleaned up: write nothing
+            raise StateError(f"{self._staging}: the staging directory is gone (the job was aborted)")
         where = f"{RAY_INPUT} write task {idx}"
         tok_key = getattr(self, "_tok_key", _tokenizer_key(self._tok))
         # loaded once per worker process (the sink carries only the key)
