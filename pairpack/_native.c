@@ -63,20 +63,25 @@ static void lazy_release(Lazy *lz) {
     lz->views = NULL;
 }
 
-/* Borrow a C-contiguous buffer of exactly `bytes` bytes (any multiple of 8 when bytes < 0),
- * writable when asked. On failure nothing is held and view->obj is NULL. */
-static int get_exact(PyObject *obj, Py_buffer *view, Py_ssize_t bytes, int writable, const char *name) {
+/* Borrow a C-contiguous buffer of exactly `bytes` bytes (any multiple of 8 when bytes < 0) whose
+ * items are `itemsize` bytes wide, writable when asked. On failure nothing is held and view->obj
+ * is NULL. */
+static int get_exact(PyObject *obj, Py_buffer *view, Py_ssize_t bytes, Py_ssize_t itemsize, int writable,
+                     const char *name) {
     if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) {
         view->obj = NULL;
         return -1;
     }
-    if (bytes < 0 ? view->len % 8 != 0 : view->len != bytes) {
+    if (view->itemsize != itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: items of %zd bytes, expected %zd", name, view->itemsize, itemsize);
+    } else if (bytes < 0 ? view->len % 8 != 0 : view->len != bytes) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes, expected %zd", name, view->len, bytes);
-        PyBuffer_Release(view);
-        view->obj = NULL;
-        return -1;
+    } else {
+        return 0;
     }
-    return 0;
+    PyBuffer_Release(view);
+    view->obj = NULL;
+    return -1;
 }
 
 #define WIDEN(NAME, T)                                                                         \
@@ -140,25 +145,25 @@ static PyObject *native_assemble(PyObject *self, PyObject *args) {
     /* only the shards the batch uses are acquired (a dataset may have hundreds) */
     if (lazy_init(&sh, shard_seq, "shards") < 0) goto done;
     /* B comes from prompt_start's size; every other buffer is checked against it */
-    if (get_exact(ps_obj, &ps, -1, 0, "prompt_start") < 0) goto done;
+    if (get_exact(ps_obj, &ps, -1, 8, 0, "prompt_start") < 0) goto done;
     Py_ssize_t B = ps.len / 8;
     if (n > 0 && B > PY_SSIZE_T_MAX / 16 / n) {
         PyErr_SetString(PyExc_OverflowError, "batch too large");
         goto done;
     }
-    if (get_exact(pl_obj, &pl, 8 * B, 0, "prompt_len") < 0) goto done;
-    if (get_exact(cs_obj, &cs, 16 * B, 0, "completion_start") < 0) goto done;
-    if (get_exact(cl_obj, &cl, 16 * B, 0, "completion_len") < 0) goto done;
+    if (get_exact(pl_obj, &pl, 8 * B, 8, 0, "prompt_len") < 0) goto done;
+    if (get_exact(cs_obj, &cs, 16 * B, 8, 0, "completion_start") < 0) goto done;
+    if (get_exact(cl_obj, &cl, 16 * B, 8, 0, "completion_len") < 0) goto done;
     if (shard_of_obj != Py_None) {
-        if (get_exact(shard_of_obj, &sof, 8 * B, 0, "shard_of") < 0) goto done;
+        if (get_exact(shard_of_obj, &sof, 8 * B, 8, 0, "shard_of") < 0) goto done;
         have_sof = 1;
     } else if (nshards != 1) {
         PyErr_SetString(PyExc_ValueError, "shard_of is required with more than one shard");
         goto done;
     }
-    if (get_exact(out_obj, &out, 16 * B * n, 1, "out") < 0) goto done;
+    if (get_exact(out_obj, &out, 16 * B * n, 8, 1, "out") < 0) goto done;
     if (masks_obj != Py_None) {
-        if (get_exact(masks_obj, &masks, 3 * B * n, 1, "masks") < 0) goto done;
+        if (get_exact(masks_obj, &masks, 3 * B * n, 1, 1, "masks") < 0) goto done;
         have_masks = 1;
     }
 
@@ -272,12 +277,28 @@ static PyObject *native_take(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "starts and lengths differ in length");
         goto done;
     }
-    if (get_exact(idx_obj, &idx, -1, 0, "indices") < 0) goto done;
+    if (num_pairs < 0 || (S == 0 && num_pairs > 0)) {
+        PyErr_Format(PyExc_ValueError, "%lld pairs in %zd shards", num_pairs, S);
+        goto done;
+    }
+    if (get_exact(idx_obj, &idx, -1, 8, 0, "indices") < 0) goto done;
     Py_ssize_t B = idx.len / 8;
-    if (get_exact(bounds_obj, &bounds, 8 * (S + 1), 0, "bounds") < 0) goto done;
-    if (get_exact(nt_obj, &nt, 8 * S, 0, "num_tokens") < 0) goto done;
-    if (get_exact(co_obj, &co, 64 * B, 1, "coords") < 0) goto done;
+    if (get_exact(bounds_obj, &bounds, 8 * (S + 1), 8, 0, "bounds") < 0) goto done;
+    if (get_exact(nt_obj, &nt, 8 * S, 8, 0, "num_tokens") < 0) goto done;
+    if (get_exact(co_obj, &co, 64 * B, 8, 1, "coords") < 0) goto done;
     const int64_t *I = idx.buf, *BD = bounds.buf, *NT = nt.buf;
+    /* bounds must run from 0 to num_pairs without decreasing: then the search below always lands on
+     * a shard that holds the pair (the kernel does not trust its caller for memory safety) */
+    if (BD[0] != 0 || BD[S] != num_pairs) {
+        PyErr_Format(PyExc_ValueError, "bounds run from %lld to %lld, expected 0 to %lld", (long long)BD[0],
+                     (long long)BD[S], num_pairs);
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < S; k++)
+        if (BD[k + 1] < BD[k]) {
+            PyErr_Format(PyExc_ValueError, "bounds decrease at shard %zd", k);
+            goto done;
+        }
     int64_t *C = co.buf;
     for (Py_ssize_t i = 0; i < B; i++) { /* every index first: an IndexError wins, as in the numpy path */
         if (I[i] < -num_pairs || I[i] >= num_pairs) {
@@ -355,7 +376,8 @@ done:
  * (the exact path) would read the same object and that pairpack's exact path would accept the
  * record as it is. Anything else (escapes or non-ASCII in a key, a repeated target key, a
  * non-integer, negative or out-of-range id, an empty list, a missing field, a float, a number
- * longer than 15 characters, nesting deeper than 64, a lone-surrogate escape, invalid UTF-8,
+ * longer than 15 characters or with a 3-digit exponent (skip_number), nesting deeper than 64, a
+ * surrogate escape, a byte-order mark, a NUL or other control byte, invalid UTF-8,
  * a line over max_record_bytes, ...) makes it give up on the whole block, which the caller then
  * processes with the exact path. So the fast path never decides an error and never accepts a
  * record the exact path would reject.
@@ -441,7 +463,11 @@ static int scan_string(Cursor *c, int plain, const unsigned char **start, Py_ssi
     return SCAN_BAIL;
 }
 
-/* Any JSON number, at most 15 characters (so orjson's range questions never arise). */
+/* A JSON number that orjson is certain to read as a finite value, with no range question: at most
+ * 15 characters and an exponent of at most two digits. So an integer is below 1e15 (no 64-bit
+ * overflow, no float fallback) and any other value is 0 or has magnitude in (1e-115, 1e115): never
+ * orjson's "number is infinity" error (1e999, 2e308, -1E400). Anything longer or with a longer
+ * exponent gives up, even where orjson would accept it (1e-400 reads as 0.0): the exact path decides. */
 static int skip_number(Cursor *c) {
     const unsigned char *s = c->p;
     if (c->p < c->end && *c->p == '-') c->p++;
@@ -457,8 +483,9 @@ static int skip_number(Cursor *c) {
     if (c->p < c->end && (*c->p == 'e' || *c->p == 'E')) {
         c->p++;
         if (c->p < c->end && (*c->p == '+' || *c->p == '-')) c->p++;
-        if (c->p >= c->end || *c->p < '0' || *c->p > '9') return SCAN_BAIL;
+        const unsigned char *digits = c->p;
         while (c->p < c->end && *c->p >= '0' && *c->p <= '9') c->p++;
+        if (c->p == digits || c->p - digits > 2) return SCAN_BAIL;
     }
     return c->p - s <= 15 ? 0 : SCAN_BAIL;
 }
@@ -585,6 +612,10 @@ static PyObject *native_scan_ids(PyObject *self, PyObject *args) {
         }
         kp[k] = PyBytes_AS_STRING(o);
         kl[k] = PyBytes_GET_SIZE(o);
+    }
+    if (limit < 0 || limit > 0x100000000LL || max_record < 0) {
+        PyErr_SetString(PyExc_ValueError, "limit must be in [0, 2**32] and max_record_bytes >= 0");
+        goto done;
     }
     if (tok.len % 4 || lens.len % 24) {
         PyErr_SetString(PyExc_ValueError, "tokens must be uint32 and lengths int64 (3, cap)");

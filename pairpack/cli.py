@@ -1,12 +1,13 @@
 """The ``pairpack`` command line: a thin click shell over the Python API.
 
 Library errors (bad input, damaged datasets) print one line on stderr and exit 1; usage errors
-exit 2; ``--debug`` shows the traceback instead.
+exit 2; ``--debug`` shows the traceback instead. A closed stdout (``| head``) ends quietly with 141.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,33 @@ from . import FORMAT_VERSION, backend
 from ._version import __version__
 from .errors import PairpackError
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head`
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _closed_stdout() -> None:
+    """The reader closed stdout (`pairpack info D | head`): end quietly with the status of a process
+    stopped by SIGPIPE (128 + 13), as cat and git do. Cleanup already ran on the way out; stdout
+    now points at /dev/null so the final flush cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
 class _Group(click.Group):
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:  # `pairpack --help | head` writes here, before invoke
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            _closed_stdout()
+            raise  # unreachable: for the type checker
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            if ctx.params.get("debug"):
+                raise
+            _closed_stdout()
         except (PairpackError, OSError) as e:
             if ctx.params.get("debug"):
                 raise

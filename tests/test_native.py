@@ -249,8 +249,33 @@ json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
 json_values = st.recursive(json_leaf, lambda kids: st.lists(kids, max_size=3)
                            | st.dictionaries(st.text(max_size=4), kids, max_size=3), max_leaves=6)
 ID_FORMS = ["1.0", "-1", "true", '"5"', "99999999999999999999", "01", "1e2", "-0", "[]", "null", "1100"]
+# number literals at the edges of what orjson reads: overflow to infinity (an error), underflow to
+# 0.0, integers past 64 bits (read as floats), -0, leading zeros and bare forms (errors), long exponents
+EDGE_NUMBERS = ["1e999", "-1e999", "2e308", "1E400", "1.8e308", "1.7976931348623157e308", "1e-400", "2e-324",
+                "4.9e-324", "-0", "-0.0", "0e0", "1e3", "1E+2", "1e-2", "9e99", "1e099", "1e0099", "123456789012345",
+                "1234567890123456", "18446744073709551615", "18446744073709551616", "-9223372036854775809",
+                "123456789012345678901234567890", "01", "-01", "00", "1.", ".5", "+1", "1e", "1e+", "-", "0x10",
+                "Infinity", "NaN", "1.5e-05"]
+JSON_STRINGS = ['"\\"\\\\\\/\\b\\f\\n\\r\\t"', '"\\u00e9\\u0000"', '"\\ud83d\\ude00"', '"\\ud800"',
+                '"\\ude00\\ud83d"', '"\\x41"', '"\\U0041"', '"\\u12"', '"a\x00b"', '"\xed\xa0\x80"',
+                '"\xf0\x9f\x98\x80"', '"\xc0\xaf"', '"\xf4\x90\x80\x80"', '"tab\there"']
 CORRUPT = ["drop_key", "dup_key", "bad_id", "empty", "ff_char", "garbage", "bad_utf8", "blank", "crlf", "not_object",
-           "escaped_key", "surrogate", "deep"]
+           "escaped_key", "surrogate", "deep", "number_extra", "number_nested", "number_id", "string_extra",
+           "string_key", "bom", "dup_extra", "dup_target_same", "nul_outside", "nul_line"]
+
+
+@st.composite
+def number_literals(draw: st.DrawFn) -> str:
+    """JSON-like number text, valid or not: sign, integer part (leading zeros, up to 30 digits),
+    fraction, and an exponent of up to four digits (leading zeros, signs)."""
+    digits = st.text("0123456789", min_size=1, max_size=30)
+    out = draw(st.sampled_from(["", "-"])) + draw(digits)
+    if draw(st.booleans()):
+        out += "." + draw(st.text("0123456789", max_size=20))
+    if draw(st.booleans()):
+        out += draw(st.sampled_from("eE")) + draw(st.sampled_from(["", "+", "-"])) + draw(
+            st.text("0123456789", max_size=4))
+    return out
 
 
 @st.composite
@@ -302,15 +327,35 @@ def jsonl_lines(draw: st.DrawFn) -> bytes:
                 line = line.replace(b"{", b'{"z":"\\ud83d\\ude00",', 1)
             elif how == "deep":
                 line = line.replace(b"{", b'{"z":' + b"[" * 70 + b"]" * 70 + b",", 1)
+            elif how in ("number_extra", "number_nested", "number_id"):
+                num = draw(st.sampled_from(EDGE_NUMBERS) | number_literals()).encode()
+                if how == "number_id":  # as the first id of the first list
+                    line = line.replace(b"[", b"[" + num + b",", 1)
+                else:  # in a field pairpack does not read, alone or inside a list and an object
+                    value = num if how == "number_extra" else b'[1,{"k":' + num + b"}]"
+                    line = line.replace(b"{", b'{"score":' + value + b",", 1)
+            elif how in ("string_extra", "string_key"):
+                text = draw(st.sampled_from(JSON_STRINGS)).encode("latin-1")
+                line = line.replace(b"{", b"{" + (text + b":1," if how == "string_key" else b'"s":' + text + b","), 1)
+            elif how == "bom":
+                line = b"\xef\xbb\xbf" + line
+            elif how == "dup_extra":  # orjson keeps the last of repeated keys
+                line = line.replace(b"{", b'{"x":1,"x":[2],', 1)
+            elif how == "dup_target_same":
+                line = line.replace(b"{", b'{"chosen":[1],', 1).replace(b"}", b',"chosen":[1]}', 1)
+            elif how == "nul_outside":
+                line = line.replace(b"{", b"{\x00", 1)
+            elif how == "nul_line":
+                line = b"\x00"
         out.append(line)
     return b"\n".join(out) + draw(st.sampled_from([b"", b"\n"]))
 
 
-def _build_outcome(src: Path, out: Path, drop: bool) -> object:
+def _build_outcome(src: Path, out: Path, drop: bool, skip_invalid: bool = True) -> object:
     import pairpack
 
     try:
-        rep = pairpack.build([src], out, force=True, vocab_size=1000, skip_invalid=True, drop_identical=drop,
+        rep = pairpack.build([src], out, force=True, vocab_size=1000, skip_invalid=skip_invalid, drop_identical=drop,
                              workers=1, progress=False)
     except Exception as e:  # noqa: BLE001 - compared by type and message
         return type(e).__name__, str(e).replace(str(out), "OUT")
@@ -337,6 +382,43 @@ def test_build_reader_paths_agree(data: bytes, drop: bool) -> None:
     assert got == ref
 
 
+# Lines on which the C reader and the exact path disagreed (the first four, before skip_number
+# bounded exponents) or could: number literals at the edges and the other JSON corners.
+_OK = b'"prompt":[1,2],"chosen":[3],"rejected":[4]'
+DIVERGENCE_CORPUS = [
+    b"{" + _OK + b',"score":1e999}', b"{" + _OK + b',"score":-1e999}', b"{" + _OK + b',"score":2e308}',
+    b'{"meta":{"x":[1E400]},' + _OK + b"}", b"{" + _OK + b',"score":1e099}', b"{" + _OK + b',"score":1e-400}',
+    b"{" + _OK + b',"n":18446744073709551616}', b"{" + _OK + b',"n":123456789012345678901234567890}',
+    b"{" + _OK + b',"n":-0}', b"{" + _OK + b',"n":01}', b"{" + _OK + b',"n":1.}',
+    b'{"prompt":[1e3],"chosen":[3],"rejected":[4]}', b'{"prompt":[-0],"chosen":[3],"rejected":[4]}',
+    b'{"prompt":[00],"chosen":[3],"rejected":[4]}', b'{"prompt":[18446744073709551616],"chosen":[3],"rejected":[4]}',
+    b'{"prompt":[1.0],"chosen":[3],"rejected":[4]}',
+    b"\xef\xbb\xbf{" + _OK + b"}", b"{" + _OK + b',"s":"\\ud800"}', b"{" + _OK + b',"s":"\\ud83d\\ude00"}',
+    b"{" + _OK + b',"s":"a\x00b"}', b"{" + _OK + b',"s":"\\u0000"}', b"{\x00" + _OK + b"}", b"\x00",
+    b"{" + _OK + b',"x":1,"x":2}', b'{"chosen":[3],' + _OK + b"}", b'{"pro\\u006dpt":[5],' + _OK + b"}",
+]
+
+
+@needs_native
+@pytest.mark.parametrize("line", DIVERGENCE_CORPUS, ids=range(len(DIVERGENCE_CORPUS)))
+@pytest.mark.parametrize("skip_invalid", [True, False])
+def test_divergence_corpus(line: bytes, skip_invalid: bool) -> None:
+    """Each line, after a valid one, builds to the same bytes or fails with the same error on both paths;
+    the C reader hands every line of the corpus but the plain ones to the exact path."""
+    data = b'{"prompt":[7],"chosen":[8],"rejected":[9]}\n' + line + b"\n"
+    with scratch_dir() as d:
+        src = Path(d) / "in.jsonl"
+        src.write_bytes(data)
+        got = _build_outcome(src, Path(d) / "a", False, skip_invalid)
+        with numpy_path():
+            ref = _build_outcome(src, Path(d) / "b", False, skip_invalid)
+    assert got == ref
+    tok, ln = np.zeros(64, dtype=np.uint32), np.zeros((3, 8), dtype=np.int64)
+    scanned = native.scan_ids(data, (b"prompt", b"chosen", b"rejected"), 1000, False, 1 << 20, tok, ln)
+    if line.endswith((b"1e999}", b"-1e999}", b"2e308}", b"1E400]}},")) or b"1E400" in line or b"e099" in line:
+        assert scanned is None, line
+
+
 @needs_native
 def test_scan_ids_reads_what_it_accepts() -> None:
     """Direct checks of the C reader: key order restored, identical pairs counted/dropped, and it
@@ -355,6 +437,40 @@ def test_scan_ids_reads_what_it_accepts() -> None:
         assert native.scan_ids(bad, keys, 1000, False, 1 << 20, tok, ln) is None, bad
     assert native.scan_ids(data, keys, 1000, False, 10, tok, ln) is None  # a line over max_record_bytes
     assert native.scan_ids(data, keys, 1000, False, 1 << 20, tok[:3], ln) is None  # no room: gives up
+    ok = b'{"prompt":[1],"chosen":[2],"rejected":[3],"s":%s}'
+    for harmless in (b"-0", b"1.5e-05", b"9e99", b"-1E+99", b"123456789012345", b"0.25"):
+        assert native.scan_ids(ok % harmless, keys, 1000, False, 1 << 20, tok, ln) == (3, 1, 1, 0, 0), harmless
+    for unproven in (b"1e999", b"1e100", b"1e-400", b"1e099", b"1234567890123456", b"1.0000000000000001"):
+        assert native.scan_ids(ok % unproven, keys, 1000, False, 1 << 20, tok, ln) is None, unproven
+    for limit, max_record in ((-1, 10), (2**32 + 1, 10), (1000, -1)):
+        with pytest.raises(ValueError):
+            native.scan_ids(data, keys, limit, False, max_record, tok, ln)
+
+
+@needs_native
+def test_kernel_take_validates_its_arguments() -> None:
+    """take() checks its own arguments: zero shards with pairs, bounds that do not run from 0 to
+    num_pairs or that decrease, and index arrays of the wrong width all raise before any read."""
+    st_, ln = np.zeros((3, 2), dtype=np.int64), np.ones((3, 2), dtype=np.int64)
+    nt, co = np.array([5], dtype=np.int64), np.zeros((8, 1), dtype=np.int64)
+    idx, bounds = np.zeros(1, dtype=np.int64), np.array([0, 2], dtype=np.int64)
+    assert native.take(idx, 2, bounds, (st_,), (ln,), nt, co) == 2
+    with pytest.raises(ValueError, match="0 shards"):  # once read past an 8-byte bounds buffer
+        native.take(idx, 2, np.zeros(1, dtype=np.int64), (), (), np.zeros(0, dtype=np.int64), co)
+    with pytest.raises(IndexError):  # no shards and no pairs: every index is out of range
+        native.take(idx, 0, np.zeros(1, dtype=np.int64), (), (), np.zeros(0, dtype=np.int64), co)
+    assert native.take(idx[:0], 0, np.zeros(1, dtype=np.int64), (), (), np.zeros(0, dtype=np.int64),
+                       co[:, :0]) == 0
+    bad = [(idx, 3, bounds, (st_,), (ln,), nt, co), (idx, -1, bounds, (st_,), (ln,), nt, co),
+           (idx, 2, np.array([1, 2]), (st_,), (ln,), nt, co),
+           (idx, 2, np.array([0, 3, 2]), (st_, st_), (ln, ln), np.array([5, 5]), co),
+           (idx, 2, bounds, (st_,), (ln, ln), nt, co), (idx, 2, bounds, (st_,), (ln,), np.array([5, 5]), co),
+           (idx, 2, bounds, (st_.astype(np.int32),), (ln,), nt, co), (idx.astype(np.int32), 2, bounds, (st_,), (ln,), nt, co),
+           (idx, 2, bounds, (st_,), (ln,), nt, np.zeros((8, 2), dtype=np.int64)),
+           (idx, 2, bounds, (st_,), (ln,), nt, np.zeros(64, dtype=np.uint8))]
+    for args in bad:
+        with pytest.raises(ValueError):
+            native.take(*args)
 
 
 def test_version_names_the_kernels_in_use() -> None:

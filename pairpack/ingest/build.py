@@ -22,9 +22,10 @@ import time
 from array import array
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 import numpy as np
 
@@ -637,6 +638,8 @@ def build(
     rejects = Rejects(rejects_path(out))
     writer = Writer(out, force=force, **bp.writer)
     pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
+    feed: Generator[tuple[int, Block], None, None] | None = None
+    results: Generator[tuple[tuple[int, BlockResult], int], None, None] | None = None
     try:
         writer.tokenizer = attach_tokenizer(writer.tmp, tok, writer.tokenizer)
         offsets = {}
@@ -647,15 +650,18 @@ def build(
 
         def blocks() -> Iterator[tuple[int, Block]]:
             for s, lo, hi in plan:
-                for b in s.blocks(lo, hi):
-                    yield offsets[id(s)], b
+                with closing(s.blocks(lo, hi)) as source_blocks:
+                    for b in source_blocks:
+                        yield offsets[id(s)], b
+
+        feed = blocks()
 
         if n_workers > 1 and _threads_suffice(job):
             # the C reader releases the GIL for the whole block: threads parallelise it with no
             # pickling of blocks and results between processes (which cost more than the parse)
             extractor = make_extractor(opts, tok)
             pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pairpack-build")
-            results = _ordered(lambda b, p=pool: p.submit(process_block, job, extractor, b), blocks(), 2 * n_workers)
+            results = _ordered(lambda b, p=pool: p.submit(process_block, job, extractor, b), feed, 2 * n_workers)
         elif n_workers > 1:
             ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
             if ctx.get_start_method() == "fork":
@@ -663,10 +669,10 @@ def build(
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
             pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker,
                                        initargs=(job,))
-            results = _ordered(lambda b, p=pool: p.submit(_work, b), blocks(), 2 * n_workers)
+            results = _ordered(lambda b, p=pool: p.submit(_work, b), feed, 2 * n_workers)
         else:
             extractor = make_extractor(opts, tok)
-            results = (((base_b, process_block(job, extractor, b)), b.done_bytes) for base_b, b in blocks())
+            results = (((base_b, process_block(job, extractor, b)), b.done_bytes) for base_b, b in feed)
         for (base_b, res), done in results:
             add_result(writer, res, report, rejects if skip_invalid else None)
             if on_record is not None:
@@ -686,6 +692,12 @@ def build(
         report.rejects_file = rejects.commit()
     except BaseException:
         bar.close()
+        # the exception's traceback keeps this frame, and with it the generators, alive: close
+        # them now, which stops and joins the input's read-ahead thread (sources._ReadAhead)
+        if results is not None:
+            results.close()
+        if feed is not None:
+            feed.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         writer.abort()
@@ -739,21 +751,25 @@ def _choose_workers(workers: int | None, sources: list[Source], total_bytes: int
 
 
 def _ordered(submit: Callable[[Block], Future], blocks: Iterator[tuple[int, Block]], window: int
-             ) -> Iterator[tuple[tuple[int, BlockResult], int]]:
+             ) -> Generator[tuple[tuple[int, BlockResult], int], None, None]:
     """Results of ``blocks`` in submission order, at most ``window`` in flight (bounded memory)."""
     q: deque[tuple[int, Block, Future]] = deque()
     it = iter(blocks)
-    for base_b, b in it:
-        q.append((base_b, b, submit(b)))
-        if len(q) >= window:
-            break
-    while q:
-        base_b, b, fut = q.popleft()
-        res = fut.result()
-        nxt = next(it, None)
-        if nxt is not None:
-            q.append((nxt[0], nxt[1], submit(nxt[1])))
-        yield (base_b, res), b.done_bytes
+    try:
+        for base_b, b in it:
+            q.append((base_b, b, submit(b)))
+            if len(q) >= window:
+                break
+        while q:
+            base_b, b, fut = q.popleft()
+            res = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                q.append((nxt[0], nxt[1], submit(nxt[1])))
+            yield (base_b, res), b.done_bytes
+    finally:
+        for _, _, fut in q:
+            fut.cancel()
 
 
 def _threads_suffice(job: _Job) -> bool:

@@ -24,6 +24,7 @@ import json
 import os
 import queue
 import threading
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -180,12 +181,13 @@ class Source(abc.ABC):
     def first_records(self, k: int) -> list[Any]:
         """Up to ``k`` parsed records from the start (for shape detection); malformed ones skipped."""
         out: list[Any] = []
-        for b in self.blocks():
-            for r in block_records(b):
-                if r.error is None:
-                    out.append(r.data)
-                if len(out) >= k:
-                    return out
+        with closing(self.blocks()) as blocks:  # stops a read-ahead thread now, not at garbage collection
+            for b in blocks:
+                for r in block_records(b):
+                    if r.error is None:
+                        out.append(r.data)
+                    if len(out) >= k:
+                        return out
         return out
 
     @abc.abstractmethod
@@ -375,6 +377,10 @@ class _ReadAhead:
     while the caller splits and dispatches the current one: the main process of a parallel build
     stops waiting on its input. ``read()`` returns the next chunk (at most ``size`` bytes, ``b""``
     at the end) and re-raises the reader's error, if any, in the caller's thread.
+
+    Its owner calls :meth:`close` on every exit path (``JsonlSource.blocks`` does, in a ``finally``
+    that runs when the generator is closed): a thread still inside a buffered read when the
+    interpreter shuts down aborts the process (``Fatal Python error: _enter_buffered_busy``).
     """
 
     def __init__(self, stream: BinaryIO, size: int, depth: int = 4) -> None:
@@ -725,8 +731,9 @@ def _is_records(x: Any) -> bool:
 
 def iter_records(source: Source) -> Iterator[RawRecord]:
     """All records of one source, in order. Malformed ones carry ``error`` instead of data."""
-    for b in source.blocks():
-        yield from block_records(b)
+    with closing(source.blocks()) as blocks:
+        for b in blocks:
+            yield from block_records(b)
 
 
 def _short(e: Exception) -> str:
