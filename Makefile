@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_OUT ?= build/demo
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test install-fuzz demo test sanitize fuzz bench clean
 
 # torch first (kept if already there; here 2.13.0 is the CPU build): a bare `torch`
 # requirement would pull a multi-GB CUDA build
@@ -14,11 +14,26 @@ install:
 install-test: install
 	$(PIP) install -q -e ".[test,plot,ray]"
 
+# atheris (libFuzzer for Python) for tools/fuzz_cov.py; a wheel, no compiler needed
+install-fuzz: install-test
+	$(PIP) install -q -e ".[fuzz]"
+
 demo: install
 	$(PYTHON) -m pairpack.cli demo --out $(DEMO_OUT)
 
 test: install-test
 	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+# the C kernels under ASan + UBSan (gcc), with the hostile-input tests and the fuzz corpora:
+# see tools/sanitize.sh (it builds in build/sanitize, never over the checkout's extension)
+sanitize: install-fuzz
+	PYTHON=$(PYTHON) tools/sanitize.sh
+
+# the fuzzers, briefly (longer runs: tools/fuzz.py --help, tools/fuzz_cov.py)
+fuzz: install-fuzz
+	$(PYTHON) tools/fuzz.py --seconds 60
+	$(PYTHON) tools/fuzz_cov.py json -max_total_time=60
+	$(PYTHON) tools/fuzz_cov.py dataset -max_total_time=60
 
 bench: install-test
 	$(PYTHON) tools/bench_reader.py

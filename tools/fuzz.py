@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import multiprocessing as mp
+import os
 import random
 import shutil
 import signal
@@ -35,6 +36,17 @@ sys.path.insert(0, str(ROOT))
 from tests.fuzzcore import CaseTimeout, run_case  # noqa: E402
 
 CASE_TIMEOUT_S = 30  # a case that blocks (a FIFO opened, a giant allocation) is a failure
+_TMP: str | None = None  # where cases are written (--tmp)
+
+
+def _no_fsync(fd: int) -> None:  # noqa: ARG001
+    """Durability is not what the fuzzer tests, and fsync was a third of a case's time."""
+
+
+def _default_tmp() -> str | None:
+    """tmpfs when there is one: a case writes and deletes ~30 small files."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def _on_alarm(signum, frame):  # noqa: ARG001
@@ -44,7 +56,7 @@ def _on_alarm(signum, frame):  # noqa: ARG001
 def one(seed: str, k: int, keep: Path | None = None, log: list[str] | None = None) -> tuple[str, str | None]:
     """Run case ``k``; return (outcome, failure text or None). ``keep``: copy a failing case there;
     ``log`` receives the mutations applied."""
-    with tempfile.TemporaryDirectory(prefix="pairpack-fuzz-") as d:
+    with tempfile.TemporaryDirectory(prefix="pairpack-fuzz-", dir=_TMP) as d:
         signal.signal(signal.SIGALRM, _on_alarm)
         signal.alarm(CASE_TIMEOUT_S)
         try:
@@ -82,7 +94,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="processes")
     ap.add_argument("--keep", type=Path, default=None, help="copy failing cases' files into this directory")
     ap.add_argument("--replay", default=None, metavar="SEED:K", help="run one case and print its outcome")
+    ap.add_argument("--tmp", default=_default_tmp(), help="directory for the cases' files (default: /dev/shm)")
+    ap.add_argument("--fsync", action="store_true", help="keep the writer's fsyncs (off by default: not under test)")
     a = ap.parse_args()
+    global _TMP
+    _TMP = a.tmp
+    if not a.fsync:
+        os.fsync = _no_fsync  # type: ignore[assignment] - inherited by the forked workers
     if a.replay:
         seed, k = a.replay.rsplit(":", 1)
         log: list[str] = []

@@ -26,8 +26,13 @@ def file_checksum(path: str | os.PathLike,
                   visit: Callable[[memoryview, int], None] | None = None) -> str:
     """xxh3-128 of a file's bytes as 32 hex digits (FORMAT.md §6). Streams; runs near disk speed.
 
-    ``visit(chunk, file_offset)``, when given, sees every chunk (16 MiB, at multiples of 16 MiB)
-    right after it is hashed, so a caller can check the data in the same pass (verify does).
+    ``visit(chunk, file_offset)``, when given, sees every chunk (at most 16 MiB, at offsets that
+    are multiples of 64) right after it is hashed, so a caller can check the data in the same pass
+    (verify does).
+
+    The buffer is sized to the file (rounded up to 64 bytes, capped at 16 MiB): a small file is
+    read in one call without allocating 16 MiB, which dominated hashing many small files (the
+    mutation fuzzer, 20-fold under AddressSanitizer).
     """
     h = xxhash.xxh3_128()
     with open(path, "rb", buffering=0) as f:
@@ -35,14 +40,15 @@ def file_checksum(path: str | os.PathLike,
         advise = getattr(os, "posix_fadvise", None)
         if advise is not None:
             advise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        buf = bytearray(_HASH_CHUNK)
+        # one byte over the size, so the first read can return the whole file (the next sees EOF)
+        buf = bytearray(min(_HASH_CHUNK, (os.fstat(fd).st_size + 64) // 64 * 64))
         view = memoryview(buf)
         off = 0
         while True:
             if advise is not None:
                 # ask for the next chunk now: the disk reads it while this one is hashed
                 # (measured cold: ~700-830 MB/s without, ~1000-1180 MB/s with, = `cat` speed)
-                advise(fd, off + _HASH_CHUNK, _HASH_CHUNK, os.POSIX_FADV_WILLNEED)
+                advise(fd, off + len(buf), len(buf), os.POSIX_FADV_WILLNEED)
             n = f.readinto(buf)
             if not n:
                 break

@@ -21,7 +21,7 @@ def _tokens_max_visitor(sh: _Shard, path: Path) -> tuple[Any, list[int]]:
     hi = [-1]
 
     def visit(chunk: memoryview, off: int) -> None:
-        # chunk offsets are multiples of 16 MiB and data_start of 64: items stay aligned
+        # chunk offsets and data_start are multiples of 64: items stay aligned
         part = chunk[max(data_start - off, 0):]
         part = part[:len(part) - len(part) % dt.itemsize]
         if len(part):
