@@ -17,6 +17,7 @@ __all__ = [
     "SourceError",
     "TokenizerError",
     "DatasetExistsError",
+    "NotReplaceableError",
     "StateError",
     "DeviceError",
 ]
@@ -103,6 +104,13 @@ class TokenizerError(PairpackError, ValueError):
 
 class DatasetExistsError(PairpackError, FileExistsError):
     """The output path of a build already exists and ``force`` was not given."""
+
+
+class NotReplaceableError(DatasetExistsError):
+    """``force`` was given, but the output path holds something pairpack did not make (a user's
+    directory, a plain file, a dataset directory with the user's own files in it): pairpack
+    replaces only its own datasets, archives and exports, and never deletes anything else
+    (spec/FORMAT.md §9 W8)."""
 
 
 class StateError(PairpackError, ValueError):

@@ -1,11 +1,13 @@
 """Filesystem primitives every writer uses: checksums (FORMAT.md §6), fsync, atomic install (§9 W1),
-and clean-up of temporaries that dead writers left behind."""
+the check that ``--force`` replaces only a dataset (§9 W8), and clean-up of temporaries that dead
+writers left behind."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -13,13 +15,19 @@ from typing import Any, Callable
 
 import xxhash
 
-from ..errors import DatasetExistsError
-from .spec import _HASH_CHUNK
+from ..errors import DatasetExistsError, NotReplaceableError
+from .spec import FORMAT_NAME, MANIFEST_NAME, SHARD_NAME_RE, _HASH_CHUNK
 
 _TMP_TAG = ".pairpack-tmp-"  # temp dirs: ".<name>.pairpack-tmp-<pid>-<hex>" beside the target
 _OLD_TAG = ".pairpack-old-"  # a replaced dataset, removed right after the swap
 
-__all__ = ["file_checksum", "temp_dir_for", "install_dir", "clean_stale_temps"]
+__all__ = ["file_checksum", "temp_dir_for", "install_dir", "clean_stale_temps", "check_output",
+           "not_a_dataset_because"]
+
+# FORMAT.md §5.1 "format": found by a byte search, so a dataset whose manifest is otherwise damaged
+# can still be replaced (rebuilding over a broken dataset is what --force is for)
+_FORMAT_MARK = re.compile(rb'"format"\s*:\s*"' + FORMAT_NAME.encode() + rb'"')
+_DATASET_ENTRIES = (MANIFEST_NAME, "tokenizer.json")  # besides shard-NNNNN/ (§3, §5.2)
 
 
 def file_checksum(path: str | os.PathLike,
@@ -93,6 +101,51 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def not_a_dataset_because(target: Path) -> str | None:
+    """Why ``target`` is not a dataset that pairpack may replace (FORMAT.md §9 W8), or None.
+
+    Replaceable: a real directory (not a link) holding a regular ``manifest.json`` that declares
+    ``"format": "pairpack"``, and nothing else at its top level but shard directories and the
+    tokenizer copy. Anything else there (§3.2 allows a user's README) would be deleted with it.
+    """
+    if target.is_symlink():
+        return "is a symbolic link, not a dataset directory"
+    if not target.is_dir():
+        return "is a file, not a dataset directory"
+    manifest = target / MANIFEST_NAME
+    if manifest.is_symlink() or not manifest.is_file():
+        return f"is a directory without a pairpack {MANIFEST_NAME}"
+    with open(manifest, "rb") as f:
+        head = f.read(1 << 20)
+    if not _FORMAT_MARK.search(head):
+        return f"has a {MANIFEST_NAME} that is not a pairpack manifest"
+    foreign = sorted(e.name for e in os.scandir(target) if e.name not in _DATASET_ENTRIES
+                     and not (SHARD_NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False)))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        return f"holds files pairpack did not write ({', '.join(foreign[:3])}{more})"
+    return None
+
+
+def check_output(target: Path, *, force: bool, what: str = "dataset",
+                 not_ours: Callable[[Path], str | None] = not_a_dataset_because) -> None:
+    """Raise unless a writer may create or replace ``target``: it is absent, or ``force`` is set
+    and ``not_ours(target)`` finds it to be pairpack's own ``what`` (FORMAT.md §9 W8).
+
+    Raises:
+        DatasetExistsError: ``target`` exists and ``force`` is False.
+        NotReplaceableError: ``force`` is set but ``target`` is not pairpack's (nothing is deleted).
+    """
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not force:
+        raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
+    why = not_ours(target)
+    if why is not None:
+        raise NotReplaceableError(f"{target}: {why}; --force replaces only a {what} pairpack wrote, so it is "
+                                  f"left as it is: move it away or choose another output path")
+
+
 def temp_dir_for(target: Path) -> Path:
     """A fresh temp directory name beside ``target`` that :func:`clean_stale_temps` recognises."""
     return target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -105,8 +158,7 @@ def install_dir(tmp: Path, target: Path, *, force: bool) -> None:
     supports renameat2, so the path always holds a whole dataset; elsewhere two renames.
     """
     if target.exists() or target.is_symlink():
-        if not force:
-            raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
+        check_output(target, force=force)  # checked again here: the path may have changed since
         old = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if _exchange(tmp, target):  # one atomic step: the path always holds a full dataset
             os.rename(tmp, old)

@@ -33,6 +33,7 @@ from .. import _accel
 from .. import format as fmt
 from .._version import __version__
 from ..errors import DatasetExistsError, PairpackError, SourceError
+from ..format.fsio import check_output
 from ..format.sidecar import read_sidecar
 from ..progress import Progress
 from ..tokenization import (
@@ -611,8 +612,8 @@ def build(
         shard_bytes = side.get("shard_bytes") if shard_bytes is None else shard_bytes
         dedup_window = side.get("dedup_window") if dedup_window is None else dedup_window
     part = None if num_shards == 1 else {"num_shards": num_shards, "shard_index": shard_index}
-    if (out.exists() or out.is_symlink()) and not (force or resume):
-        raise DatasetExistsError(f"{out}: already exists; pass --force to replace it")
+    if not resume:  # before reading any input (--resume compares an existing dataset first)
+        check_output(out, force=force)
 
     opts, mode = _detect(sources, opts, tok)
     bp = plan_build(opts, mode, tok, add_bos=add_bos, add_eos=add_eos, skip_invalid=skip_invalid,

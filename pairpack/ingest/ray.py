@@ -49,8 +49,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .. import format as fmt
 from .._version import __version__
-from ..errors import DatasetExistsError, PairpackError, StateError
-from ..format.fsio import clean_stale_temps, temp_dir_for
+from ..errors import PairpackError, StateError
+from ..format.fsio import check_output, clean_stale_temps, temp_dir_for
 from ..tokenization import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..write.combine import combine_parts
 from ..write.writer import Writer
@@ -228,8 +228,7 @@ class Datasink(ray.data.Datasink):
 
     # driver ---------------------------------------------------------------------------------
     def on_write_start(self, schema: Any = None) -> None:
-        if (self.path.exists() or self.path.is_symlink()) and not self.force:
-            raise DatasetExistsError(f"{self.path}: already exists; pass force=True to replace it")
+        check_output(self.path, force=self.force)  # a user's directory or file is never replaced (§9 W8)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(self.path)  # staging left by a killed driver
         self._staging.mkdir(exist_ok=True)
@@ -424,8 +423,7 @@ def build(ray_dataset: Any, path: str | os.PathLike, *, byte_identical: bool = F
     """
     t0 = time.perf_counter()
     p = Path(path)
-    if (p.exists() or p.is_symlink()) and not options.get("force", False):
-        raise DatasetExistsError(f"{p}: already exists; pass force=True to replace it")
+    check_output(p, force=bool(options.get("force", False)))
     sink = Datasink(path, byte_identical=byte_identical, sample=ray_dataset.take(DETECT_RECORDS), **options)
     sink._ordered = bool(ray_dataset.context.execution_options.preserve_order)
     try:

@@ -41,8 +41,8 @@ import xxhash
 import zstandard
 
 from .. import format as fmt
-from ..errors import ChecksumError, DatasetExistsError, FormatError
-from ..format.fsio import _fsync_dir, clean_stale_temps, install_dir, temp_dir_for
+from ..errors import ChecksumError, FormatError
+from ..format.fsio import _fsync_dir, check_output, clean_stale_temps, install_dir, temp_dir_for
 from ..read.dataset import open_dataset
 
 __all__ = ["pack", "unpack", "ArchiveReport", "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ARCHIVE_SUFFIX"]
@@ -133,14 +133,12 @@ def pack(dataset: str | os.PathLike, output: str | os.PathLike, *, level: int = 
 
     Raises:
         DatasetExistsError: ``output`` exists and ``force`` is False.
+        NotReplaceableError: ``force`` is set but ``output`` is not pairpack's (§9 W8).
         FormatError / ChecksumError: the dataset is damaged (a file differs from its manifest entry).
     """
     root = Path(dataset)
     out = Path(output)
-    if (out.exists() or out.is_symlink()) and not force:
-        raise DatasetExistsError(f"{out}: already exists; pass force=True (--force) to replace it")
-    if out.is_dir():
-        raise DatasetExistsError(f"{out}: is a directory; the archive is a single file")
+    check_output(out, force=force, what="archive", not_ours=_not_an_archive_because)
     t0 = time.perf_counter()
     manifest_path = root / fmt.MANIFEST_NAME
     fmt.read_manifest(root)  # a clear "not a dataset" error before anything else
@@ -336,13 +334,13 @@ def unpack(archive: str | os.PathLike, output: str | os.PathLike, *, force: bool
 
     Raises:
         DatasetExistsError: ``output`` exists and ``force`` is False.
+        NotReplaceableError: ``force`` is set but ``output`` is not pairpack's (§9 W8).
         FormatError / ChecksumError: the archive is damaged, truncated, or not a pairpack archive
             (``path`` is the archive, ``field`` the member at fault).
     """
     src = Path(archive)
     target = Path(output)
-    if (target.exists() or target.is_symlink()) and not force:
-        raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
+    check_output(target, force=force)
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(target)
@@ -373,6 +371,19 @@ def unpack(archive: str | os.PathLike, output: str | os.PathLike, *, force: bool
         raise
     return ArchiveReport("unpacked", str(target), str(src), len(header["members"]), int(header["num_pairs"]),
                          data_bytes, src.stat().st_size, time.perf_counter() - t0)
+
+
+def _not_an_archive_because(path: Path) -> str | None:
+    """Why ``pack --force`` may not replace ``path`` (FORMAT.md §9 W8), or None: it must be a
+    regular file that starts as zstandard and ends with pairpack's trailer, i.e. one pack wrote."""
+    if path.is_symlink() or not path.is_file():
+        return "is not a regular file"
+    try:
+        with open(path, "rb") as raw:
+            _read_trailer(raw, path)
+    except FormatError:
+        return "is not a pairpack archive (no zstandard magic or no pairpack trailer)"
+    return None
 
 
 def _read_trailer(raw: BinaryIO, archive: Path) -> tuple[int, bytes]:

@@ -12,12 +12,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import format as fmt
 from .._version import __version__
-from ..errors import DatasetExistsError, StateError
-from ..format.sidecar import SIDECAR_FORMAT, SIDECAR_SUFFIX
+from ..errors import FormatError, StateError
+from ..format.fsio import check_output
+from ..format.sidecar import SIDECAR_FORMAT, SIDECAR_SUFFIX, read_sidecar
 from ..read.dataset import open_dataset
 
 __all__ = ["export"]
@@ -33,6 +34,30 @@ def _open_out(path: Path, name: str) -> Any:
     if name.endswith(".gz"):
         return gzip.open(path, "wb", compresslevel=6)
     return open(path, "wb", buffering=1 << 20)
+
+
+def _replace_file(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` a new file beside ``path`` and rename it over ``path``: a reader of the old one
+    keeps it whole (an existing file is never rewritten in place, FORMAT.md §9 W9)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _not_an_export_because(path: Path) -> str | None:
+    """Why ``export --force`` may not replace ``path`` (FORMAT.md §9 W8), or None: it must be a
+    regular file with the sidecar an export writes beside it (``<path>.pairpack.json``)."""
+    if path.is_symlink() or not path.is_file():
+        return "is not a regular file"
+    try:
+        side = read_sidecar(path)
+    except FormatError:
+        side = None
+    return None if side is not None else f"has no pairpack export sidecar ({path.name}{SIDECAR_SUFFIX}) beside it"
 
 
 def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: bool = False,
@@ -51,8 +76,7 @@ def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: boo
 
     ds = open_dataset(dataset)
     out = Path(output)
-    if out.exists() and not force:
-        raise DatasetExistsError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force=force, what="export", not_ours=_not_an_export_because)
     tok = ds.tokenizer if decode else None
     if decode and tok is None:
         raise StateError(f"{dataset}: the tokenizer is not available here, cannot --decode (ids are exported)")
@@ -93,10 +117,11 @@ def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: boo
         tf = (m.tokenizer or {}).get("file")
         if isinstance(tf, dict):
             dst = Path(str(out) + ".tokenizer.json")
-            shutil.copyfile(fmt.resolve_file(ds.path, tf["path"]), dst)
+            _replace_file(dst, lambda p: shutil.copyfile(fmt.resolve_file(ds.path, tf["path"]), p))
             side["tokenizer_file"] = dst.name
         os.replace(tmp, out)
-        Path(str(out) + SIDECAR_SUFFIX).write_text(json.dumps(side, indent=1, sort_keys=True) + "\n")
+        _replace_file(Path(str(out) + SIDECAR_SUFFIX),
+                      lambda p: p.write_text(json.dumps(side, indent=1, sort_keys=True) + "\n"))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -18,8 +18,8 @@ from typing import Sequence
 
 from .. import format as fmt
 from .._version import __version__
-from ..errors import DatasetExistsError, StateError
-from ..format.fsio import temp_dir_for
+from ..errors import StateError
+from ..format.fsio import check_output, temp_dir_for
 from ..write.combine import _place, check_alike, commit_dir, place_shards
 
 __all__ = ["merge", "MergeReport"]
@@ -91,8 +91,7 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
     if how not in ("link", "move", "copy"):
         raise ValueError(f"how must be link, move or copy, got {how!r}")
     out = Path(output)
-    if (out.exists() or out.is_symlink()) and not force:
-        raise DatasetExistsError(f"{out}: already exists; pass --force to replace it")
+    check_output(out, force=force)
     if not parts:
         raise ValueError("nothing to merge")
     roots = [Path(p) for p in parts]

@@ -16,10 +16,11 @@ import numpy as np
 import xxhash
 
 from .. import format as fmt
-from ..errors import DatasetExistsError, SourceError
+from ..errors import SourceError
 from ..format.fsio import (
     _fsync_close,
     _fsync_dir,
+    check_output,
     clean_stale_temps,
     install_dir,
     temp_dir_for,
@@ -406,8 +407,7 @@ class Writer:
         provenance: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not force:
-            raise DatasetExistsError(f"{self.path}: already exists; pass force=True (--force) to replace it")
+        check_output(self.path, force=force)  # before any work: a user's directory is never replaced (§9 W8)
         if vocab_size is not None:
             fmt.token_dtype_for_vocab(vocab_size)
         for name, v in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
