@@ -85,7 +85,8 @@ def main(debug: bool) -> None:
 @click.option("--add-bos/--no-add-bos", default=None, help="Prepend BOS to prompts (never doubled).")
 @click.option("--add-eos/--no-add-eos", default=None,
               help="Append EOS to completions (never doubled). Default: on for text, off for ids.")
-@click.option("-f", "--force", is_flag=True, help="Replace an existing dataset at OUTPUT.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace a pairpack dataset at OUTPUT (anything else there is refused, never deleted).")
 @click.option("--skip-invalid", is_flag=True,
               help="Go on past bad records; write them with reasons to OUTPUT.rejects.jsonl.")
 @click.option("--drop-identical", is_flag=True, help="Drop pairs whose chosen equals rejected.")
@@ -193,7 +194,8 @@ def _unescape(text: str | None) -> str | None:
 @click.option("--move", "how", flag_value="move", help="Rename the parts' files instead of hard-linking (consumes the parts).")
 @click.option("--copy", "how", flag_value="copy", help="Copy the files instead of hard-linking.")
 @click.option("--allow-partial", is_flag=True, help="Merge parts of a split even if some indices are missing.")
-@click.option("-f", "--force", is_flag=True, help="Replace an existing dataset at OUTPUT.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace a pairpack dataset at OUTPUT (anything else there is refused, never deleted).")
 def merge(parts: tuple[Path, ...], output: Path, how: str | None, allow_partial: bool, force: bool) -> None:
     """Combine datasets (e.g. the parts of a --num-shards build) into one, without copying tokens.
 
@@ -217,7 +219,8 @@ def merge(parts: tuple[Path, ...], output: Path, how: str | None, allow_partial:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="out.jsonl, out.jsonl.gz or out.jsonl.zst")
 @click.option("--decode", is_flag=True, help="Also write prompt_text/chosen_text/rejected_text.")
-@click.option("-f", "--force", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace an OUTPUT that pairpack wrote (any other file is refused, never deleted).")
 def export(dataset: Path, output: Path, decode: bool, force: bool) -> None:
     """Write a dataset's pairs as JSON lines of token ids (and decoded text with --decode).
 
@@ -459,7 +462,8 @@ def stats(dataset: Path, max_lengths: tuple[int, ...], batch_size: int | None, m
               help="Archive file to create, e.g. train.pairpack.zst (written atomically).")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstandard level.")
 @click.option("--threads", type=int, default=-1, show_default=True, help="Compression threads (-1: all cores).")
-@click.option("-f", "--force", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace an OUTPUT that pairpack wrote (any other file is refused, never deleted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def pack(dataset: Path, output: Path, level: int, threads: int, force: bool, as_json: bool) -> None:
     """Pack a dataset into one zstandard-compressed, checksummed, streamable archive.
@@ -482,7 +486,8 @@ def pack(dataset: Path, output: Path, level: int, threads: int, force: bool, as_
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Dataset directory to create (written atomically).")
-@click.option("-f", "--force", is_flag=True, help="Replace an existing dataset at OUTPUT.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace a pairpack dataset at OUTPUT (anything else there is refused, never deleted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def unpack(archive: Path, output: Path, force: bool, as_json: bool) -> None:
     """Unpack an archive made by `pairpack pack`, verifying every member; nothing is left on failure.

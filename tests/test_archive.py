@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import pairpack
 from pairpack.ops import archive as archive
-from pairpack.errors import ChecksumError, DatasetExistsError, FormatError, PairpackError
+from pairpack.errors import ChecksumError, DatasetExistsError, FormatError, NotReplaceableError, PairpackError
 
 from .conftest import run_cli
 
@@ -153,9 +153,13 @@ def test_force_and_exists(small, packed, tmp_path):
     archive.unpack(packed, out)
     with pytest.raises(DatasetExistsError):
         archive.unpack(packed, out)
-    (out / "marker").write_text("old")
+    (out / "marker").write_text("old")  # a file of the user's: --force must not delete it (§9 W8)
+    with pytest.raises(NotReplaceableError, match="marker"):
+        archive.unpack(packed, out, force=True)
+    assert (out / "marker").read_text() == "old"
+    (out / "marker").unlink()
     archive.unpack(packed, out, force=True)
-    assert not (out / "marker").exists() and _files(out) == _files(small)
+    assert _files(out) == _files(small)
     with pytest.raises(DatasetExistsError):
         archive.pack(small, packed)
     assert sorted(os.listdir(tmp_path)) == ["x"]

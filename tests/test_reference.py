@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,16 +336,16 @@ def test_leftovers_of_a_killed_update_are_collected(tmp_path):
     make_dataset(path, n=9)
     code = (
         "import os, sys, numpy as np\n"
-        "from pairpack import writer\n"
+        "from pairpack.write import columns\n"
         "real = os.replace\n"
         "def die(src, dst):\n"
         "    if str(dst).endswith('manifest.json'):\n"
         "        os._exit(9)\n"
         "    return real(src, dst)\n"
-        "writer.os.replace = die\n"
-        f"writer.add_columns({str(path)!r}, {{'x': np.ones(9, np.float32)}})\n"
+        "columns.os.replace = die\n"
+        f"columns.add_columns({str(path)!r}, {{'x': np.ones(9, np.float32)}})\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(writer_mod.Path(writer_mod.__file__).parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(pairpack.__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=120)
     assert proc.returncode == 9
     ds = pairpack.open(path)

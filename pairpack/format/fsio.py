@@ -139,7 +139,7 @@ def check_output(target: Path, *, force: bool, what: str = "dataset",
     if not (target.exists() or target.is_symlink()):
         return
     if not force:
-        raise DatasetExistsError(f"{target}: already exists; pass force=True (--force) to replace it")
+        raise DatasetExistsError(f"{target}: already exists; pass --force to replace it (force=True in Python)")
     why = not_ours(target)
     if why is not None:
         raise NotReplaceableError(f"{target}: {why}; --force replaces only a {what} pairpack wrote, so it is "
