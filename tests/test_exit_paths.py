@@ -66,7 +66,12 @@ def test_ctrl_c_during_a_compressed_build_ends_cleanly(tmp_path: Path, compresse
         p = subprocess.Popen([sys.executable, "-m", "pairpack.cli", "build", str(compressed["gz"]), "-o",
                               str(tmp_path / "out"), "--force", "--workers", "1"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        time.sleep(0.8 + 0.2 * k)  # past the imports, inside the read loop (the build takes seconds)
+        deadline = time.monotonic() + 120
+        # the writer's temporary directory appears once the build is past its imports and set-up
+        while (p.poll() is None and time.monotonic() < deadline
+               and not any(".pairpack-tmp-" in x.name for x in tmp_path.iterdir())):
+            time.sleep(0.01)
+        time.sleep(0.05 * k)  # at different points of the read loop
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
         if p.returncode == 0:  # finished before the signal: nothing to check this time
