@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
+from pairpack.batch.options import Truncation
 from pairpack.batch.plan import BatchPlan
 from pairpack.batch.cuda import DeviceFeeder, _Engine, expand, layout_for, write_host
 from pairpack.errors import DeviceError, PairpackError
@@ -137,7 +138,7 @@ def test_expand_on_memory_maps_of_uint32_data(tmp_path, compact):
 def test_layout_sizes_compact_sends_each_stored_token_once():
     rng = np.random.default_rng(2)
     plan = random_plan(rng, shards_for(rng, np.uint16), 32, 500)
-    p, c = plan.prompt_len, plan.completion_len
+    p, c = plan.prompt_lengths, plan.completion_lengths
     n = int((p + c).max())
     lays = {m: layout_for(plan, compact=m == "c", host_widen=m == "w") for m in "cpw"}
     assert lays["c"].tok_count == int(p.sum() + c.sum()) + 1  # each prompt once, plus one pad_id
@@ -259,7 +260,7 @@ def test_ring_test_detects_a_feeder_that_does_not_wait(mode):
 
 def test_ring_allocates_once_and_grows_only_when_needed():
     eng = LazyEngine()
-    feeder = DeviceFeeder(pad_id=0, compact=False, prefetch=2, _engine=eng)
+    feeder = DeviceFeeder(pad_id=0, compact=False, host_widen=False, prefetch=2, _engine=eng)
     rng = np.random.default_rng(4)
     shards = shards_for(rng, np.uint16, size=20000)
     small = [random_plan(rng, shards, 4, 50) for _ in range(8)]
@@ -305,11 +306,11 @@ def test_cpu_feeder_with_a_real_dataset_and_columns(tmp_path):
                   rng.integers(0, 70000, int(rng.integers(1, 30))).tolist(), score=float(rng.random()))
     ds = pairpack.open(tmp_path / "ds")
     assert ds.lengths.shape == (3, 60)
-    for compact in (True, False):
-        with DeviceFeeder("cpu", pad_id=ds.pad_id, pad_to_multiple_of=8, compact=compact) as feeder:
+    for compact, widen in ((True, False), (False, False), (False, True)):
+        with DeviceFeeder("cpu", pad_id=ds.pad_id, pad_to_multiple_of=8, compact=compact, host_widen=widen) as feeder:
             for max_length in (None, 40, 12):
                 idx = rng.permutation(60)[:13]
-                plan = make_plan(ds, idx, max_length=max_length, columns=["score"])
+                plan = make_plan(ds, idx, truncation=Truncation(max_length), columns=["score"])
                 feeder.submit(plan)
                 got = feeder.get()
                 assert_same(got, reference(plan, ds.pad_id, 8))
@@ -389,7 +390,7 @@ def test_cuda_submit_and_get_never_synchronize_implicitly():
     rng = np.random.default_rng(7)
     plans = [random_plan(rng, shards_for(rng, np.uint16), 16, 300) for _ in range(8)]
     for compact in (True, False):
-        feeder = DeviceFeeder("cuda", pad_id=0, compact=compact, prefetch=2)
+        feeder = DeviceFeeder("cuda", pad_id=0, compact=compact, host_widen=False, prefetch=2)
         feeder.submit(plans[0])
         feeder.get()  # buffers allocated (pinned allocation is outside the check)
         torch.cuda.set_sync_debug_mode("error")
@@ -464,3 +465,14 @@ def test_loader_on_cuda_equals_the_cpu_loader(tmp_path):
         for g, r in zip(got, plain):
             assert g.preferred_seq.is_cuda
             assert_same(g, r)
+
+
+def test_default_mode_is_host_widened_the_fastest_measured():
+    """README's H200 table: host-widened beat padded and compact; it is the default of both entry points."""
+    import inspect
+
+    from pairpack.batch.loader import Loader
+
+    assert DeviceFeeder(pad_id=0)._host_widen and not DeviceFeeder(pad_id=0).compact
+    sig = inspect.signature(Loader.__init__).parameters
+    assert sig["compact"].default is False and sig["host_widen"].default is True

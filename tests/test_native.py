@@ -115,8 +115,8 @@ def plans(draw: st.DrawFn) -> dict:
     if draw(st.booleans()):  # the writer's layout: chosen stored right after its prompt
         c0 = np.minimum(ps + pl, size - l0)
     pad = draw(st.sampled_from([0, 1, 65535, 65536, 2**32 - 1]))
-    return dict(tokens=tokens, prompt_start=ps, prompt_len=pl, completion_start=np.stack([c0, c1]),
-                completion_len=np.stack([l0, l1]), pad_id=pad,
+    return dict(tokens=tokens, prompt_starts=ps, prompt_lengths=pl, completion_starts=np.stack([c0, c1]),
+                completion_lengths=np.stack([l0, l1]), pad_id=pad,
                 pad_to_multiple_of=draw(st.sampled_from([None, 1, 8, 64])),
                 indices=rng.integers(-5, 10**6, b), columns={"score": rng.standard_normal(b).astype(np.float32)})
 
@@ -194,7 +194,7 @@ def test_kernel_rejects_malformed_arguments() -> None:
     native.assemble(*ok)
     bad = {
         0: ((), TypeError), 1: (np.array([1], dtype=np.int64), ValueError),  # shard 1 of 1
-        3: (np.ones(2, dtype=np.int64), ValueError),  # prompt_len of the wrong size
+        3: (np.ones(2, dtype=np.int64), ValueError),  # prompt_lengths of the wrong size
         6: (5, ValueError),  # out sized for n = 4
         8: (np.empty((2, 1, 4), dtype=np.int32), ValueError),
     }

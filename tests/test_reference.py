@@ -170,10 +170,11 @@ def test_truncated_cache_matches_the_loaders_batches(tmp_path):
     ds = precompute_reference(path, ref, batch_size=7, reduction="sum", max_length=6, truncation="keep_end")
     attrs = check_reference(ds, reduction="sum", max_length=6)
     assert attrs["max_length"] == 6 and attrs["truncation"] == "keep_end"
+    from pairpack.batch.options import Truncation
     from pairpack.batch.plan import make_plan
 
     idx = np.arange(len(ds))
-    b = make_plan(ds, idx, max_length=6, columns=REFERENCE_COLUMNS).assemble(ds.pad_id)
+    b = make_plan(ds, idx, truncation=Truncation(6), columns=REFERENCE_COLUMNS).assemble(ds.pad_id)
     assert b.shape[1] <= 6
     live = DPO(ref, reduction="sum")  # policy = deep copy of the reference
     loss_live = live(**b.as_kwargs())

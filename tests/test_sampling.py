@@ -16,7 +16,7 @@ from pairpack.batch.plan import (
     truncate_lengths,
 )
 from pairpack.errors import PairpackError
-from pairpack.batch.sampling import epoch_order, equalize, rank_slice, resolve_rank
+from pairpack.batch.sampling import epoch_order, equalize, resolve_rank
 
 FP = "0123456789abcdef0123456789abcdef"
 
@@ -73,7 +73,7 @@ def test_equalize_matches_distributed_sampler(n, world, drop_last):
     seq = equalize(np.arange(n), world, drop_last)
     for r in range(world):
         ref = list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False, drop_last=drop_last))
-        assert rank_slice(seq, r, world).tolist() == ref
+        assert seq[r::world].tolist() == ref
 
 
 def test_resolve_rank_defaults_and_errors():

@@ -9,14 +9,14 @@ stall of the training stream.
 
 Three transfer modes:
 
-* **compact** (default): the host writes only the stored tokens, unpadded and in the storage dtype
+* **compact**: the host writes only the stored tokens, unpadded and in the storage dtype
   (uint16/uint32), each prompt once (it is the same in both rows), plus per-row lengths and source
   offsets. The GPU expands them with one gather into the padded int64 rows. The host touches and
   the link carries only real bytes: for uint16 data at most a quarter of the padded int64 output,
   less again with padding and shared prompts.
 * **padded** (``compact=False``): the host writes the padded rows in the storage dtype, the GPU
   widens them to int64 and builds the masks from the lengths.
-* **host-widened** (``compact=False, host_widen=True``): the host writes the finished batch, int64
+* **host-widened** (default; ``compact=False, host_widen=True``): the host writes the finished batch, int64
   rows and bool masks (one pass of the C kernel, ``pairpack/_native.c``, when it is built), and
   the device receives it in one copy: every tensor handed out is a view of that copy, no kernel
   runs, one ``record_stream`` per batch. It moves the most bytes (the usual path's) but makes the
@@ -24,8 +24,13 @@ Three transfer modes:
   0.1-0.2 ms, as much as the whole host gather. ``tools/gpu_check.py`` there (batches of 32 pairs,
   rows up to 2048 uint16 tokens): host-widened 2,581 batches/s and 0.39 ms of host CPU a batch,
   padded 1,535 / 0.65 ms, compact 1,304 / 0.77 ms, the usual collate + ``pin_memory()`` +
-  ``.to()`` path 1,982. Compact stays the default (it is what this module was specified with and
-  the right choice where the link, not the host, is the limit); the README has the table.
+  ``.to()`` path 1,982. It is the default, being the fastest measured; compact remains the choice
+  where the link, not the host, is the limit. The README has the table.
+
+Packed layouts (``layout="packed"``/``"prefix_shared"``, :mod:`pairpack.batch.layouts`): the
+host builds the :class:`~pairpack.batch.layouts.PackedBatch` and writes its tensors, at aligned
+offsets, into the slot's pinned buffer; one copy carries it and every tensor handed out is a
+view of that copy (as host-widened; the transfer mode options apply to the padded layout only).
 
 Ring and stream discipline (CUDA):
 
@@ -62,7 +67,7 @@ tests exercise every line except the CUDA calls. A CUDA device on a machine with
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -71,9 +76,12 @@ import torch
 from .. import _accel
 from .._accel import native_applies
 from ..errors import DeviceError
-from .triplets import Triplets, _round_up, shards_of, write_native
+from ..format.spec import round_up
+from .options import PlanOptions
+from .triplets import Triplets, shards_of, write_native
 
 if TYPE_CHECKING:
+    from .layouts import PackedBatch
     from .plan import BatchPlan
 
 __all__ = ["DeviceFeeder", "HostLayout", "layout_for", "write_host", "expand"]
@@ -101,16 +109,16 @@ class _PlanLike(Protocol):
     """What the feeder reads from a plan (:class:`pairpack.batch.plan.BatchPlan` satisfies it)."""
 
     tokens: Sequence[np.ndarray]
-    prompt_start: np.ndarray
-    prompt_len: np.ndarray
-    completion_start: np.ndarray
-    completion_len: np.ndarray
+    prompt_starts: np.ndarray
+    prompt_lengths: np.ndarray
+    completion_starts: np.ndarray
+    completion_lengths: np.ndarray
     indices: np.ndarray | None
     columns: dict[str, np.ndarray] | None
 
 
 def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+    return round_up(n, ALIGN)
 
 
 # --- host side: layout and gather --------------------------------------------------------------
@@ -146,8 +154,8 @@ class HostLayout:
 
 
 def _lengths(plan: _PlanLike) -> tuple[np.ndarray, np.ndarray]:
-    p = np.ascontiguousarray(plan.prompt_len, dtype=np.int64)
-    c = np.ascontiguousarray(plan.completion_len, dtype=np.int64).reshape(2, len(p))
+    p = np.ascontiguousarray(plan.prompt_lengths, dtype=np.int64)
+    c = np.ascontiguousarray(plan.completion_lengths, dtype=np.int64).reshape(2, len(p))
     return p, c
 
 
@@ -157,7 +165,7 @@ def layout_for(plan: _PlanLike, *, compact: bool, pad_to_multiple_of: int | None
     p, c = _lengths(plan)
     b = len(p)
     total = p[None, :] + c
-    n = _round_up(int(total.max()) if b else 0, pad_to_multiple_of)  # as assemble computes L
+    n = round_up(int(total.max()) if b else 0, pad_to_multiple_of)  # as assemble computes L
     dtype = np.dtype(plan.tokens[0].dtype) if b else np.dtype(np.uint32)  # as assemble
     if dtype not in _TOKEN_VIEWS or not dtype.isnative:
         raise DeviceError(f"token dtype {dtype} is not supported by the device feeder "
@@ -207,7 +215,7 @@ def write_host(plan: _PlanLike, lay: HostLayout, buf: np.ndarray, *, pad_id: int
         shards, shard_of = (plan.shards, plan.shard_of) if getattr(plan, "shards", None) else shards_of(plan.tokens)
         if nat is not None and native_applies(shards, pad_id):
             # one C pass writes the int64 rows and the masks straight into the pinned buffer
-            write_native(nat, shards, shard_of, plan.prompt_start, p, plan.completion_start, c, n, pad_id, tok, masks)
+            write_native(nat, shards, shard_of, plan.prompt_starts, p, plan.completion_starts, c, n, pad_id, tok, masks)
             return
         pos = np.arange(n)
         np.less(pos, meta[0][:, None], out=masks[0])
@@ -217,8 +225,8 @@ def write_host(plan: _PlanLike, lay: HostLayout, buf: np.ndarray, *, pad_id: int
     base = {id(t): t for t in plan.tokens}
     plain = {k: np.asarray(t) for k, t in base.items()}
     tokens = [plain[id(t)] for t in plan.tokens]
-    ps, pl = np.asarray(plan.prompt_start).tolist(), p.tolist()
-    cs, cl = np.asarray(plan.completion_start).reshape(2, b).tolist(), c.tolist()
+    ps, pl = np.asarray(plan.prompt_starts).tolist(), p.tolist()
+    cs, cl = np.asarray(plan.completion_starts).reshape(2, b).tolist(), c.tolist()
     pieces: list[np.ndarray] = []
     if lay.compact:
         # stream: all prompts, then all chosen, then all rejected, then one pad_id; meta rows 6..8
@@ -302,9 +310,57 @@ def expand(staged: torch.Tensor, lay: HostLayout, positions: torch.Tensor | None
     )
 
 
-def _tensors(t: Triplets) -> list[torch.Tensor]:
-    return [t.preferred_seq, t.unpreferred_seq, t.prompt_mask, t.preferred_seq_mask, t.unpreferred_seq_mask,
-            t.indices, t.prompt_lengths, t.chosen_lengths, t.rejected_lengths, *t.columns.values()]
+def _tensors(t: "Triplets | PackedBatch") -> list[torch.Tensor]:
+    return t.tensors()
+
+
+# --- packed layouts: a built batch staged as one byte buffer ---------------------------------------
+@dataclass(frozen=True)
+class PackedStaging:
+    """Where each tensor of a :class:`~pairpack.batch.layouts.PackedBatch` lives in a staging buffer:
+    ``(field or "col:<name>", byte offset, torch dtype, shape)``; ``nbytes`` in all."""
+
+    parts: tuple[tuple[str, int, torch.dtype, tuple[int, ...]], ...]
+    nbytes: int
+    layout: str
+    max_seqlen: int
+
+
+def stage_packed(batch: "PackedBatch") -> PackedStaging:
+    """The :class:`PackedStaging` of ``batch`` (sizes only)."""
+    parts = []
+    off = 0
+    named = [(f.name, getattr(batch, f.name)) for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)]
+    named += [(f"col:{k}", v) for k, v in batch.columns.items()]
+    for name, t in named:
+        parts.append((name, off, t.dtype, tuple(t.shape)))
+        off = _align(off + t.numel() * t.element_size())
+    return PackedStaging(tuple(parts), off, batch.layout, batch.max_seqlen)
+
+
+def write_packed(batch: "PackedBatch", st: PackedStaging, buf: np.ndarray) -> None:
+    """Each tensor's bytes into ``buf`` (uint8) at its offset."""
+    for name, off, _, _ in st.parts:
+        t = batch.columns[name[4:]] if name.startswith("col:") else getattr(batch, name)
+        raw = t.contiguous().view(torch.uint8).reshape(-1).numpy() if t.numel() else None
+        if raw is not None:
+            buf[off:off + raw.size] = raw
+
+
+def unstage_packed(staged: torch.Tensor, st: PackedStaging) -> "PackedBatch":
+    """The batch as views of ``staged`` (the copied buffer, any device)."""
+    from .layouts import PackedBatch
+
+    kw: dict[str, Any] = {}
+    cols: dict[str, torch.Tensor] = {}
+    for name, off, dt, shape in st.parts:
+        n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dt).element_size()
+        t = staged[off:off + n].view(dt).reshape(shape)
+        if name.startswith("col:"):
+            cols[name[4:]] = t
+        else:
+            kw[name] = t
+    return PackedBatch(layout=st.layout, max_seqlen=st.max_seqlen, columns=cols, **kw)
 
 
 # --- engines: what the ring needs from a device ---------------------------------------------------
@@ -385,7 +441,7 @@ class _Engine:
     def record(self) -> _Event:
         return _CompletedEvent()
 
-    def hand_over(self, ready: _Event, fut: _Future, one_storage: bool = False) -> Triplets:
+    def hand_over(self, ready: _Event, fut: _Future, one_storage: bool = False) -> Any:
         return fut.result()
 
 
@@ -434,7 +490,7 @@ class _CudaEngine(_Engine):
         ev.record(self.stream)
         return ev
 
-    def hand_over(self, ready: _Event, fut: _Future, one_storage: bool = False) -> Triplets:
+    def hand_over(self, ready: _Event, fut: _Future, one_storage: bool = False) -> Any:
         cur = torch.cuda.current_stream(self.device)
         cur.wait_event(ready)  # device-side wait: the host returns at once
         out = fut.result()
@@ -499,8 +555,8 @@ class DeviceFeeder:
     """
 
     def __init__(self, device: Any = None, *, pad_id: int, pad_to_multiple_of: int | None = None,
-                 prefetch: int = 2, compact: bool = True, host_widen: bool = False,
-                 _engine: _Engine | None = None) -> None:
+                 prefetch: int = 2, compact: bool = False, host_widen: bool = True,
+                 options: PlanOptions | None = None, _engine: _Engine | None = None) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
@@ -510,7 +566,10 @@ class DeviceFeeder:
         self.stream = self._engine.stream
         self.copy_stream = self._engine.copy_stream
         self.pad_id = int(pad_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
+        if options is not None and pad_to_multiple_of is not None:
+            raise ValueError("give pad_to_multiple_of in options or as a keyword, not both")
+        self.options = options or PlanOptions(pad_to_multiple_of=pad_to_multiple_of)
+        self.pad_to_multiple_of = self.options.pad_to_multiple_of
         self.prefetch = prefetch
         self.compact = bool(compact)
         self._host_widen = bool(host_widen) and not compact
@@ -554,8 +613,15 @@ class DeviceFeeder:
         Waits only when this ring slot's previous copy has not finished yet.
         """
         self._check_open()
-        lay = layout_for(plan, compact=self.compact, pad_to_multiple_of=self.pad_to_multiple_of,
-                         host_widen=self._host_widen)
+        packed = None
+        if self.options.packed:
+            from .layouts import build
+
+            packed = build(plan, self.pad_id, self.options)  # type: ignore[arg-type]
+            lay: Any = stage_packed(packed)
+        else:
+            lay = layout_for(plan, compact=self.compact, pad_to_multiple_of=self.pad_to_multiple_of,
+                             host_widen=self._host_widen)
         slot = self._slots[self._next]
         self._next = (self._next + 1) % len(self._slots)
         if slot.copied is not None:
@@ -569,9 +635,15 @@ class DeviceFeeder:
             slot.view = slot.buf.numpy()
             self.host_allocations += 1
         buf, view = slot.buf, slot.view
+        eng = self._engine
+        if packed is not None:
+            write_packed(packed, lay, view)
+            staged, slot.copied = eng.copy(buf[: lay.nbytes], expand_after=False)
+            self._pending.append((_Later(lambda: unstage_packed(staged.result(), lay)), slot.copied, True))
+            self.bytes_copied += lay.nbytes
+            return
         write_host(plan, lay, view, pad_id=self.pad_id)  # type: ignore[arg-type]
         host = buf[: lay.nbytes]
-        eng = self._engine
         if lay.mask_off >= 0:
             # the batch arrives complete: its tensors are views of the copy, ready when the copy
             # is (no expansion stream, no kernel, fewer CUDA calls per batch)
@@ -583,7 +655,7 @@ class DeviceFeeder:
             self._pending.append((out, eng.record(), False))
         self.bytes_copied += lay.nbytes
 
-    def get(self) -> Triplets:
+    def get(self) -> "Triplets | PackedBatch":
         """The oldest submitted batch, on ``device``, ready for use on the caller's current stream."""
         self._check_open()
         if not self._pending:

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import xxhash
 
-from ..errors import PairpackError, StateError
+from ..errors import DeviceError, StateError
 from ..read.dataset import Dataset, open_dataset
 from . import plan as bt
-from .sampling import epoch_order, resolve_rank
+from .options import PlanOptions, Truncation, options_from
+from .sampling import epoch_order, plan_seed, resolve_rank
 
 if TYPE_CHECKING:
+    from .layouts import PackedBatch
     from .triplets import Triplets
 
 __all__ = ["Loader"]
@@ -32,6 +34,9 @@ STATE_FORMAT = "pairpack.loader/1"
 _ORDER_OPTIONS = ("batch_size", "max_tokens", "shuffle", "drop_last", "group_by_length", "window", "world_size",
                   "max_length", "truncation", "min_completion_tokens", "pad_to_multiple_of", "oversize",
                   "indices_digest")
+# options a state records only when they differ from their default, so states of the padded
+# layout stay as they were (a state without them means the default)
+_LAYOUT_OPTIONS = {"layout": "padded", "max_row_tokens": None}
 
 
 class Loader:
@@ -55,6 +60,13 @@ class Loader:
         truncation: ``"keep_end"`` (drop prompt tokens from its start) or ``"keep_start"``.
         min_completion_tokens: completions are cut no shorter than this (``>= 1``) before the prompt.
         pad_to_multiple_of: round each batch's padded length ``L`` up to a multiple of this.
+        layout: ``"padded"`` (:class:`~pairpack.Triplets`, default), ``"packed"`` or
+            ``"prefix_shared"`` (:class:`~pairpack.batch.layouts.PackedBatch`); ``max_tokens`` then
+            bounds rows x row length.
+        max_row_tokens: packed layouts: the longest row (default: the whole ``max_tokens``
+            budget, or the batch); 0: one pair per row.
+        options, truncation: the same options as objects (:class:`~pairpack.batch.options.PlanOptions`,
+            :class:`~pairpack.batch.options.Truncation`) instead of the keywords above.
         oversize: with ``max_tokens``, a pair over the budget alone is ``"truncate"``-d to fit
             (default), ``"skip"``-ped (counted) or raises (``"error"``).
         num_workers: worker processes assembling batches (``torch.utils.data.DataLoader`` workers:
@@ -66,7 +78,8 @@ class Loader:
             this process (index arithmetic only) and the feeder assembles, so ``num_workers`` is
             not used on that path.
         prefetch, compact, host_widen: passed to the DeviceFeeder (transfer modes: see
-            ``pairpack.cuda``).
+            ``pairpack.cuda``; the default, host-widened, is the fastest measured). Every layout
+            travels through the feeder's pinned buffers.
         columns: per-pair columns to carry in ``Triplets.columns``.
         indices: iterate over these pairs only (a split, e.g. the training part of a dataset):
             distinct pair indices in ``[0, len(ds))``. The order is then a pure function of (seed,
@@ -90,23 +103,29 @@ class Loader:
         rank: int | None = None,
         world_size: int | None = None,
         max_length: int | None = None,
-        truncation: str = "keep_end",
+        truncation: "Truncation | str | None" = None,
         min_completion_tokens: int = 1,
         pad_to_multiple_of: int | None = None,
         oversize: str = "truncate",
+        layout: str = "padded",
+        max_row_tokens: int | None = None,
+        options: PlanOptions | None = None,
         num_workers: int = 0,
         prefetch_factor: int = 2,
         device: Any = None,
         prefetch: int = 2,
-        compact: bool = True,
-        host_widen: bool = False,
+        compact: bool = False,
+        host_widen: bool = True,
         columns: Sequence[str] = (),
         indices: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         self.ds = ds if isinstance(ds, Dataset) else open_dataset(ds)
-        bt.check_options(batch_size=batch_size, max_tokens=max_tokens, max_length=max_length, truncation=truncation,
-                         min_completion_tokens=min_completion_tokens, pad_to_multiple_of=pad_to_multiple_of,
-                         oversize=oversize, window=window)
+        self.options, self.truncation_options = options_from(
+            options, truncation, batch_size=batch_size, max_tokens=max_tokens, shuffle=shuffle, drop_last=drop_last,
+            group_by_length=group_by_length, window=window, pad_to_multiple_of=pad_to_multiple_of, oversize=oversize,
+            layout=layout, max_row_tokens=max_row_tokens, max_length=max_length,
+            min_completion_tokens=min_completion_tokens)
+        bt.check_plan(self.options, self.truncation_options)
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if num_workers < 0:
@@ -115,12 +134,7 @@ class Loader:
             if c not in self.ds.column_names:
                 raise KeyError(f"{self.ds.path}: no column {c!r}; columns: {self.ds.column_names}")
         self.rank, self.world_size = resolve_rank(rank, world_size)
-        self.batch_size, self.max_tokens = batch_size, max_tokens
-        self.shuffle, self.seed, self.drop_last = bool(shuffle), int(seed), bool(drop_last)
-        self.group_by_length, self.window = bool(group_by_length), window
-        self.max_length, self.truncation = max_length, truncation
-        self.min_completion_tokens, self.pad_to_multiple_of = min_completion_tokens, pad_to_multiple_of
-        self.oversize = oversize
+        self.seed = int(seed)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.device, self.prefetch, self.compact, self.host_widen = device, prefetch, compact, host_widen
         self.columns = tuple(columns)
@@ -128,10 +142,9 @@ class Loader:
         # a split is part of the order's identity: its digest goes into the state (None: all pairs)
         self.indices_digest = (None if self.indices is None
                                else xxhash.xxh3_64_hexdigest(self.indices.tobytes()))
-        # the truncation length applied to every pair (a budget caps it when oversize="truncate")
-        self.effective_max_length = bt.effective_max_length(max_length, max_tokens, pad_to_multiple_of, oversize)
+        # the truncation applied to every pair (a budget caps it when oversize="truncate")
+        self.effective_truncation = self.options.max_length_cap(self.truncation_options)
         self._fingerprint = self.ds.fingerprint
-        self._fp_int = int(self._fingerprint, 16)
         self._epoch = 0
         self._position = 0  # batches of the current epoch handed to the user
         self._pending: int | None = None  # start of the next iteration after load_state_dict
@@ -142,6 +155,22 @@ class Loader:
         # by jobs of other sizes; this loader serves what they left, re-split over its own ranks
         self._elastic: tuple[tuple[int, int], ...] = ()
         self._feeder_cls = self._device_feeder_class()
+
+    # the options as attributes, read-only views of the two option objects
+    batch_size = property(lambda self: self.options.batch_size)
+    max_tokens = property(lambda self: self.options.max_tokens)
+    shuffle = property(lambda self: self.options.shuffle)
+    drop_last = property(lambda self: self.options.drop_last)
+    group_by_length = property(lambda self: self.options.group_by_length)
+    window = property(lambda self: self.options.window)
+    oversize = property(lambda self: self.options.oversize)
+    pad_to_multiple_of = property(lambda self: self.options.pad_to_multiple_of)
+    layout = property(lambda self: self.options.layout)
+    max_row_tokens = property(lambda self: self.options.max_row_tokens)
+    max_length = property(lambda self: self.truncation_options.max_length)
+    truncation = property(lambda self: self.truncation_options.mode)
+    min_completion_tokens = property(lambda self: self.truncation_options.min_completion_tokens)
+    effective_max_length = property(lambda self: self.effective_truncation.max_length)
 
     # --- dataset-wide preparation (once) ---------------------------------------------------------
     def _prepare(self) -> np.ndarray | None:
@@ -156,17 +185,11 @@ class Loader:
         else:
             keep = np.zeros(n, dtype=bool)
             keep[self.indices] = True
-        over = bt.oversize_mask(lengths, self.max_tokens, max_length=self.effective_max_length,
-                                min_completion_tokens=self.min_completion_tokens,
-                                pad_to_multiple_of=self.pad_to_multiple_of)
-        if over.any() and self.oversize == "error":
-            first = int(np.flatnonzero(over)[0])
-            raise PairpackError(f"{self.ds.path}: {int(over.sum())} pair(s) exceed max_tokens={self.max_tokens} "
-                                f"alone (first: pair {first}); use oversize='truncate' or 'skip', or max_length")
+        over = bt.oversize_mask(lengths, options=self.options, truncation=self.effective_truncation)
+        bt.check_oversize(over, self.options, str(self.ds.path))
         over &= keep
         keep &= ~over
-        same = bt.identical_after_truncation(self.ds, max_length=self.effective_max_length,
-                                             min_completion_tokens=self.min_completion_tokens)
+        same = bt.identical_after_truncation(self.ds, truncation=self.effective_truncation)
         same &= keep
         keep &= ~same
         truncated = 0
@@ -197,22 +220,17 @@ class Loader:
         valid = self._prepare()
         order = epoch_order(len(self.ds), seed=self.seed, epoch=epoch, fingerprint=self._fingerprint,
                             shuffle=self.shuffle, subset=valid)
-        opts = dict(batch_size=self.batch_size, max_tokens=self.max_tokens, group_by_length=self.group_by_length,
-                    window=self.window, drop_last=self.drop_last, max_length=self.effective_max_length,
-                    min_completion_tokens=self.min_completion_tokens, pad_to_multiple_of=self.pad_to_multiple_of)
+        opts = dict(options=self.options, truncation=self.effective_truncation)
         for k, (w, pos) in enumerate(self._elastic):
             # what part k's job (w ranks, pos batches each) was served leaves the epoch, in order
             served = bt.served_pairs(self.ds.lengths, order, position=pos, world_size=w,
-                                     seed=self._plan_seed(epoch, k), **opts)
+                                     seed=plan_seed(self.seed, epoch, self._fingerprint, k), **opts)
             order = order[~np.isin(order, served)]
-        flat, offsets = bt.plan_rank(self.ds.lengths, order, seed=self._plan_seed(epoch, len(self._elastic)),
+        flat, offsets = bt.plan_rank(self.ds.lengths, order,
+                                     seed=plan_seed(self.seed, epoch, self._fingerprint, len(self._elastic)),
                                      rank=self.rank, world_size=self.world_size, **opts)
         self._plan_cache = (key, flat, offsets)
         return flat, offsets
-
-    def _plan_seed(self, epoch: int, part: int) -> list[int]:
-        """Seed of the batch plan of part ``part`` of an epoch (0 unless an elastic resume split it)."""
-        return [self.seed, epoch, self._fp_int, 1] + ([part] if part else [])
 
     def batches(self) -> list[np.ndarray]:
         """This rank's batches of the current epoch as int64 pair-index arrays, in order."""
@@ -227,16 +245,12 @@ class Loader:
 
     def collate_fn(self) -> bt.Collate:
         """A :class:`~pairpack.batch.plan.Collate` with this loader's truncation and padding options."""
-        return bt.Collate(self.ds, max_length=self.effective_max_length, truncation=self.truncation,
-                          min_completion_tokens=self.min_completion_tokens,
-                          pad_to_multiple_of=self.pad_to_multiple_of, columns=self.columns)
+        return bt.Collate(self.ds, options=self.options, truncation=self.effective_truncation, columns=self.columns)
 
     def padding_efficiency(self) -> float:
-        """Real tokens / padded tokens (both rows) of this rank's batches in the current epoch."""
-        lengths = self.ds.lengths
-        return bt.padding_efficiency(lengths, self.batches(), self.effective_max_length,
-                                     min_completion_tokens=self.min_completion_tokens,
-                                     pad_to_multiple_of=self.pad_to_multiple_of)
+        """Real tokens / tokens processed (padded: both rows) of this rank's batches in the current epoch."""
+        return bt.padding_efficiency(self.ds.lengths, self.batches(), options=self.options,
+                                     truncation=self.effective_truncation)
 
     def __len__(self) -> int:
         """Batches this rank gets in the current epoch (the same on every rank)."""
@@ -262,7 +276,9 @@ class Loader:
 
     # --- state -------------------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _ORDER_OPTIONS}
+        out = {k: getattr(self, k) for k in _ORDER_OPTIONS}
+        out.update({k: getattr(self, k) for k, v in _LAYOUT_OPTIONS.items() if getattr(self, k) != v})
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-able dict: epoch, position (batches handed out this epoch), seed, fingerprint,
@@ -290,8 +306,9 @@ class Loader:
             raise StateError(f"loader state: field 'seed' is {state['seed']} but this loader has seed {self.seed}")
         mine = self._options()
         theirs = state["options"]
-        diff = {k: (theirs.get(k), mine[k]) for k in _ORDER_OPTIONS
-                if k != "world_size" and theirs.get(k) != mine[k]}
+        keys = [k for k in _ORDER_OPTIONS if k != "world_size"] + list(_LAYOUT_OPTIONS)
+        diff = {k: (theirs.get(k, _LAYOUT_OPTIONS.get(k)), mine.get(k, _LAYOUT_OPTIONS.get(k))) for k in keys
+                if theirs.get(k, _LAYOUT_OPTIONS.get(k)) != mine.get(k, _LAYOUT_OPTIONS.get(k))}
         if diff:
             text = ", ".join(f"{k}: state {a!r} vs loader {b!r}" for k, (a, b) in diff.items())
             raise StateError(f"loader state: options differ ({text}); the batches would differ")
@@ -322,17 +339,9 @@ class Loader:
 
     # --- iteration ---------------------------------------------------------------------------------
     def _make_plan(self, idx: np.ndarray) -> bt.BatchPlan:
-        return bt.make_plan(self.ds, idx, max_length=self.effective_max_length, truncation=self.truncation,
-                            min_completion_tokens=self.min_completion_tokens, columns=self.columns)
+        return bt.make_plan(self.ds, idx, truncation=self.effective_truncation, columns=self.columns)
 
-    def plans(self, start: int | None = None) -> Iterator[bt.BatchPlan]:
-        """The :class:`~pairpack.batch.plan.BatchPlan` of each batch of the current epoch from ``start``
-        (no token copied; for custom assembly). Does not move the loader's position."""
-        flat, offsets = self._plan(self._epoch)
-        for j in range(start or 0, len(offsets) - 1):
-            yield self._make_plan(flat[offsets[j]:offsets[j + 1]])
-
-    def __iter__(self) -> Iterator["Triplets"]:
+    def __iter__(self) -> Iterator["Triplets | PackedBatch"]:
         flat, offsets = self._plan(self._epoch)
         nb = len(offsets) - 1
         start = self._pending if self._pending is not None else 0
@@ -345,9 +354,7 @@ class Loader:
         return self._iter_local(flat, offsets, start, nb)
 
     def _iter_local(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
-        kw = dict(max_length=self.effective_max_length, truncation=self.truncation,
-                  min_completion_tokens=self.min_completion_tokens, columns=self.columns,
-                  pad_to_multiple_of=self.pad_to_multiple_of)
+        kw = dict(options=self.options, truncation=self.effective_truncation, columns=self.columns)
         cut = offsets.tolist()
         for j in range(start, nb):
             batch = [bt.batch_of(self.ds, flat[cut[j]:cut[j + 1]], **kw)]
@@ -382,17 +389,17 @@ class Loader:
         if d.type == "cpu":
             return None
         if d.type == "cuda" and not torch.cuda.is_available():
-            raise PairpackError(f"device={dev!r}: CUDA is not available on this machine (torch "
+            raise DeviceError(f"device={dev!r}: CUDA is not available on this machine (torch "
                                 f"{torch.__version__}); use device=None for CPU batches")
         try:
             from .cuda import DeviceFeeder
         except ImportError as e:
-            raise PairpackError(f"device={dev!r}: the device path (pairpack.cuda.DeviceFeeder) is not available "
+            raise DeviceError(f"device={dev!r}: the device path (pairpack.cuda.DeviceFeeder) is not available "
                                 f"in this build ({e}); use device=None for CPU batches") from None
         return DeviceFeeder
 
     def _iter_device(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
-        feeder = self._feeder_cls(self.device, pad_id=self.ds.pad_id, pad_to_multiple_of=self.pad_to_multiple_of,
+        feeder = self._feeder_cls(self.device, pad_id=self.ds.pad_id, options=self.options,
                                   prefetch=self.prefetch, compact=self.compact, host_widen=self.host_widen)
         try:
             ahead = start
@@ -426,9 +433,7 @@ class _PlannedBatches:
     def __init__(self, loader: Loader, flat: np.ndarray, offsets: np.ndarray) -> None:
         self.ds = loader.ds
         self.flat, self.offsets = flat, offsets
-        self.kw = dict(max_length=loader.effective_max_length, truncation=loader.truncation,
-                       min_completion_tokens=loader.min_completion_tokens, columns=loader.columns,
-                       pad_to_multiple_of=loader.pad_to_multiple_of)
+        self.kw = dict(options=loader.options, truncation=loader.effective_truncation, columns=loader.columns)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["epoch_order", "epoch_rng", "equalize", "rank_slice", "resolve_rank"]
+__all__ = ["epoch_order", "epoch_rng", "plan_seed", "equalize", "resolve_rank"]
 
 
 def _entropy(seed: int, epoch: int, fingerprint: str, *stream: int) -> list[int]:
@@ -29,6 +29,12 @@ def epoch_rng(seed: int, epoch: int, fingerprint: str, stream: int = 0) -> np.ra
     length-grouped batches), so they never share random numbers.
     """
     return np.random.default_rng(_entropy(seed, epoch, fingerprint, stream))
+
+
+def plan_seed(seed: int, epoch: int, fingerprint: str, part: int = 0) -> list[int]:
+    """Entropy of the batch plan (stream 1 of :func:`epoch_rng`) of part ``part`` of an epoch: 0
+    unless an elastic resume split the epoch, each later part its own stream."""
+    return _entropy(seed, epoch, fingerprint, 1, *([part] if part else []))
 
 
 def epoch_order(n: int, *, seed: int, epoch: int, fingerprint: str, shuffle: bool = True,
@@ -61,11 +67,6 @@ def equalize(order: np.ndarray, world_size: int, drop_last: bool) -> np.ndarray:
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     return np.resize(np.asarray(order, dtype=np.int64), world_size * m)
-
-
-def rank_slice(seq: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Rank ``rank``'s share of an equalised sequence: every ``world_size``-th entry from ``rank``."""
-    return seq[rank::world_size]
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

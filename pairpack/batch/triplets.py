@@ -19,12 +19,37 @@ import torch
 
 from .. import _accel
 from .._accel import native_applies
+from ..format.spec import round_up
 
-__all__ = ["Triplets", "assemble"]
+__all__ = ["Triplets", "TensorBatch", "assemble"]
+
+
+class TensorBatch:
+    """What every batch type shares: moving and pinning its tensors (dataclass fields that are
+    tensors, plus the ``columns`` dict)."""
+
+    columns: dict[str, torch.Tensor]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the batch (columns included)."""
+        return [v for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)] + \
+            list(self.columns.values())
+
+    def _map(self, fn: Any) -> Any:
+        kw = {f.name: fn(v) for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        return replace(self, **kw, columns={k: fn(v) for k, v in self.columns.items()})
+
+    def to(self, device: Any, *, non_blocking: bool = False) -> Any:
+        """A copy with every tensor on ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Any:
+        """A copy in page-locked memory (``DataLoader(pin_memory=True)`` calls this)."""
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclass
-class Triplets:
+class Triplets(TensorBatch):
     """One batch of preference pairs, exactly the inputs of ``x_transformers.dpo.DPO.forward``.
 
     Attributes:
@@ -68,18 +93,6 @@ class Triplets:
             "unpreferred_seq_mask": self.unpreferred_seq_mask,
         }
 
-    def _map(self, fn: Any) -> "Triplets":
-        kw = {f.name: fn(getattr(self, f.name)) for f in fields(self) if f.name != "columns"}
-        return replace(self, **kw, columns={k: fn(v) for k, v in self.columns.items()})
-
-    def to(self, device: Any, *, non_blocking: bool = False) -> "Triplets":
-        """A copy with every tensor on ``device``."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "Triplets":
-        """A copy in page-locked memory (``DataLoader(pin_memory=True)`` calls this)."""
-        return self._map(lambda t: t.pin_memory())
-
     def real_tokens(self) -> int:
         """Number of non-pad tokens in both rows (2P + C + R summed over the batch)."""
         return int((2 * self.prompt_lengths + self.chosen_lengths + self.rejected_lengths).sum())
@@ -101,10 +114,6 @@ def _alternating(k: int) -> np.ndarray:
     return _ALT[: 2 * k]
 
 
-def _round_up(n: int, m: int | None) -> int:
-    return -(-n // m) * m if m else n
-
-
 def _views(tokens: Sequence[np.ndarray], shared: np.ndarray | None, start: np.ndarray,
            end: np.ndarray) -> list[np.ndarray]:
     """``tokens[i][start[i]:end[i]]`` for each pair: views, built by C-level ``map`` when all pairs
@@ -116,10 +125,10 @@ def _views(tokens: Sequence[np.ndarray], shared: np.ndarray | None, start: np.nd
 
 def assemble(
     tokens: Sequence[np.ndarray],
-    prompt_start: np.ndarray,
-    prompt_len: np.ndarray,
-    completion_start: np.ndarray,
-    completion_len: np.ndarray,
+    prompt_starts: np.ndarray,
+    prompt_lengths: np.ndarray,
+    completion_starts: np.ndarray,
+    completion_lengths: np.ndarray,
     *,
     pad_id: int,
     pad_to_multiple_of: int | None = None,
@@ -134,8 +143,8 @@ def assemble(
     Args:
         tokens: per pair, the 1-D token array (a shard's memory map) its segments live in; ``B``
             entries (the same object repeated for pairs of one shard).
-        prompt_start, prompt_len: int64 ``(B,)``.
-        completion_start, completion_len: int64 ``(2, B)``: row 0 chosen, row 1 rejected.
+        prompt_starts, prompt_lengths: int64 ``(B,)``.
+        completion_starts, completion_lengths: int64 ``(2, B)``: row 0 chosen, row 1 rejected.
         pad_id: the id written at padded positions.
         pad_to_multiple_of: round ``L`` up to a multiple of this.
         indices, columns: carried into the result.
@@ -153,38 +162,38 @@ def assemble(
     index gather (``tokens[src]`` over a ``(2B, L)`` int64 index) and a boolean scatter into a
     padded buffer in best-of-N timings, because it moves only the output bytes.
     """
-    b = len(prompt_len)
+    b = len(prompt_lengths)
     nat = _accel.native
     if nat is not None and b:
-        got = _assemble_native(nat, tokens, prompt_start, prompt_len, completion_start, completion_len, pad_id,
+        got = _assemble_native(nat, tokens, prompt_starts, prompt_lengths, completion_starts, completion_lengths, pad_id,
                                pad_to_multiple_of, indices, columns, shards, shard_of, longest)
         if got is not None:
             return got
-    total = prompt_len[None, :] + completion_len  # (2, B)
-    n = _round_up(int(total.max()) if b else 0, pad_to_multiple_of)
+    total = prompt_lengths[None, :] + completion_lengths  # (2, B)
+    n = round_up(int(total.max()) if b else 0, pad_to_multiple_of)
     # an empty batch has no token array to take the dtype from; uint32 holds every valid pad_id
     dtype = tokens[0].dtype if b else np.dtype(np.uint32)
     pad = np.full(n, pad_id, dtype=dtype)
     # one token array for the whole batch (one shard) allows the C-level slicing path
     shared = tokens[0] if b and len(set(map(id, tokens))) == 1 else None
-    pe = prompt_start + prompt_len
-    ce = completion_start + completion_len
+    pe = prompt_starts + prompt_lengths
+    ce = completion_starts + completion_lengths
     pads = pad.__getitem__
     prompts: list[np.ndarray] | None = None
     pieces: list[Any] = []
     for side in (0, 1):
         npad = map(slice, (n - total[side]).tolist())
-        if (completion_start[side] == pe).all():
+        if (completion_starts[side] == pe).all():
             # the writer stores a new prompt right before its chosen completion: one slice per row
             row: list[Any] = [None] * (2 * b)
-            row[0::2] = _views(tokens, shared, prompt_start, ce[side])
+            row[0::2] = _views(tokens, shared, prompt_starts, ce[side])
             row[1::2] = map(pads, npad)
         else:
             if prompts is None:  # one view per prompt, shared by both rows
-                prompts = _views(tokens, shared, prompt_start, pe)
+                prompts = _views(tokens, shared, prompt_starts, pe)
             row = [None] * (3 * b)
             row[0::3] = prompts
-            row[1::3] = _views(tokens, shared, completion_start[side], ce[side])
+            row[1::3] = _views(tokens, shared, completion_starts[side], ce[side])
             row[2::3] = map(pads, npad)
         pieces += row
     # joined in output order straight into int64: one pass over the output bytes (about 10%
@@ -194,39 +203,39 @@ def assemble(
         np.concatenate(pieces, out=flat)
     # the three masks as runs of True then False, written by one np.repeat: each mask row is a
     # prefix, so this writes every byte once (measured 3x faster than an arange comparison)
-    bounds = np.concatenate([prompt_len[None, :], total]).reshape(-1)  # (3B,): P, P + C, P + R
+    bounds = np.concatenate([prompt_lengths[None, :], total]).reshape(-1)  # (3B,): P, P + C, P + R
     runs = np.empty((3 * b, 2), dtype=np.int64)
     runs[:, 0] = bounds
     runs[:, 1] = n - bounds
     masks = np.repeat(_alternating(3 * b), runs.reshape(-1)).reshape(3, b, n)
     return wrap(flat.reshape(2, b, n), masks, np.arange(b) if indices is None else indices,
-                np.ascontiguousarray(prompt_len, dtype=np.int64), np.ascontiguousarray(completion_len, dtype=np.int64),
+                np.ascontiguousarray(prompt_lengths, dtype=np.int64), np.ascontiguousarray(completion_lengths, dtype=np.int64),
                 columns)
 
 
-def wrap(seqs: np.ndarray, masks: np.ndarray, indices: np.ndarray, prompt_len: np.ndarray,
-         completion_len: np.ndarray, columns: dict[str, np.ndarray] | None) -> Triplets:
+def wrap(seqs: np.ndarray, masks: np.ndarray, indices: np.ndarray, prompt_lengths: np.ndarray,
+         completion_lengths: np.ndarray, columns: dict[str, np.ndarray] | None) -> Triplets:
     """A :class:`Triplets` of zero-copy tensor views: ``seqs`` int64 ``(2, B, L)``, ``masks`` bool
-    ``(3, B, L)``, ``indices`` and ``prompt_len`` int64 ``(B,)``, ``completion_len`` int64
+    ``(3, B, L)``, ``indices`` and ``prompt_lengths`` int64 ``(B,)``, ``completion_lengths`` int64
     ``(2, B)``. One ``torch.from_numpy`` per numpy row view: cheaper than a tensor per stack plus
     ``unbind`` (about 6 us a batch)."""
     f = torch.from_numpy
     return Triplets(f(seqs[0]), f(seqs[1]), f(masks[0]), f(masks[1]), f(masks[2]),
-                    f(np.asarray(indices, dtype=np.int64)), f(prompt_len), f(completion_len[0]),
-                    f(completion_len[1]),
+                    f(np.asarray(indices, dtype=np.int64)), f(prompt_lengths), f(completion_lengths[0]),
+                    f(completion_lengths[1]),
                     {k: f(np.ascontiguousarray(v)) for k, v in columns.items()} if columns else {})
 
 
-def write_native(nat: Any, shards: tuple[np.ndarray, ...], shard_of: np.ndarray | None, prompt_start: np.ndarray,
-                 prompt_len: np.ndarray, completion_start: np.ndarray, completion_len: np.ndarray, n: int,
+def write_native(nat: Any, shards: tuple[np.ndarray, ...], shard_of: np.ndarray | None, prompt_starts: np.ndarray,
+                 prompt_lengths: np.ndarray, completion_starts: np.ndarray, completion_lengths: np.ndarray, n: int,
                  pad_id: int, out: np.ndarray, masks: np.ndarray | None) -> None:
     """Rows (int64, into ``out`` ``(2, B, n)``) and masks (into ``masks`` ``(3, B, n)`` or None)
     by the C kernel; the caller checked :func:`~pairpack._accel.native_applies`."""
     i64 = np.int64
     nat.assemble(shards, None if shard_of is None else np.ascontiguousarray(shard_of, dtype=i64),
-                 np.ascontiguousarray(prompt_start, dtype=i64), np.ascontiguousarray(prompt_len, dtype=i64),
-                 np.ascontiguousarray(completion_start, dtype=i64).reshape(2, -1),
-                 np.ascontiguousarray(completion_len, dtype=i64).reshape(2, -1), n, pad_id, out, masks)
+                 np.ascontiguousarray(prompt_starts, dtype=i64), np.ascontiguousarray(prompt_lengths, dtype=i64),
+                 np.ascontiguousarray(completion_starts, dtype=i64).reshape(2, -1),
+                 np.ascontiguousarray(completion_lengths, dtype=i64).reshape(2, -1), n, pad_id, out, masks)
 
 
 def shards_of(tokens: Sequence[np.ndarray]) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
@@ -244,22 +253,22 @@ def shards_of(tokens: Sequence[np.ndarray]) -> tuple[tuple[np.ndarray, ...], np.
     return tuple(uniq), np.fromiter((pos[id(t)] for t in tokens), dtype=np.int64, count=len(tokens))
 
 
-def _assemble_native(nat: Any, tokens: Sequence[np.ndarray], prompt_start: np.ndarray, prompt_len: np.ndarray,
-                     completion_start: np.ndarray, completion_len: np.ndarray, pad_id: int,
+def _assemble_native(nat: Any, tokens: Sequence[np.ndarray], prompt_starts: np.ndarray, prompt_lengths: np.ndarray,
+                     completion_starts: np.ndarray, completion_lengths: np.ndarray, pad_id: int,
                      pad_to_multiple_of: int | None, indices: np.ndarray | None,
                      columns: dict[str, np.ndarray] | None, shards: tuple[np.ndarray, ...] | None,
                      shard_of: np.ndarray | None, longest: int | None) -> Triplets | None:
     """:func:`assemble` through the C kernel; None where it does not apply (other dtypes, mixed
     dtypes, a pad_id the dtype cannot hold: the numpy path then gives the result or the error)."""
-    b = len(prompt_len)
+    b = len(prompt_lengths)
     if shards is None:
         shards, shard_of = shards_of(tokens)
     if not native_applies(shards, pad_id):
         return None
-    pl = np.ascontiguousarray(prompt_len, dtype=np.int64)
-    cl = np.ascontiguousarray(completion_len, dtype=np.int64)
-    n = _round_up(int((pl + cl).max()) if longest is None else longest, pad_to_multiple_of)
+    pl = np.ascontiguousarray(prompt_lengths, dtype=np.int64)
+    cl = np.ascontiguousarray(completion_lengths, dtype=np.int64)
+    n = round_up(int((pl + cl).max()) if longest is None else longest, pad_to_multiple_of)
     seqs = np.empty((2, b, n), dtype=np.int64)
     masks = np.empty((3, b, n), dtype=np.bool_)
-    write_native(nat, shards, shard_of, prompt_start, pl, completion_start, cl, n, pad_id, seqs, masks)
+    write_native(nat, shards, shard_of, prompt_starts, pl, completion_starts, cl, n, pad_id, seqs, masks)
     return wrap(seqs, masks, np.arange(b) if indices is None else indices, pl, cl, columns)

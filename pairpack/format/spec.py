@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAX_BYTES", "SHARD_NAME_RE", "COLUMN_NAME_RE", "TOKENS_FILE", "STARTS_FILE", "LENGTHS_FILE", "INDEX_FILES", "NPY_MAGIC", "NPY_HEADER_BYTES", "NPY_ALIGN", "NPY_MAX_HEADER", "SEGMENTS", "PROMPT", "CHOSEN", "REJECTED", "INDEX_DTYPE", "TOKEN_DTYPES", "UINT16_MAX_VOCAB", "MAX_VOCAB", "COLUMN_DTYPES", "CHECKSUM_KEY", "token_dtype_for_vocab"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAX_BYTES", "SHARD_NAME_RE", "COLUMN_NAME_RE", "TOKENS_FILE", "STARTS_FILE", "LENGTHS_FILE", "INDEX_FILES", "NPY_MAGIC", "NPY_HEADER_BYTES", "NPY_ALIGN", "NPY_MAX_HEADER", "SEGMENTS", "PROMPT", "CHOSEN", "REJECTED", "INDEX_DTYPE", "TOKEN_DTYPES", "UINT16_MAX_VOCAB", "MAX_VOCAB", "COLUMN_DTYPES", "CHECKSUM_KEY", "token_dtype_for_vocab", "round_up"]
 
 
 # --- §2 identity and versioning -------------------------------------------------------------
@@ -53,3 +54,11 @@ def token_dtype_for_vocab(vocab_size: int) -> str:
     if not 1 <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
     return "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
+
+
+def round_up(n: Any, multiple: int | None) -> Any:
+    """``n`` (int or int array) rounded up to a multiple of ``multiple`` (None or 0: unchanged).
+
+    The one rounding rule of padded lengths and aligned offsets (readers, batches, staging buffers).
+    """
+    return -(-n // multiple) * multiple if multiple else n

@@ -5,7 +5,7 @@ Everything here is numpy over the stored index arrays (``lengths``, ``starts``);
 measures for every pair the longest common prefix ``K`` of chosen and rejected, after which the
 count for any ``max_length`` is arithmetic (completions are cut from their end, so the truncated
 completions are identical exactly when they have the same length ``C' = R'`` and ``C' <= K``).
-No torch import: truncation is the loader's own rule (:func:`pairpack.batch.plan.truncate_lengths`)
+No torch import: truncation is the loader's own rule (:class:`pairpack.batch.options.Truncation`)
 and the padding numbers come from a :class:`~pairpack.Loader`'s own epoch plan (its order and its
 planner's batches, nothing assembled), which are numpy too.
 
@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..batch.plan import padding_ceiling, padding_efficiency, truncate_lengths
+from ..batch.options import Truncation
+from ..batch.plan import padding_ceiling, padding_efficiency
 
 __all__ = [
     "DatasetStats",
@@ -135,11 +136,12 @@ def length_summary(x: np.ndarray, bins: int = HIST_BINS) -> dict[str, Any]:
             "hist": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
 
-def _identical_after(ln: np.ndarray, tl: np.ndarray, lcp: np.ndarray) -> np.ndarray:
+def _identical_after(ln: np.ndarray, trunc: Truncation, lcp: np.ndarray, tl: np.ndarray | None = None) -> np.ndarray:
     """bool ``(N,)``: pairs the truncation cut whose completions are then identical (the loader's
-    drop rule): equal cut lengths ``C' = R'`` within the common prefix ``K`` (``C' <= K``)."""
-    cut = (tl[1] < ln[1]) | (tl[2] < ln[2])
-    return cut & (tl[1] == tl[2]) & (lcp >= tl[1])
+    drop rule, :meth:`~pairpack.batch.options.Truncation.cut_to_equal`), decided from the common
+    prefix ``K``: the cut completions agree when ``C' <= K``."""
+    tl = trunc.lengths(ln) if tl is None else tl
+    return trunc.cut_to_equal(ln, tl) & (lcp >= tl[1])
 
 
 def truncation_row(lengths: np.ndarray, lcp: np.ndarray, max_length: int, *,
@@ -153,8 +155,9 @@ def truncation_row(lengths: np.ndarray, lcp: np.ndarray, max_length: int, *,
     """
     ln = np.asarray(lengths, dtype=np.int64)
     lcp = np.asarray(lcp, dtype=np.int64)
-    tl = truncate_lengths(ln, max_length, min_completion_tokens)
-    same = _identical_after(ln, tl, lcp)
+    trunc = Truncation(max_length, "keep_end", min_completion_tokens)
+    tl = trunc.lengths(ln)
+    same = _identical_after(ln, trunc, lcp, tl)
     before = (ln[1] == ln[2]) & (lcp >= ln[1])
     real = 2 * ln[0] + ln[1] + ln[2]
     real_t = 2 * tl[0] + tl[1] + tl[2]
@@ -185,7 +188,7 @@ def padding_row(ds: Any, max_length: int | None, *, batch_size: int | None, max_
                     max_length=max_length, min_completion_tokens=min_completion_tokens, rank=0, world_size=1)
         batches = ld.batches()
         eff = ld.effective_max_length
-        out[name] = float(padding_efficiency(lengths, batches, eff, min_completion_tokens=min_completion_tokens))
+        out[name] = float(padding_efficiency(lengths, batches, options=ld.options, truncation=ld.effective_truncation))
         out[f"{name}_batches"] = len(batches)
     used = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     out["effective_max_length"] = eff
@@ -451,8 +454,9 @@ def plot_stats(s: DatasetStats, path: str | Path, *, dpi: int = 100) -> Path:
     real = (2 * p + c + r).sum()
     ident, dropped = [], []
     for L in grid:
-        tl = truncate_lengths(ln, int(L), s.min_completion_tokens)
-        ident.append(100 * _identical_after(ln, tl, lcp).sum() / max(len(pair), 1))
+        cut = Truncation(int(L), "keep_end", s.min_completion_tokens)
+        tl = cut.lengths(ln)
+        ident.append(100 * _identical_after(ln, cut, lcp, tl).sum() / max(len(pair), 1))
         dropped.append(100 * (real - (2 * tl[0] + tl[1] + tl[2]).sum()) / max(real, 1))
     ax.plot(grid, trunc, label="pairs truncated")
     ax.plot(grid, dropped, label="tokens dropped")

@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import _accel
 from .. import format as fmt
+from ..format.spec import round_up
 from ..tokenization import tokenizer_from_manifest
 from .shard import _check_segments, _open_shard, _Shard
 from .verify import verify_dataset
@@ -270,7 +271,7 @@ class Dataset:
         if got is None or (max_length is not None and got[1] > max_length):
             return None
         coords, longest = got
-        n = -(-longest // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else longest
+        n = round_up(longest, pad_to_multiple_of)
         seqs = np.empty((2, b, n), dtype=np.int64)
         masks = np.empty((3, b, n), dtype=np.bool_)
         nat.assemble(toks, None if len(toks) == 1 else coords[1], coords[2], coords[5], coords[3:5], coords[6:8], n,
@@ -284,22 +285,35 @@ class Dataset:
         return t.tokens, t.starts, t.lengths
 
     def batch(self, indices: Sequence[int] | np.ndarray, *, pad_to_multiple_of: int | None = None,
-              columns: Sequence[str] = ()) -> "Triplets":
-        """Assemble pairs ``indices`` into a :class:`~pairpack.Triplets` (torch tensors).
+              columns: Sequence[str] = (), max_length: int | None = None, truncation: Any = None,
+              min_completion_tokens: int = 1, layout: str = "padded", max_row_tokens: int | None = None,
+              options: Any = None) -> Any:
+        """Assemble pairs ``indices`` into a batch of torch tensors: :class:`~pairpack.Triplets`
+        (``layout="padded"``) or :class:`~pairpack.batch.layouts.PackedBatch`.
 
         Args:
             indices: pair indices (any order, repeats allowed).
-            pad_to_multiple_of: round the padded length ``L`` up to a multiple of this.
-            columns: per-pair columns to carry as ``(B,)`` tensors in ``Triplets.columns``.
+            pad_to_multiple_of: round the padded length ``L`` (row length ``T``) up to a multiple of this.
+            columns: per-pair columns to carry as ``(B,)`` tensors in the batch's ``columns``.
+            max_length, truncation, min_completion_tokens: truncation (``truncation`` may be a
+                :class:`~pairpack.batch.options.Truncation` instead), as the Loader applies it.
+            layout, max_row_tokens: ``"padded"``, ``"packed"`` or ``"prefix_shared"``, and the
+                longest packed row (None: one row; 0: one pair per row).
+            options: a :class:`~pairpack.batch.options.PlanOptions` instead of ``pad_to_multiple_of``,
+                ``layout`` and ``max_row_tokens``.
+
+        Same call as :func:`pairpack.batch.plan.batch_of` (this method forwards to it).
         """
-        if _accel.native is not None:
+        plan = _batching()
+        if (options is None and truncation is None and max_length is None and layout == "padded"
+                and _accel.native is not None):  # the hot path: no option object to build
             got = self._batch_native(_accel.native, indices, pad_to_multiple_of, columns)
             if got is not None:
                 return got
-        t = self.take(indices, columns)
-        return _triplets().assemble(t.tokens, t.starts[0], t.lengths[0], t.starts[1:], t.lengths[1:],
-                                    pad_id=self.pad_id, pad_to_multiple_of=pad_to_multiple_of, indices=t.indices,
-                                    columns=t.columns, shards=t.shards, shard_of=t.shard_of, longest=t.longest)
+        opts, trunc = plan.options_from(options, truncation, pad_to_multiple_of=pad_to_multiple_of, layout=layout,
+                                        max_row_tokens=max_row_tokens, max_length=max_length,
+                                        min_completion_tokens=min_completion_tokens)
+        return plan.batch_of(self, indices, options=opts, truncation=trunc, columns=columns)
 
     # --- text -----------------------------------------------------------------------------------
     @property
@@ -326,19 +340,24 @@ class Dataset:
         return verify_dataset(self.path, checksums=checksums)
 
 
-_TRIPLETS: Any = None
+_BATCHING: Any = None
+
+
+def _batching() -> Any:
+    """pairpack.batch.plan, imported on first use (batches need torch; ``import pairpack`` does not)."""
+    global _BATCHING
+    if _BATCHING is None:
+        from ..batch import plan
+
+        _BATCHING = plan
+    return _BATCHING
 
 
 def _triplets() -> Any:
-    """pairpack.batch.triplets, imported on first use (it needs torch; ``import pairpack`` does not)."""
-    global _TRIPLETS
-    if _TRIPLETS is None:
-        from ..batch import triplets
+    """pairpack.batch.triplets (wraps the C kernel's output), imported on first use."""
+    from ..batch import triplets
 
-        _TRIPLETS = triplets
-    return _TRIPLETS
-
-
+    return triplets
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:

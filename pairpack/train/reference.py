@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..batch import plan as bt
+from ..batch.options import Truncation, truncation_from
 from ..errors import StateError
 from ..progress import CountProgress
 from ..read.dataset import Dataset, open_dataset
@@ -48,7 +49,6 @@ __all__ = [
     "REF_CHOSEN",
     "REF_REJECTED",
     "REFERENCE_COLUMNS",
-    "TRUNCATIONS",
     "check_loader",
     "check_reference",
     "model_hash",
@@ -60,7 +60,6 @@ __all__ = [
 REF_CHOSEN = "ref_chosen_logp"
 REF_REJECTED = "ref_rejected_logp"
 REFERENCE_COLUMNS: tuple[str, str] = (REF_CHOSEN, REF_REJECTED)
-TRUNCATIONS: tuple[str, ...] = bt.TRUNCATION_MODES
 _CACHE_KIND = "pairpack.reference_logp"
 _CACHE_VERSION = 1
 
@@ -85,22 +84,13 @@ def model_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _check_truncation(max_length: int | None, truncation: str, min_completion_tokens: int) -> None:
-    if truncation not in TRUNCATIONS:
-        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool)):
-        raise ValueError(f"max_length must be an int or None, got {max_length!r}")
-    bt.check_options(batch_size=1, max_tokens=None, max_length=max_length, truncation=truncation,
-                     min_completion_tokens=min_completion_tokens)
+def _truncation(max_length: int | None, truncation: Truncation | str, min_completion_tokens: int) -> Truncation:
+    """The :class:`~pairpack.batch.options.Truncation` of the keywords (or the object itself)."""
+    return truncation_from(truncation, max_length=max_length, min_completion_tokens=min_completion_tokens)
 
 
-def _settings(reduction: str, max_length: int | None, truncation: str, min_completion_tokens: int) -> dict[str, Any]:
-    # truncation settings have no effect without max_length: recorded as None so they never
-    # mismatch then
-    on = max_length is not None
-    return {"reduction": reduction, "max_length": max_length,
-            "truncation": truncation if on else None,
-            "min_completion_tokens": min_completion_tokens if on else None}
+def _settings(reduction: str, trunc: Truncation) -> dict[str, Any]:
+    return {"reduction": reduction, **trunc.settings()}
 
 
 def _batch_logps(model: nn.Module, batch: Any, reduction: str, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -121,7 +111,7 @@ def precompute_reference(
     device: torch.device | str | None = None,
     reduction: str = "mean",
     max_length: int | None = None,
-    truncation: str = "keep_end",
+    truncation: Truncation | str = "keep_end",
     min_completion_tokens: int = 1,
     progress: bool | None = None,
 ) -> Dataset:
@@ -161,7 +151,7 @@ def precompute_reference(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    _check_truncation(max_length, truncation, min_completion_tokens)
+    trunc = _truncation(max_length, truncation, min_completion_tokens)
     if not isinstance(ds, Dataset):
         ds = open_dataset(ds)
     if device is None:
@@ -177,8 +167,7 @@ def precompute_reference(
     try:
         for lo in range(0, n, batch_size):
             idx = np.arange(lo, min(lo + batch_size, n), dtype=np.int64)
-            batch = bt.make_plan(ds, idx, max_length=max_length, truncation=truncation,
-                                 min_completion_tokens=min_completion_tokens).assemble(ds.pad_id)
+            batch = bt.make_plan(ds, idx, truncation=trunc).assemble(ds.pad_id)
             c, r = _batch_logps(model, batch, reduction, device)
             chosen[idx] = c.float().cpu().numpy()
             rejected[idx] = r.float().cpu().numpy()
@@ -187,7 +176,7 @@ def precompute_reference(
         bar.close()
         model.train(was_training)
     attrs = {"kind": _CACHE_KIND, "version": _CACHE_VERSION, "model_hash": model_hash(model),
-             **_settings(reduction, max_length, truncation, min_completion_tokens),
+             **_settings(reduction, trunc),
              "dataset_fingerprint": ds.fingerprint, "pairpack_version": __version__}
     unit = "nats per token" if reduction == "mean" else "nats per sequence"
     info = {REF_CHOSEN: {"description": f"reference log-prob of the chosen completion ({unit})",
@@ -204,7 +193,7 @@ def check_reference(
     reduction: str,
     model_hash: str | None = None,
     max_length: int | None = None,
-    truncation: str = "keep_end",
+    truncation: Truncation | str = "keep_end",
     min_completion_tokens: int = 1,
 ) -> dict[str, Any]:
     """Check that the dataset's reference cache was made under these settings; return its attrs.
@@ -232,8 +221,7 @@ def check_reference(
     if attrs.get("dataset_fingerprint") != ds.fingerprint:
         raise StateError(f"{ds.path}: reference cache was computed for another dataset (fingerprint "
                          f"{attrs.get('dataset_fingerprint')!r}, this one {ds.fingerprint!r}); recompute it")
-    _check_truncation(max_length, truncation, min_completion_tokens)
-    want = _settings(reduction, max_length, truncation, min_completion_tokens)
+    want = _settings(reduction, _truncation(max_length, truncation, min_completion_tokens))
     if model_hash is not None:
         want["model_hash"] = model_hash
     for key, value in want.items():
@@ -251,7 +239,7 @@ def reference_columns(
     reduction: str,
     model_hash: str | None = None,
     max_length: int | None = None,
-    truncation: str = "keep_end",
+    truncation: Truncation | str = "keep_end",
     min_completion_tokens: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """The whole cache as float32 tensors ``(N,)`` (chosen, rejected), after :func:`check_reference`."""
@@ -298,5 +286,4 @@ def check_loader(loader: Any, dpo: Any, *, model_hash: str | None = None) -> dic
         raise StateError("the DPO module holds a reference model, so the cached log-probs would be "
                          "computed again every step; create it with ref_model=False")
     return check_reference(loader.ds, reduction=dpo.reduction, model_hash=model_hash,
-                           max_length=loader.effective_max_length, truncation=loader.truncation,
-                           min_completion_tokens=loader.min_completion_tokens)
+                           truncation=loader.effective_truncation)
