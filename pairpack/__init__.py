@@ -19,6 +19,7 @@ from .errors import (
     DatasetExistsError,
     DeviceError,
     FormatError,
+    ModelError,
     NotReplaceableError,
     PairpackError,
     SourceError,
@@ -52,6 +53,7 @@ __all__ = [
     "NotReplaceableError",
     "StateError",
     "DeviceError",
+    "ModelError",
     "backend",
 ]
 

@@ -20,6 +20,7 @@ __all__ = [
     "NotReplaceableError",
     "StateError",
     "DeviceError",
+    "ModelError",
 ]
 
 
@@ -120,3 +121,8 @@ class StateError(PairpackError, ValueError):
 class DeviceError(PairpackError, RuntimeError):
     """A device cannot be used as asked (e.g. ``device="cuda"`` without CUDA), or a device feeder
     is misused (``get()`` with nothing submitted, use after ``close()``)."""
+
+
+class ModelError(PairpackError, TypeError):
+    """A model cannot be called as asked: a batch layout it cannot take (e.g. ``prefix_shared`` for a
+    model that accepts no attention mask), or an output without logits."""

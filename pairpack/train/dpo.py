@@ -13,8 +13,10 @@ Conventions (each is tested in tests/test_dpo.py):
       (per-token mean; x-transformers). ``beta`` is not comparable across the two.
     * Padding is on the right; the model is called without an attention mask, which is only
       correct for a causal model with right padding.
-
-This module depends on torch only.
+    * Batches of the ``packed`` and ``prefix_shared`` layouts (``PackedBatch``, README "Layouts")
+      carry their own scoring map; :func:`sequence_logprobs_from` reads it, and
+      :mod:`pairpack.train.models` calls the model with the positions and mask the layout needs.
+      The log-probs equal the padded layout's (tests/test_layouts_model.py).
 """
 
 from __future__ import annotations
@@ -22,20 +24,25 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..errors import StateError
+from .models import Attention, as_logits, layout_logits, layout_of
 
 __all__ = [
     "DPO",
     "DPOOutput",
     "LOSS_TYPES",
     "REDUCTIONS",
+    "batch_logprobs",
     "dpo_loss",
     "pair_rows",
     "sequence_logprobs",
+    "sequence_logprobs_from",
     "xtransformers_inputs",
 ]
 
@@ -47,6 +54,8 @@ REDUCTIONS: tuple[str, ...] = ("sum", "mean")
 # Loss types whose formula has a label-smoothing term; the others reject a nonzero epsilon.
 _SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
 _SEQ_MASK_NAMES = ("preferred_seq_mask", "unpreferred_seq_mask")
+# pairpack.train.reference.REFERENCE_COLUMNS (reference imports this module)
+_REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 
 
 def _check_bool_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
@@ -156,6 +165,81 @@ def sequence_logprobs(
     count = scored.sum(dim=-1).to(compute_dtype)
     # clamp only changes empty rows (0 / 1 = 0); for count >= 1 this is exactly sum / count.
     return total / count.clamp(min=1.0)
+
+
+def sequence_logprobs_from(
+    batch: Any,
+    logits: Tensor,
+    *,
+    reduction: Reduction = "sum",
+    score_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-pair log-probs of the chosen and rejected completions from the logits of a packed or
+    prefix-shared batch, through the batch's scoring map.
+
+    One gather takes the ``N`` scored logit vectors (``logits[row, col]`` for each entry of
+    ``batch.score_index``), the log-softmax runs over those ``N`` rows only, the label's term is
+    picked, and ``index_add`` sums the terms into the ``2B`` (pair, side) slots. No NaN or inf at an
+    unscored position can reach the result. Equal to :func:`sequence_logprobs` on the padded
+    layout of the same pairs (up to float summation order).
+
+    Args:
+        batch: a ``PackedBatch``: ``score_index`` int64 ``(2, N)``, ``score_labels`` int64 ``(N,)``,
+            ``score_pair`` int64 ``(N,)`` in ``0..B-1``, ``score_side`` int8 ``(N,)`` (0 chosen,
+            1 rejected), ``len(batch) == B``.
+        logits: float ``(R, T, V)``, the model's output on ``batch.input_ids``.
+        reduction: ``"sum"`` (nats per sequence) or ``"mean"`` (nats per scored token; a
+            completion with no scored token gives 0).
+        score_index: where the scored logits are, when the rows were rearranged for the model
+            (:func:`pairpack.train.models.layout_logits` returns it); default ``batch.score_index``.
+
+    Returns:
+        ``(chosen, rejected)``, each float ``(B,)`` in nats, dtype the wider of ``logits.dtype``
+        and float32; differentiable with respect to ``logits``.
+    """
+    _check_reduction(reduction)
+    if logits.ndim != 3 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a float tensor (R, T, V), got {tuple(logits.shape)} {logits.dtype}")
+    index = batch.score_index if score_index is None else score_index
+    b = len(batch)
+    rows, cols = index.long().unbind(0)
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    logp = logits[rows, cols].log_softmax(dim=-1, dtype=compute_dtype)  # (N, V): scored positions only
+    token_logp = logp.gather(-1, batch.score_labels.long().unsqueeze(-1)).squeeze(-1)
+    slot = batch.score_pair.long() * 2 + batch.score_side.long()  # (pair, side) -> 2b + side
+    total = token_logp.new_zeros(2 * b).index_add(0, slot, token_logp)
+    if reduction == "mean":
+        count = token_logp.new_zeros(2 * b).index_add(0, slot, torch.ones_like(token_logp))
+        total = total / count.clamp(min=1.0)
+    pairs = total.view(b, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def batch_logprobs(
+    model: nn.Module,
+    batch: Any,
+    *,
+    reduction: Reduction = "sum",
+    attention: Attention = "auto",
+) -> tuple[Tensor, Tensor]:
+    """``model``'s log-probs ``(B,)`` of the chosen and of the rejected completions of ``batch``.
+
+    ``batch`` is a padded :class:`~pairpack.batch.triplets.Triplets` (one forward on the ``2B``
+    rows, as :meth:`DPO.forward` runs it) or a ``PackedBatch`` (one forward on its rows, called by
+    :func:`pairpack.train.models.layout_logits` with the inputs the layout needs). The model's
+    output may be logits or an object with ``.logits`` (Hugging Face).
+
+    Raises:
+        ModelError: the model cannot take the batch's layout.
+        DeviceError: ``attention="flex"`` without CUDA.
+    """
+    if layout_of(batch) == "padded":
+        seq, completion_mask = pair_rows(**batch.as_kwargs())
+        logits = as_logits(model(seq[:, :-1]), model)
+        logp = sequence_logprobs(logits, seq, completion_mask, reduction=reduction)
+        return logp[: len(batch)], logp[len(batch):]
+    logits, index = layout_logits(model, batch, attention=attention)
+    return sequence_logprobs_from(batch, logits, reduction=reduction, score_index=index)
 
 
 class DPOOutput(NamedTuple):
@@ -289,6 +373,9 @@ class DPO(nn.Module):
             ``False`` holds no reference at all: every :meth:`forward` call must then pass
             ``ref_chosen_logp`` and ``ref_rejected_logp`` (computed beforehand with the same
             reduction), which saves the memory and compute of a second model.
+        attention: how batches of the ``packed``/``prefix_shared`` layouts reach the model
+            (:func:`pairpack.train.models.layout_logits`): ``"auto"`` (default), ``"dense"`` or
+            ``"flex"`` (CUDA). Padded batches ignore it.
 
     Raises:
         ValueError: invalid ``beta``, ``reduction``, ``loss_type`` or ``label_smoothing``.
@@ -303,9 +390,12 @@ class DPO(nn.Module):
         loss_type: LossType = "sigmoid",
         label_smoothing: float = 0.0,
         ref_model: nn.Module | Literal[False] | None = None,
+        attention: Attention = "auto",
     ) -> None:
         super().__init__()
         _check_reduction(reduction)
+        if attention not in ("auto", "dense", "flex"):
+            raise ValueError(f"attention must be one of ('auto', 'dense', 'flex'), got {attention!r}")
         _check_loss_args(beta, loss_type, label_smoothing)
         if ref_model is not None and ref_model is not False and not isinstance(ref_model, nn.Module):
             raise TypeError(f"ref_model must be None, False or an nn.Module, got {type(ref_model).__name__}")
@@ -322,6 +412,7 @@ class DPO(nn.Module):
         self.reduction: Reduction = reduction
         self.loss_type: LossType = loss_type
         self.label_smoothing = label_smoothing
+        self.attention: Attention = attention
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """Yield the policy's parameters only (the frozen reference is excluded)."""
@@ -349,27 +440,35 @@ class DPO(nn.Module):
         Returns:
             float ``(R,)`` log-probs in nats (per sequence or per token, see ``reduction``).
         """
-        logits = model(seq[:, :-1])
+        logits = as_logits(model(seq[:, :-1]), model)
         return sequence_logprobs(logits, seq, completion_mask, reduction=self.reduction)
 
     def forward(
         self,
-        preferred_seq: Tensor,
-        unpreferred_seq: Tensor,
+        preferred_seq: Tensor | Any,
+        unpreferred_seq: Tensor | None = None,
         *,
-        prompt_mask: Tensor,
+        prompt_mask: Tensor | None = None,
         preferred_seq_mask: Tensor | None = None,
         unpreferred_seq_mask: Tensor | None = None,
         ref_chosen_logp: Tensor | None = None,
         ref_rejected_logp: Tensor | None = None,
         return_metrics: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """DPO loss of a batch of pairs, right-padded to one length N.
+        """DPO loss of a batch of pairs, right-padded to one length N, or of a batch object.
 
         Policy and reference each run once, on ``torch.cat([preferred_seq, unpreferred_seq])``.
 
+        ``dpo(batch)`` takes a batch of any layout instead of the tensors: a padded
+        :class:`~pairpack.batch.triplets.Triplets` (as ``dpo(**batch.as_kwargs())``) or a
+        ``PackedBatch`` (``packed``/``prefix_shared``: the model is called through
+        :func:`pairpack.train.models.layout_logits`, one forward on the batch's rows). The losses
+        equal the padded layout's. Without a reference model and without ``ref_*_logp``, the
+        cached reference columns the batch carries are used (``columns=REFERENCE_COLUMNS``).
+
         Args:
-            preferred_seq: int64 ``(B, N)``, prompt + chosen completion + right padding.
+            preferred_seq: int64 ``(B, N)``, prompt + chosen completion + right padding; or a
+                batch object (then ``unpreferred_seq`` and the masks are not passed).
             unpreferred_seq: int64 ``(B, N)``, the same prompt + rejected completion + padding.
             prompt_mask: bool ``(B, N)``, True on prompt tokens; shared by both sequences, so
                 the prompt must sit at the same positions in both.
@@ -389,7 +488,19 @@ class DPO(nn.Module):
             ValueError: shapes disagree, N < 2, only one precomputed reference is passed, or
                 none is passed while the module holds no reference model.
             TypeError: a mask is not bool.
+            StateError: a batch object, no reference model, and no cached reference columns.
+            ModelError: the model cannot take the batch's layout (:mod:`pairpack.train.models`).
         """
+        if not isinstance(preferred_seq, Tensor):
+            given = [k for k, v in (("unpreferred_seq", unpreferred_seq), ("prompt_mask", prompt_mask),
+                                    ("preferred_seq_mask", preferred_seq_mask),
+                                    ("unpreferred_seq_mask", unpreferred_seq_mask)) if v is not None]
+            if given:
+                raise TypeError(f"dpo(batch) takes the batch alone; {given} come from the batch")
+            return self._forward_batch(preferred_seq, ref_chosen_logp, ref_rejected_logp, return_metrics)
+        if unpreferred_seq is None or prompt_mask is None:
+            raise TypeError("dpo(preferred_seq, unpreferred_seq, prompt_mask=...) needs all three tensors "
+                            "(or pass one batch object: dpo(batch))")
         if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
             raise ValueError(
                 "preferred_seq and unpreferred_seq must both have shape (B, N) (pad them to one "
@@ -426,6 +537,10 @@ class DPO(nn.Module):
                 ref_logp = self.completion_logprobs(self.ref_model, seq, completion_mask)
             ref_chosen, ref_rejected = ref_logp.split(b)
 
+        return self._loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, return_metrics)
+
+    def _loss(self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+              return_metrics: bool) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         out = dpo_loss(
             policy_chosen,
             policy_rejected,
@@ -439,6 +554,33 @@ class DPO(nn.Module):
         if return_metrics:
             return loss, out.metrics
         return loss
+
+    def _forward_batch(self, batch: Any, ref_chosen_logp: Tensor | None, ref_rejected_logp: Tensor | None,
+                       return_metrics: bool) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`forward` on a batch object of any layout."""
+        if (ref_chosen_logp is None) != (ref_rejected_logp is None):
+            raise ValueError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
+        if ref_chosen_logp is None and self.ref_model is None:
+            cols = getattr(batch, "columns", {})
+            if _REF_COLUMNS[0] not in cols or _REF_COLUMNS[1] not in cols:
+                raise StateError(
+                    "this DPO holds no reference model (ref_model=False) and the batch carries no cached "
+                    f"reference log-probs (columns {list(_REF_COLUMNS)}); make the batches with "
+                    "columns=pairpack.reference.REFERENCE_COLUMNS, or pass ref_chosen_logp and ref_rejected_logp")
+            ref_chosen_logp, ref_rejected_logp = cols[_REF_COLUMNS[0]], cols[_REF_COLUMNS[1]]
+        if layout_of(batch) == "padded":
+            return self.forward(**batch.as_kwargs(), ref_chosen_logp=ref_chosen_logp,
+                                ref_rejected_logp=ref_rejected_logp, return_metrics=return_metrics)
+        policy_chosen, policy_rejected = batch_logprobs(self.policy_model, batch, reduction=self.reduction,
+                                                        attention=self.attention)
+        if ref_chosen_logp is not None:
+            ref_chosen, ref_rejected = ref_chosen_logp, ref_rejected_logp
+        else:
+            self.ref_model.eval()
+            with torch.no_grad():
+                ref_chosen, ref_rejected = batch_logprobs(self.ref_model, batch, reduction=self.reduction,
+                                                          attention=self.attention)
+        return self._loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, return_metrics)
 
 
 def pair_rows(
