@@ -18,6 +18,7 @@ import numpy as np
 from . import FORMAT_VERSION, backend
 from ._version import __version__
 from .errors import PairpackError
+from .progress import dataset_bytes, size_text
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head`
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -76,9 +77,11 @@ def main(debug: bool) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Dataset directory to create (written atomically).")
-@click.option("--prompt", default="prompt", show_default=True, help="Prompt field (dotted path allowed).")
-@click.option("--chosen", default="chosen", show_default=True, help="Chosen-completion field.")
-@click.option("--rejected", default="rejected", show_default=True, help="Rejected-completion field.")
+@click.option("--prompt", default=None, metavar="FIELD",
+              help="Prompt field (dotted path allowed) [default: prompt; ShareGPT conversations and OpenAI "
+                   "input.messages are recognised].")
+@click.option("--chosen", default=None, metavar="FIELD", help="Chosen-completion field [default: chosen].")
+@click.option("--rejected", default=None, metavar="FIELD", help="Rejected-completion field [default: rejected].")
 @click.option("--vocab-size", type=click.IntRange(1, 2**32), default=None,
               help="For token-id inputs: ids must be below it; picks uint16 (<= 65536) or uint32.")
 @click.option("--pad-id", type=click.IntRange(0), default=None, help="Pad id recorded in the manifest.")
@@ -91,9 +94,11 @@ def main(debug: bool) -> None:
               help="Go on past bad records; write them with reasons to OUTPUT.rejects.jsonl.")
 @click.option("--drop-identical", is_flag=True, help="Drop pairs whose chosen equals rejected.")
 @click.option("--shard-size", default=None, help="Token bytes per shard (e.g. 256MiB). Default: 1GiB.")
-@click.option("--tokenizer", "tokenizer", default=None, metavar="PATH",
-              help="Hugging Face tokenizer.json (needs the hf extra: pip install \"pairpack[hf]\"). "
-                   "Default: the built-in byte-level tokenizer. The file is copied into the dataset.")
+@click.option("--tokenizer", "tokenizer", default=None, metavar="DIR|FILE",
+              help="A model directory (tokenizer.json + tokenizer_config.json: chat template, BOS/EOS, add_bos) "
+                   "or a Hugging Face tokenizer.json; needs the hf extra: pip install \"pairpack[hf]\". Hub names "
+                   "are not fetched. Default: the built-in byte-level tokenizer. tokenizer.json is copied into "
+                   "the dataset.")
 @click.option("--bos-token", default=None, metavar="TOKEN", help="With --tokenizer: the BOS token (default: guessed).")
 @click.option("--eos-token", default=None, metavar="TOKEN",
               help="With --tokenizer: the EOS token (default: tokenizer_config.json beside it, else e.g. <|endoftext|>, </s>).")
@@ -103,8 +108,20 @@ def main(debug: bool) -> None:
 @click.option("--prompt-template", default=None, metavar="TEXT",
               help="Composite prompt over fields, e.g. '{instruction}[[\\n\\n{input}]]'; [[...]] is dropped "
                    "when a field in it is empty; \\n and \\t are unescaped; 'alpaca' = the built-in Alpaca prompt.")
-@click.option("--chat-template", default="chatml", show_default=True, metavar="NAME|FILE",
-              help="For message lists: chatml, hh, a Jinja template file or a tokenizer_config.json.")
+@click.option("--chat-template", default=None, metavar="NAME|FILE",
+              help="For message lists: tokenizer (the model's own), chatml, hh, a Jinja template file or a "
+                   "tokenizer_config.json. Default: the tokenizer's own template, else chatml where its markers "
+                   "are tokens (or with the byte tokenizer).")
+@click.option("--strict-chat-template", is_flag=True,
+              help="Refuse records whose template renders the prompt differently once a reply follows "
+                   "(default: split them at the common prefix, as TRL does, and count them).")
+@click.option("--template-arg", "template_args", multiple=True, metavar="KEY=JSON",
+              help="A variable for Jinja chat templates, e.g. enable_thinking=false (repeatable; the value is "
+                   "JSON, else a string). A record's chat_template_kwargs take precedence; its tools are passed too.")
+@click.option("--columns", "columns", multiple=True, metavar="FIELD|NAME=FIELD[:DTYPE]",
+              help="Keep numeric record fields as per-pair columns, e.g. --columns score_chosen,score_rejected "
+                   "(float32 unless :DTYPE; repeatable or comma-separated).")
+@click.option("--allow-empty", is_flag=True, help="Write the dataset even when no pair is kept (else exit 1).")
 @click.option("--hh-marker", default="\\n\\nAssistant:", show_default=True,
               help="Assistant marker of HH transcripts (\\n unescaped).")
 @click.option("--workers", type=click.IntRange(1), default=None,
@@ -123,7 +140,8 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
           vocab_size: int | None, pad_id: int | None, add_bos: bool | None, add_eos: bool | None,
           force: bool, skip_invalid: bool, drop_identical: bool, shard_size: str | None,
           tokenizer: str | None, bos_token: str | None, eos_token: str | None, pad_token: str | None,
-          shape: str | None, prompt_template: str | None, chat_template: str,
+          shape: str | None, prompt_template: str | None, chat_template: str | None, strict_chat_template: bool,
+          template_args: tuple[str, ...], columns: tuple[str, ...], allow_empty: bool,
           hh_marker: str, workers: int | None, num_shards: int, shard_index: int, resume: bool,
           max_record_bytes: str, progress: bool | None, as_json: bool) -> None:
     """Convert preference records into a pairpack dataset.
@@ -141,7 +159,8 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
       pairpack build train.jsonl -o data/train
       pairpack build hh.jsonl.gz -o data/hh --tokenizer gpt2.tokenizer.json
       pairpack build alpaca.json -o data/a --prompt-template alpaca
-      pairpack build chats.parquet -o data/c --tokenizer qwen3.tokenizer.json --chat-template chatml
+      pairpack build chats.parquet -o data/c --tokenizer models/Phi-3-mini/      # its own chat template
+      pairpack build uf.jsonl -o data/uf --columns score_chosen,score_rejected
       pairpack build ids.jsonl.zst -o data/ids --vocab-size 151669 --pad-id 151643
       pairpack build big/ -o parts/p3 --num-shards 8 --shard-index 3 --resume
     """
@@ -160,7 +179,10 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
             tokenizer = load_tokenizer(tokenizer, **special)
         report = run_build(list(inputs), output, prompt=prompt, chosen=chosen, rejected=rejected,
                            shape=shape, prompt_template=_unescape(prompt_template),
-                           chat_template=chat_template, hh_marker=_unescape(hh_marker) or "",
+                           chat_template=chat_template, strict_chat_template=strict_chat_template,
+                           template_args=_template_args(template_args),
+                           columns=[c.strip() for v in columns for c in v.split(",") if c.strip()],
+                           allow_empty=allow_empty, hh_marker=_unescape(hh_marker) or "",
                            tokenizer=tokenizer, vocab_size=vocab_size, pad_id=pad_id, add_bos=add_bos,
                            add_eos=add_eos, force=force, skip_invalid=skip_invalid,
                            drop_identical=drop_identical,
@@ -179,6 +201,20 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
             raise OSError(e.errno, e.strerror or str(e), str(output)) from None
         raise
     click.echo(json.dumps(report.to_json(), indent=1) if as_json else report.summary())
+
+
+def _template_args(items: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=JSON`` pairs (a value that is not JSON is taken as a string)."""
+    out: dict[str, Any] = {}
+    for it in items:
+        key, sep, value = it.partition("=")
+        if not sep or not key.isidentifier():
+            raise click.BadParameter(f"{it!r} is not KEY=VALUE", param_hint="--template-arg")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _unescape(text: str | None) -> str | None:
@@ -284,7 +320,7 @@ def info(dataset: Path, as_json: bool) -> None:
     ds = open_dataset(dataset)
     m = ds.manifest
     ln = ds.lengths
-    sizes = sum(e.bytes for e in m.files())
+    sizes = dataset_bytes(m)
     tokens = sum(s.num_tokens for s in m.shards)
     prompts = sum(s.num_prompts for s in m.shards)
     rows = {"prompt": ln[0], "chosen": ln[1], "rejected": ln[2],
@@ -303,7 +339,8 @@ def info(dataset: Path, as_json: bool) -> None:
     click.echo(f"tokens       {tokens:,} stored as {m.token_dtype} (vocab_size {m.vocab_size:,}, pad_id {m.pad_id}"
                f", bos_id {m.bos_id}, eos_id {m.eos_id})")
     click.echo(f"tokenizer    {tok.get('kind', 'unknown')} {tok.get('name', '')}".rstrip())
-    click.echo(f"size         {sizes / 1e6:,.2f} MB")
+    click.echo(f"size         {size_text(sizes)}" + (f" (of which tokenizer copy {size_text(tok['file']['bytes'])})"
+                                                        if isinstance(tok.get("file"), dict) else ""))
     if m.columns:
         click.echo(f"columns      {', '.join(c.name + ':' + c.dtype for c in m.columns)}")
     click.echo(f"fingerprint  {ds.fingerprint}")
@@ -333,7 +370,7 @@ def show(dataset: Path, index: int, show_ids: bool, as_json: bool, color: bool |
       pairpack show data/train -1 --ids
       pairpack show data/train 7 --json | jq .chosen.length
     """
-    from .ops.show import pair_to_json, render_pair, use_color
+    from .ops.show import pair_to_json, render_pair, tokenizer_status, use_color
     from .read.dataset import open_dataset
 
     ds = open_dataset(dataset)
@@ -345,8 +382,9 @@ def show(dataset: Path, index: int, show_ids: bool, as_json: bool, color: bool |
         click.echo(render_pair(ds, index, show_ids=show_ids, color=on), color=on)
     except IndexError as e:
         raise click.BadParameter(str(e), param_hint="INDEX") from None
-    if ds.tokenizer is None and not show_ids:
-        click.echo("(tokenizer unknown: showing ids)", err=True)
+    why = None if show_ids else tokenizer_status(ds)
+    if why is not None:
+        click.echo(f"({why}: showing ids)", err=True)
 
 
 @main.command(context_settings=CONTEXT)
@@ -389,15 +427,17 @@ def verify(dataset: Path, no_checksums: bool) -> None:
             click.echo(f"  - {p}", err=True)
         sys.exit(1)
     m = read_manifest(dataset)
-    nbytes = sum(e.bytes for e in m.files())
-    click.echo(f"{dataset}: OK ({m.num_pairs:,} pairs, {nbytes / 1e6:,.1f} MB checked in {dt:.2f} s, "
+    nbytes = dataset_bytes(m)
+    click.echo(f"{dataset}: OK ({m.num_pairs:,} pairs, {size_text(nbytes)} checked in {dt:.2f} s, "
                f"{nbytes / 1e6 / max(dt, 1e-9):,.0f} MB/s)")
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path(path_type=Path))
+@click.argument("more_lengths", nargs=-1, type=click.IntRange(2), metavar="[N]...")
 @click.option("--max-length", "max_lengths", type=click.IntRange(2), multiple=True, metavar="N",
-              help="Candidate max_length (repeatable). Default: powers of two around the data + a suggestion.")
+              help="Candidate max_length: --max-length 512 1024 or --max-length 512 --max-length 1024. "
+                   "Default: powers of two around the data + a suggestion.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Pairs per batch for the padding numbers [default: 32].")
 @click.option("--max-tokens", type=click.IntRange(4), default=None,
@@ -408,7 +448,7 @@ def verify(dataset: Path, no_checksums: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG: length histograms, truncation curve, chosen-minus-rejected.")
-def stats(dataset: Path, max_lengths: tuple[int, ...], batch_size: int | None, max_tokens: int | None, seed: int,
+def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, ...], batch_size: int | None, max_tokens: int | None, seed: int,
           min_completion_tokens: int, as_json: bool, plot: Path | None) -> None:
     """Length percentiles, truncation at candidate max_length, padding efficiency, length bias, prompt sharing.
 
@@ -419,7 +459,7 @@ def stats(dataset: Path, max_lengths: tuple[int, ...], batch_size: int | None, m
     \b
     Examples:
       pairpack stats data/train
-      pairpack stats data/train --max-length 1024 --max-length 2048 --batch-size 16
+      pairpack stats data/train --max-length 1024 2048 --batch-size 16
       pairpack stats data/train --max-tokens 65536 --plot lengths.png
       pairpack stats data/train --json | jq .suggested_max_length
     """
@@ -429,6 +469,10 @@ def stats(dataset: Path, max_lengths: tuple[int, ...], batch_size: int | None, m
 
     if batch_size is not None and max_tokens is not None:
         raise click.UsageError("give --batch-size or --max-tokens, not both")
+    if more_lengths and not max_lengths:
+        raise click.UsageError(f"unexpected argument {more_lengths[0]}: candidate lengths follow --max-length "
+                               f"(pairpack stats DATASET --max-length {' '.join(map(str, more_lengths))})")
+    max_lengths = tuple(dict.fromkeys(max_lengths + more_lengths))
     try:  # the loader's own option checks, so a bad combination is a usage error here, not a traceback
         for n in max_lengths or (None,):
             check_options(batch_size=batch_size if max_tokens else (batch_size or 32), max_tokens=max_tokens,

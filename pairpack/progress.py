@@ -105,3 +105,14 @@ class CountProgress:
             self.stream.write("\n")
             self.stream.flush()
         self.closed = True
+
+
+def dataset_bytes(manifest: object) -> int:
+    """Bytes of a dataset on disk: every file its manifest lists (shards, columns, tokenizer copy)
+    plus the manifest itself. The one figure build, info and verify print (see :func:`size_text`)."""
+    return sum(e.bytes for e in manifest.files()) + len(manifest.dumps())  # type: ignore[attr-defined]
+
+
+def size_text(nbytes: int) -> str:
+    """A byte count for people, in decimal megabytes with two decimals: ``12,345,678 -> '12.35 MB'``."""
+    return f"{nbytes / 1e6:,.2f} MB"

@@ -33,8 +33,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def shared_dir() -> Path:
     """../shared beside the checkout (real data and tokenizers); tests skip when absent."""
     if not SHARED.is_dir():
-        pytest.skip("../shared is not present")
+        pytest.skip(SHARED_MISSING)
     return SHARED
+
+
+SHARED_MISSING = (
+    f"needs {SHARED}: the real tokenizers (GPT-2, Qwen3, Phi-3 tokenizer.json files) and preference data "
+    "(HH-RLHF harmless test split, rasbt Alpaca-style sample) these tests run on, in a 'shared' directory "
+    "beside the checkout; its PROVENANCE.md files name the public source of each file (e.g. "
+    "github.com/anthropics/hh-rlhf harmless-base/test.jsonl.gz); copy them there to run these tests")
 
 
 @pytest.fixture(scope="session")

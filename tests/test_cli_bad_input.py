@@ -39,7 +39,8 @@ def entries(d: Path) -> list[str]:
 # (class, bad second line (bytes), extra build options, error after "file:2: ", rejects reason)
 RECORD_CLASSES = [
     ("malformed line", b'{"prompt": [1,', [], r"malformed JSON \(.+\)", "malformed_json", None),
-    ("missing field", b'{"prompt": [1], "chosen": [2]}', [], r"field 'rejected': missing field", "missing_field",
+    ("missing field", b'{"prompt": [1], "chosen": [2]}', [], r"field 'rejected': missing field; the record's keys are prompt, chosen; name the field with --rejected NAME",
+     "missing_field",
      "rejected"),
     ("wrong type", b'{"prompt": [1], "chosen": 5, "rejected": [4]}', [],
      r"field 'chosen': must be a string or a list of token ids, got int", "wrong_type", "chosen"),

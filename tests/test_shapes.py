@@ -16,6 +16,7 @@ from pairpack.ingest.build import build
 from pairpack.errors import SourceError
 from pairpack.ingest.shapes import (
     ALPACA_TEMPLATE,
+    CHAT_SPLIT_NOTE,
     ChatRenderer,
     FieldSpec,
     PromptTemplate,
@@ -157,11 +158,14 @@ def test_jinja_template_file_and_tokenizer_config(tmp_path):
     want = make_extractor(ShapeOptions(shape="chat"))(rec)
     assert make_extractor(ShapeOptions(shape="chat", chat_template=str(f)))(rec) == want
     assert make_extractor(ShapeOptions(shape="chat", chat_template=str(cfg)))(rec) == want
-    # a template whose prompt is not a prefix of the full rendering is refused
+    # a template whose prompt is not a prefix of the full rendering is split at the common prefix
+    # (as TRL does), or refused with strict_chat_template
     bad = tmp_path / "bad.jinja"
     bad.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}")
+    got = make_extractor(ShapeOptions(shape="chat", chat_template=str(bad)))(rec)
+    assert tuple(got) == ("q", "a", "b") and got.note == CHAT_SPLIT_NOTE
     with pytest.raises(SourceError, match="not a strict prefix") as e:
-        make_extractor(ShapeOptions(shape="chat", chat_template=str(bad)))(rec)
+        make_extractor(ShapeOptions(shape="chat", chat_template=str(bad), strict_chat_template=True))(rec)
     assert e.value.reason == "chat_template"
 
 
@@ -301,7 +305,7 @@ INVALID = [
      {}, "chat_message", "unknown message role 'wizard'", "prompt.0"),
     ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"},
      {"prompt": [{"role": "user", "content": [{"type": "image", "url": "x"}]}], "chosen": "a", "rejected": "b"},
-     {}, "chat_content", "only text content parts are supported", "prompt.0"),
+     {}, "chat_content", "has type 'image': only text parts are supported", "prompt.0"),
     ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"},
      {"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"},
      {}, "chat_message", "needs role/content", "prompt.0"),

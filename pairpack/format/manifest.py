@@ -29,7 +29,16 @@ from .spec import (
     token_dtype_for_vocab,
 )
 
-__all__ = ["FileEntry", "ShardInfo", "ColumnInfo", "Manifest", "check_relpath", "parse_manifest", "read_manifest", "resolve_file"]
+__all__ = ["FileEntry", "ShardInfo", "ColumnInfo", "Manifest", "check_relpath", "parse_manifest", "read_manifest",
+           "resolve_file", "tokenizer_key"]
+
+
+def tokenizer_key(t: dict[str, Any] | None) -> Any:
+    """A manifest tokenizer object (§5.2) without its where-abouts (``file``, ``source_path``):
+    equal keys mean the same tokenizer, used the same way (merge, resume, rebuilt exports)."""
+    if t is None:
+        return None
+    return {k: v for k, v in t.items() if k not in ("source_path", "file")}
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,11 @@ flight, and the writer spills to disk.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 from array import array
@@ -35,16 +37,29 @@ from .._version import __version__
 from ..errors import DatasetExistsError, PairpackError, SourceError
 from ..format.fsio import check_output
 from ..format.sidecar import read_sidecar
-from ..progress import Progress
+from ..progress import Progress, dataset_bytes, size_text
 from ..tokenization import (
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     ByteTokenizer,
     HFTokenizer,
+    describe_special,
+    encode_continuations,
     load_tokenizer,
     tokenizer_from_manifest,
 )
 from ..write.writer import Writer, check_ids
-from .shapes import HH_MARKER, FieldSpec, ShapeOptions, detect_shape, make_extractor
+from .shapes import (
+    CHAT_SPLIT_NOTE,
+    HH_MARKER,
+    MISSING,
+    FieldSpec,
+    ShapeOptions,
+    detect_shape,
+    get_path,
+    make_extractor,
+    missing_field,
+)
 from .sources import (
     Block,
     JsonlSource,
@@ -54,8 +69,9 @@ from .sources import (
     record_text,
 )
 
-__all__ = ["build", "BuildReport", "BuildPlan", "plan_build", "add_result", "attach_tokenizer", "finish_report",
-           "Rejects", "rejects_path", "process_block", "BlockResult"]
+__all__ = ["build", "BuildOptions", "BuildReport", "BuildPlan", "ColumnSpec", "plan_build", "add_result",
+           "resolve_chat_template", "check_chat_template",
+           "attach_tokenizer", "finish_report", "Rejects", "rejects_path", "process_block", "BlockResult"]
 
 DETECT_RECORDS = 1000  # records looked at (from the start of the whole input) to fix shape and mode
 PARALLEL_MIN_BYTES = 4 << 20  # with workers=None, smaller inputs are built in-process (no start-up cost)
@@ -64,7 +80,12 @@ _U32 = 1 << 32
 
 @dataclass
 class BuildReport:
-    """What a build did. Token counts are in tokens, sizes in bytes, time in seconds."""
+    """What a build did. Token counts are in tokens, sizes in bytes, time in seconds.
+
+    ``tokenizer``, ``template``, ``bos`` and ``eos`` describe what the build used (for the
+    summary); ``notes`` counts records that were built with a remark (e.g. chat templates split at
+    the common prefix); ``vocab_note`` says how the vocabulary size was chosen when nothing gave it.
+    """
 
     output: str
     pairs: int = 0
@@ -85,6 +106,14 @@ class BuildReport:
     workers: int = 1
     part: str | None = None
     skipped: bool = False
+    shape_reason: str = ""
+    tokenizer: str = ""
+    template: str = ""
+    bos: str = ""
+    eos: str = ""
+    columns: list = field(default_factory=list)
+    notes: Counter = field(default_factory=Counter)
+    vocab_note: str | None = None
     tasks: int = 0  # Ray write tasks (pairpack.ray); 0 for a build
 
     def summary(self) -> str:
@@ -95,16 +124,33 @@ class BuildReport:
         lines = [
             f"wrote {self.output}: {self.pairs:,} pairs in {self.shards} shard(s), {self.token_dtype}"
             + (f", part {self.part}" if self.part else ""),
-            f"  input            shape {self.shape}, {self.mode}, {self.workers} worker(s)"
-            + (f", {self.tasks} Ray write task(s)" if self.tasks else ""),
+            f"  input            shape {self.shape}" + (f" ({self.shape_reason})" if self.shape_reason else "")
+            + f", {self.mode}, {self.workers} worker(s)" + (f", {self.tasks} Ray write task(s)" if self.tasks else ""),
+        ]
+        if self.tokenizer:
+            lines.append(f"  tokenizer        {self.tokenizer}")
+        if self.template:
+            lines.append(f"  template         {self.template}")
+        if self.bos or self.eos:
+            lines.append(f"  BOS              {self.bos}")
+            lines.append(f"  EOS              {self.eos}")
+        if self.vocab_note:
+            lines.append(f"  vocabulary       {self.vocab_note}")
+        if self.columns:
+            lines.append(f"  columns          {', '.join(self.columns)}")
+        lines += [
             f"  unique prompts   {self.unique_prompts:,}",
             f"  tokens stored    {self.tokens:,} ({self.prompt_tokens_saved:,} prompt tokens saved by de-duplication)",
-            f"  dataset size     {self.dataset_bytes / 1e6:,.2f} MB",
+            f"  dataset size     {size_text(self.dataset_bytes)}",
             f"  identical pairs  {self.identical:,}" + (f" ({self.identical_dropped:,} dropped)" if self.identical_dropped else " (kept; --drop-identical drops them)" if self.identical else ""),
             f"  rejected records {sum(self.rejected.values()):,}" + (
                 " (" + ", ".join(f"{k}: {v:,}" for k, v in sorted(self.rejected.items())) + ")" if self.rejected else ""),
-            f"  time             {self.seconds:,.2f} s: {self.pairs / s:,.0f} pairs/s, {self.input_bytes / s / 1e6:,.1f} MB/s of input",
         ]
+        if self.notes.get(CHAT_SPLIT_NOTE):
+            lines.append(f"  chat splits      {self.notes[CHAT_SPLIT_NOTE]:,} record(s) whose template renders the prompt "
+                         "differently once a reply follows: split at the common prefix (--strict-chat-template refuses them)")
+        lines.append(f"  time             {self.seconds:,.2f} s: {self.pairs / s:,.0f} pairs/s, "
+                     f"{self.input_bytes / s / 1e6:,.1f} MB/s of input")
         if self.rejects_file:
             lines.append(f"  rejects written to {self.rejects_file}")
         return "\n".join(lines)
@@ -112,6 +158,7 @@ class BuildReport:
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["rejected"] = dict(self.rejected)
+        d["notes"] = dict(self.notes)
         return d
 
 
@@ -163,6 +210,35 @@ class _Job:
     bos: int | None  # prepended to prompts when not already first (None: never)
     eos: int | None  # appended to completions when not already last (None: never)
     drop_identical: bool
+    columns: tuple[ColumnSpec, ...] = ()  # record fields kept as per-pair columns
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """A record field kept as a per-pair column: column ``name`` (FORMAT.md §4.4) from the field
+    at dotted ``path``, stored as ``dtype``."""
+
+    name: str
+    path: str
+    dtype: str = "float32"
+
+    @classmethod
+    def parse(cls, text: str, dtype: str | None = None) -> "ColumnSpec":
+        """``"score_chosen"``, ``"chosen_score=scores.chosen"`` or ``"rating=meta.rating:int64"``:
+        column name (default: the field with non-alphanumerics as ``_``), field, dtype."""
+        name, sep, path = text.partition("=")
+        if not sep:
+            name, path = "", text
+        dt = dtype or "float32"
+        if ":" in path:
+            path, dt = path.rsplit(":", 1)
+        name = name or re.sub(r"[^a-z0-9_]", "_", path.lower())
+        if dt not in fmt.COLUMN_DTYPES or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or not path:
+            raise ValueError(f"bad column {text!r}: write FIELD, NAME=FIELD or NAME=FIELD:DTYPE with names "
+                             f"[a-z][a-z0-9_]* and dtypes {', '.join(sorted(fmt.COLUMN_DTYPES))}")
+        if name in ("prompt", "chosen", "rejected"):
+            raise ValueError(f"column name {name!r} is a segment name; choose another (NAME=FIELD)")
+        return cls(name, path, dt)
 
 
 @dataclass
@@ -170,7 +246,9 @@ class BlockResult:
     """A processed block: pairs as ids plus the block's invalid records, in input order.
 
     tokens: uint32 ``(T,)``, each pair's prompt, chosen, rejected back to back; lengths: int64
-    ``(3, n)``; errors: ``(line, field, reason, message, record text)`` per invalid record.
+    ``(3, n)``; errors: ``(line, field, reason, message, record text)`` per invalid record;
+    columns: name -> ``(n,)`` values of the kept columns; notes: counts of remarks (see
+    :class:`pairpack.ingest.shapes.Segments`).
     """
 
     path: str
@@ -180,15 +258,19 @@ class BlockResult:
     identical: int = 0
     identical_dropped: int = 0
     records: int = 0
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: Counter = field(default_factory=Counter)
 
 
-def _seg_ids(seg: Any, name: str, job: _Job) -> list[int]:
-    """Checked ids of one segment (slow path; the fast path checks a whole block at once)."""
+def _seg_ids(seg: Any, name: str, job: _Job, after: int | None = None) -> list[int]:
+    """Checked ids of one segment (slow path; the fast path checks a whole block at once).
+    ``after``: for a completion, the last id of its prompt (it is encoded as the continuation)."""
     if job.mode == "text":
         if not seg:
             raise SourceError("segment is empty", field=name, reason="empty")
         try:
-            ids = job.tokenizer.encode(seg)
+            ids = (encode_continuations(job.tokenizer, [seg], [after])[0] if after is not None
+                   else job.tokenizer.encode(seg))
         except PairpackError as e:
             raise SourceError(str(e), field=name, reason="bad_text") from None
         except Exception as e:  # noqa: BLE001 - the Rust tokenizer raises plain exceptions
@@ -206,11 +288,11 @@ def process_block(job: _Job, extractor: Callable[[Any], tuple], block: Block) ->
 
 
 def _plain_ids(job: _Job) -> bool:
-    """Pre-tokenized ``fields`` records under plain (undotted) names, no BOS/EOS to add: the
-    inputs :func:`_process_ids_fast` (and its C reader) take."""
+    """Pre-tokenized ``fields`` records under plain (undotted) names, no BOS/EOS to add and no
+    columns to keep: the inputs :func:`_process_ids_fast` (and its C reader) take."""
     spec = job.opts.spec
     return (job.mode == "ids" and job.opts.shape == "fields" and job.bos is None and job.eos is None
-            and not any("." in n for n in (spec.prompt, spec.chosen, spec.rejected)))
+            and not job.columns and not any("." in n for n in (spec.prompt, spec.chosen, spec.rejected)))
 
 
 def _process_ids_fast(job: _Job, extractor: Callable[[Any], tuple], block: Block) -> BlockResult:
@@ -285,16 +367,39 @@ def _scan_native(nat: Any, job: _Job, block: Block, names: tuple[str, str, str])
     return BlockResult(block.path, tokens[:ntok].copy(), lengths[:, :npairs].copy(), [], identical, dropped, nrec)
 
 
+# (index into the block's shaped records, [prompt, chosen, rejected] ids)
+_Ids = list[tuple[int, list[list[int]]]]
+_Error = tuple[int, "str | None", str, str, str]
+
+
 def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any, path: str) -> BlockResult:
-    """The general path of :func:`process_block` over an iterable of RawRecords."""
-    spec = job.opts.spec
-    names = (spec.prompt, spec.chosen, spec.rejected)
-    errors: list[tuple[int, str | None, str, str, str]] = []
-    segs: list[tuple[Any, Any, Any]] = []
+    """The general path of :func:`process_block` over an iterable of RawRecords: shape each record,
+    tokenize the block's texts in two batches, add BOS/EOS, drop identical pairs if asked, and check
+    the id range; invalid records become errors in input order."""
+    recs, segs, cols, notes, errors = _shape_records(job, extractor, records)
+    nrec = len(recs) + len(errors)
+    good, bad = _tokenize(job, segs)
+    kept, identical, dropped = _add_specials(job, good)
+    tokens, lens, kept = _pack(job, kept, bad)
+    errors += [(recs[k].line, f, reason, msg, record_text(recs[k])) for k, (f, reason, msg) in bad.items()]
+    errors.sort(key=lambda e: e[0])
+    lengths = np.asarray(lens, dtype=np.int64).reshape(-1, 3).T.copy()
+    columns = {c.name: np.asarray([cols[k][i] for k, _ in kept], dtype=c.dtype).reshape(-1)
+               for i, c in enumerate(job.columns)}
+    counts = Counter(notes[k] for k, _ in kept if notes[k])
+    return BlockResult(path, tokens.astype(np.uint32), lengths, errors, identical, dropped, nrec, columns, counts)
+
+
+def _shape_records(job: _Job, extractor: Callable[[Any], tuple], records: Any
+                   ) -> tuple[list[Any], list[tuple], list[list[float]], list[str | None], list[_Error]]:
+    """Each parsed record through the extractor: (records kept, their segments, their column
+    values, their notes, errors of the others)."""
+    errors: list[_Error] = []
+    segs: list[tuple] = []
+    cols: list[list[float]] = []
     recs = []
-    nrec = 0
+    notes: list[str | None] = []
     for rec in records:
-        nrec += 1
         if rec.error is not None:
             errors.append((rec.line, None, rec.error.reason, rec.error.detail, record_text(rec)))
             continue
@@ -306,38 +411,73 @@ def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any,
             if kinds.pop() != (job.mode == "text"):
                 raise SourceError(f"record has {'text' if job.mode == 'ids' else 'token ids'} but this build reads "
                                   f"{job.mode} (fixed by the first records of the input)", reason="mixed_types")
+            values = [_column_value(rec.data, c) for c in job.columns]
         except SourceError as e:
             errors.append((rec.line, e.field, e.reason, e.detail, record_text(rec)))
             continue
-        segs.append(s)
+        notes.append(getattr(s, "note", None))
+        segs.append(tuple(s))
+        cols.append(values)
         recs.append(rec)
-    ids: list[list[list[int]]] | None = None
-    if job.mode == "text" and segs:
-        texts = [t for s in segs for t in s]
-        if all(texts):
+    return recs, segs, cols, notes, errors
+
+
+def _column_value(data: Any, col: ColumnSpec) -> float:
+    """The number at ``col.path`` of a record (a SourceError names the field when it is not one)."""
+    v = get_path(data, col.path)
+    if v is MISSING or v is None:
+        raise missing_field(data, col.path, what=f"missing field (kept as column {col.name!r} by --columns)")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SourceError(f"column {col.name!r} needs a number, got {type(v).__name__} {str(v)[:40]!r}",
+                          field=col.path, reason="bad_column")
+    if col.dtype.startswith("int") and (not float(v).is_integer()):
+        raise SourceError(f"column {col.name!r} is {col.dtype}, got {v!r}", field=col.path, reason="bad_column")
+    if not np.isfinite(v):
+        raise SourceError(f"column {col.name!r}: non-finite value {v!r}", field=col.path, reason="bad_column")
+    return v
+
+
+def _tokenize(job: _Job, segs: list[tuple]) -> tuple[_Ids, dict[int, tuple[str | None, str, str]]]:
+    """Ids of every record's segments: text is encoded in two batches (prompts, then completions
+    as continuations of their prompts), retried record by record when a batch fails so that the
+    record at fault is named; id segments are taken as they are."""
+    if not segs:
+        return [], {}
+    if job.mode != "text":
+        ids = [list(s) for s in segs]
+    else:
+        ids = None
+        if all(t for s in segs for t in s):
             try:
-                flat = [x if type(x) is list else np.asarray(x).tolist() for x in job.tokenizer.encode_batch(texts)]
-                ids = [[flat[3 * k], flat[3 * k + 1], flat[3 * k + 2]] for k in range(len(segs))]
+                ps = job.tokenizer.encode_batch([s[0] for s in segs])
+                ends = [int(p[-1]) if len(p) else None for p in ps for _ in (1, 2)]
+                cs = encode_continuations(job.tokenizer, [t for s in segs for t in s[1:]], ends)
+                flat = [x if type(x) is list else np.asarray(x).tolist() for x in ps + cs]
+                n = len(segs)
+                ids = [[flat[k], flat[n + 2 * k], flat[n + 2 * k + 1]] for k in range(n)]
             except Exception:  # noqa: BLE001 - some text cannot be encoded: find it record by record
                 ids = None
-    elif segs:
-        ids = [list(s) for s in segs]
-    good: list[tuple[int, list[list[int]]]] = []  # (index into recs, [p, c, r])
-    if ids is not None:
-        good = list(enumerate(ids))
-    bad_lines: dict[int, tuple[str | None, str, str]] = {}
-    if ids is None or (ids and not all(x for t in ids for x in t)):
-        good = []
-        for k, s in enumerate(segs):
-            try:
-                good.append((k, [_seg_ids(x, n, job) for x, n in zip(s, names)]))
-            except SourceError as e:
-                bad_lines[k] = (e.field, e.reason, e.detail)
+    if ids is not None and all(x for t in ids for x in t):
+        return list(enumerate(ids)), {}
+    spec = job.opts.spec
+    names = (spec.prompt, spec.chosen, spec.rejected)
+    good: _Ids = []
+    bad: dict[int, tuple[str | None, str, str]] = {}
+    for k, s in enumerate(segs):
+        try:
+            p = _seg_ids(s[0], names[0], job)
+            good.append((k, [p] + [_seg_ids(x, n, job, p[-1]) for x, n in zip(s[1:], names[1:])]))
+        except SourceError as e:
+            bad[k] = (e.field, e.reason, e.detail)
+    return good, bad
+
+
+def _add_specials(job: _Job, good: _Ids) -> tuple[_Ids, int, int]:
+    """BOS before prompts and EOS after completions (never doubled), then identical pairs counted
+    (and dropped with ``drop_identical``): (kept, identical, dropped)."""
     bos, eos = job.bos, job.eos
-    lens = []
-    flat_ids: list[int] = []
     identical = dropped = 0
-    kept: list[tuple[int, list[list[int]]]] = []
+    kept: _Ids = []
     for k, (p, c, r) in good:
         if bos is not None and p[0] != bos:
             p = [bos] + p
@@ -352,6 +492,15 @@ def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any,
                 dropped += 1
                 continue
         kept.append((k, [p, c, r]))
+    return kept, identical, dropped
+
+
+def _pack(job: _Job, kept: _Ids, bad: dict[int, tuple[str | None, str, str]]
+          ) -> tuple[np.ndarray, list[tuple[int, ...]], _Ids]:
+    """The kept pairs' ids back to back (int64) with their lengths; records holding an id outside
+    ``[0, job.limit)`` move to ``bad`` (located only when the block's range check fails)."""
+    flat_ids: list[int] = []
+    lens: list[tuple[int, ...]] = []
     try:
         for _, (p, c, r) in kept:
             flat_ids += p
@@ -362,26 +511,23 @@ def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any,
         ok = not tokens.size or (int(tokens.min()) >= 0 and int(tokens.max()) < job.limit)
     except (OverflowError, TypeError, ValueError):
         ok = False
-    if not ok:  # rare: locate the records with out-of-range ids, keep the rest
-        flat_ids, lens, kept2 = [], [], []
-        for k, segs3 in kept:
-            try:
-                for x, n in zip(segs3, names):
-                    check_ids(x, n, job.limit)
-            except SourceError as e:
-                bad_lines[k] = (e.field, e.reason, e.detail)
-                continue
-            kept2.append((k, segs3))
-            for x in segs3:
-                flat_ids += x
-            lens.append(tuple(len(x) for x in segs3))
-        kept = kept2
-        tokens = np.fromiter(flat_ids, dtype=np.int64, count=len(flat_ids))
-    for k, (f, reason, msg) in bad_lines.items():
-        errors.append((recs[k].line, f, reason, msg, record_text(recs[k])))
-    errors.sort(key=lambda e: e[0])
-    lengths = np.asarray(lens, dtype=np.int64).reshape(-1, 3).T.copy()
-    return BlockResult(path, tokens.astype(np.uint32), lengths, errors, identical, dropped, nrec)
+    if ok:
+        return tokens, lens, kept
+    spec = job.opts.spec
+    names = (spec.prompt, spec.chosen, spec.rejected)
+    flat_ids, lens, kept2 = [], [], []
+    for k, segs3 in kept:
+        try:
+            for x, n in zip(segs3, names):
+                check_ids(x, n, job.limit)
+        except SourceError as e:
+            bad[k] = (e.field, e.reason, e.detail)
+            continue
+        kept2.append((k, segs3))
+        for x in segs3:
+            flat_ids += x
+        lens.append(tuple(len(x) for x in segs3))
+    return np.fromiter(flat_ids, dtype=np.int64, count=len(flat_ids)), lens, kept2
 
 
 _WORKER: tuple[_Job, Callable[[Any], tuple]] | None = None
@@ -423,13 +569,17 @@ def _part_ranges(sources: list[Source], num_shards: int, shard_index: int) -> tu
 
 
 def _detect(sources: list[Source], opts: ShapeOptions, tokenizer: Any) -> tuple[ShapeOptions, str | None]:
-    """Shape and mode ("text"/"ids") from the first records of the whole input."""
+    """Shape and mode ("text"/"ids") from the first records of the whole input. A detection error
+    (a field named with --prompt that the records lack) names the input file."""
     seen = 0
     resolved: ShapeOptions | None = opts if opts.shape is not None else None
     for s in sources:
         for rec in s.first_records(DETECT_RECORDS - seen):
             seen += 1
-            r = detect_shape(rec, opts)
+            try:
+                r = detect_shape(rec, opts)
+            except SourceError as e:
+                raise SourceError(e.detail, path=s.path, field=e.field, reason=e.reason) from None
             if r is None:
                 continue
             if resolved is None:
@@ -444,7 +594,8 @@ def _detect(sources: list[Source], opts: ShapeOptions, tokenizer: Any) -> tuple[
                 return resolved, "ids"
         if seen >= DETECT_RECORDS:
             break
-    return resolved or ShapeOptions(shape="fields", spec=opts.spec), None
+    return resolved or ShapeOptions(shape="fields", spec=opts.spec, explicit=opts.explicit,
+                                    why="no record has both chosen and rejected fields"), None
 
 
 @dataclass
@@ -456,7 +607,7 @@ class BuildPlan:
     tokenizer (a :class:`ByteTokenizer` for text without one; None for ids without one).
     options: recorded as the manifest's provenance ``options``. writer: keyword arguments of
     :class:`~pairpack.write.writer.Writer` (vocab_size, special ids, tokenizer identity, shard_bytes,
-    dedup_window).
+    dedup_window, columns).
     """
 
     job: _Job
@@ -469,9 +620,10 @@ class BuildPlan:
 def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool | None = None,
                add_eos: bool | None = None, skip_invalid: bool = False, drop_identical: bool = False,
                vocab_size: int | None = None, pad_id: int | None = None, shard_bytes: int | None = None,
-               dedup_window: int | None = None) -> BuildPlan:
+               dedup_window: int | None = None, columns: tuple[ColumnSpec, ...] = ()) -> BuildPlan:
     """The plan of a build whose shape (``opts``) and mode were detected (:func:`_detect`); ``mode``
-    None (nothing detected) means text with a tokenizer, ids without."""
+    None (nothing detected) means text with a tokenizer, ids without. ``add_bos`` None: the
+    tokenizer config's ``add_bos_token`` for text, else off."""
     shard_bytes = 1 << 30 if shard_bytes is None else shard_bytes
     dedup_window = 1 << 16 if dedup_window is None else dedup_window
     mode = mode or ("text" if tok is not None else "ids")
@@ -484,14 +636,22 @@ def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool 
     else:
         limit, pad, bos_id, eos_id, ident = (vocab_size if vocab_size is not None else _U32), \
             (pad_id if pad_id is not None else 0), None, None, None
+    config_bos = getattr(tok, "add_bos", None) if mode == "text" else None
+    want_bos = add_bos if add_bos is not None else bool(config_bos)
     want_eos = add_eos if add_eos is not None else mode == "text"
     job = _Job(opts=opts, tokenizer=tok if mode == "text" else None, mode=mode, limit=limit,
-               bos=bos_id if add_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical)
+               bos=bos_id if want_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical,
+               columns=columns)
     options = {"add_bos": add_bos, "add_eos": add_eos, "skip_invalid": skip_invalid, "drop_identical": drop_identical,
-               "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes, "dedup_window": dedup_window,
-               **opts.to_json()}
+               "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes, "dedup_window": dedup_window}
+    if columns:
+        options["columns"] = [dataclasses.asdict(c) for c in columns]
+    options.update(opts.to_json())
     writer = {"vocab_size": vocab_size if tok is None else limit, "pad_id": pad, "bos_id": bos_id, "eos_id": eos_id,
-              "tokenizer": ident, "shard_bytes": shard_bytes, "dedup_window": dedup_window}
+              "tokenizer": ident, "shard_bytes": shard_bytes, "dedup_window": dedup_window,
+              "columns": {c.name: c.dtype for c in columns},
+              "column_info": {c.name: {"description": f"record field {c.path!r} (pairpack build --columns)",
+                                       "attrs": {"field": c.path}} for c in columns}}
     return BuildPlan(job, mode, tok, options, writer)
 
 
@@ -515,63 +675,87 @@ def add_result(writer: Writer, res: BlockResult, report: BuildReport, rejects: R
         rejects.add({"file": res.path, "line": line, "field": fld, "reason": reason, "message": msg, "record": text})
     report.identical += res.identical
     report.identical_dropped += res.identical_dropped
+    report.notes.update(res.notes)
     if res.lengths.shape[1]:
-        writer.add_batch(res.tokens, res.lengths)
+        writer.add_batch(res.tokens, res.lengths, res.columns)
         report.tokens += len(res.tokens)
 
 
-# --- the build ----------------------------------------------------------------------------------
-def build(
-    inputs: Any,
-    output: str | os.PathLike,
-    *,
-    prompt: str = "prompt",
-    chosen: str = "chosen",
-    rejected: str = "rejected",
-    shape: str | None = None,
-    prompt_template: str | None = None,
-    chat_template: str = "chatml",
-    hh_marker: str = HH_MARKER,
-    tokenizer: Any = None,
-    vocab_size: int | None = None,
-    pad_id: int | None = None,
-    add_bos: bool | None = None,
-    add_eos: bool | None = None,
-    force: bool = False,
-    skip_invalid: bool = False,
-    drop_identical: bool = False,
-    shard_bytes: int | None = None,
-    dedup_window: int | None = None,
-    workers: int | None = None,
-    num_shards: int = 1,
-    shard_index: int = 0,
-    resume: bool = False,
-    progress: bool | None = None,
-    on_record: Callable[[int], None] | None = None,
-    max_record_bytes: int | None = None,
-) -> BuildReport:
-    """Build a dataset at ``output`` from preference records.
+def finish_report(report: BuildReport, manifest: fmt.Manifest) -> None:
+    """The report's figures read from the written manifest; ``report.tokens`` goes in as the
+    tokens given to the writer and comes out as the tokens stored (prompt sharing the difference)."""
+    report.pairs = manifest.num_pairs
+    report.unique_prompts = sum(s.num_prompts for s in manifest.shards)
+    stored = sum(s.num_tokens for s in manifest.shards)
+    report.prompt_tokens_saved = report.tokens - stored
+    report.tokens = stored
+    report.token_dtype = manifest.token_dtype
+    report.shards = len(manifest.shards)
+    report.dataset_bytes = dataset_bytes(manifest)
 
-    Args:
-        inputs: files (``.jsonl``/``.jsonl.gz``/``.jsonl.zst``, ``.json`` arrays, ``.parquet``),
-            directories of them, a Hugging Face ``datasets.Dataset``, or a list of dicts.
-        output: the dataset directory to create (atomically).
-        prompt, chosen, rejected: field names, dotted paths allowed (every shape).
+
+def resolve_chat_template(opts: ShapeOptions, tok: Any, given: str | None) -> ShapeOptions:
+    """``opts`` with the chat template to use: ``given`` (``"tokenizer"``: the tokenizer's own),
+    else the tokenizer's own template (a model directory's ``tokenizer_config.json``), else
+    chatml (which :func:`check_chat_template` refuses for chat records when the tokenizer does
+    not know chatml's markers)."""
+    own = getattr(tok, "chat_template", None)
+    if given == "tokenizer" or (given is None and own):
+        if not own:
+            raise ValueError(f"--chat-template tokenizer: {getattr(tok, 'name', 'the tokenizer')} has no chat "
+                             f"template (no {TOKENIZER_CONFIG_FILE} with a chat_template beside its tokenizer.json)")
+        return dataclasses.replace(opts, chat_template=own, chat_template_name=f"{TOKENIZER_CONFIG_FILE} of {tok.name}")
+    return opts
+
+
+def check_chat_template(opts: ShapeOptions, tok: Any, given: str | None) -> None:
+    """Refuse chat records read with chatml by default when chatml's markers are not tokens of
+    the tokenizer (they would become 9-10 plain-text tokens each): the user must choose."""
+    if (opts.shape == "chat" and given is None and opts.chat_template_name is None
+            and isinstance(tok, HFTokenizer) and not tok.has_token("<|im_start|>")):
+        raise ValueError(f"chat records need a chat template: the tokenizer {tok.name} has none (no "
+                         f"{TOKENIZER_CONFIG_FILE} with a chat_template beside it) and chatml's markers are not "
+                         "tokens of it (they would become plain-text tokens); pass --tokenizer MODEL_DIR, or "
+                         "--chat-template chatml|hh|FILE to choose one")
+
+
+# --- the build ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildOptions:
+    """The settings of a build: the keyword arguments of :func:`build`.
+
+    Attributes:
+        prompt, chosen, rejected: field names, dotted paths allowed (every shape). None: the
+            default names ("prompt", ...), which detection may replace for recognised layouts
+            (ShareGPT ``conversations``, OpenAI ``input.messages``); a name given here never is.
         shape: ``fields``, ``hh``, ``chat`` or ``template``; None detects it from the first records
             (see :func:`pairpack.ingest.shapes.detect_shape`).
         prompt_template: composite prompt over fields, e.g. ``"{instruction}[[\\n\\n{input}]]"`` or
             ``"alpaca"`` (see :class:`pairpack.ingest.shapes.PromptTemplate`).
-        chat_template: ``chatml``, ``hh``, or a Jinja template file, for chat records.
+        chat_template: ``chatml``, ``hh``, a Jinja template file or a ``tokenizer_config.json``, or
+            ``"tokenizer"``; None: the tokenizer's own template when it has one (a model
+            directory's ``tokenizer_config.json``), else chatml where chatml's markers are tokens
+            of the tokenizer (or for the byte tokenizer); other tokenizers must be given one.
+        strict_chat_template: refuse records whose template renders the prompt differently once
+            a reply follows, instead of splitting them at the common prefix.
+        template_args: variables for Jinja chat templates (e.g. ``{"enable_thinking": False}``);
+            a record's own ``chat_template_kwargs`` take precedence.
         hh_marker: the assistant marker of HH transcripts.
-        tokenizer: a tokenizer object, a path to a Hugging Face ``tokenizer.json``, or None (the
-            built-in byte-level tokenizer for text; ids stored verbatim otherwise). A Hugging Face
-            tokenizer file is copied into the dataset as ``tokenizer.json``.
-        vocab_size: for id inputs without a tokenizer, the vocabulary size (else max id + 1).
+        tokenizer: a tokenizer object, a path to a Hugging Face ``tokenizer.json`` or to a model
+            directory holding one (with its ``tokenizer_config.json``), or None (the built-in
+            byte-level tokenizer for text; ids stored verbatim otherwise). The ``tokenizer.json``
+            is copied into the dataset as ``tokenizer.json``.
+        vocab_size: for id inputs without a tokenizer, the vocabulary size (else max id + 1,
+            which the report says).
         pad_id: overrides the tokenizer's pad id (id inputs default to 0).
-        add_bos: prepend BOS to prompts (never doubled). add_eos: append EOS to completions
-            (never doubled); default on for text when the tokenizer has an EOS, off for ids.
+        add_bos: prepend BOS to prompts (never doubled); default: the tokenizer config's
+            ``add_bos_token``, else off. add_eos: append EOS to completions (never doubled);
+            default on for text when the tokenizer has an EOS, off for ids.
+        columns: record fields kept as per-pair columns: :class:`ColumnSpec` or its text form
+            (``"score_chosen"``, ``"NAME=FIELD"``, ``"NAME=FIELD:int64"``); float32 by default.
         force: replace an existing dataset. skip_invalid: write bad records to
             ``<output>.rejects.jsonl`` and go on instead of stopping at the first.
+        allow_empty: write a dataset even when no pair is kept (else that is an error).
         drop_identical: drop pairs whose chosen and rejected ids are equal (always counted).
         shard_bytes: start a new shard past this many token bytes (default 1 GiB).
         dedup_window: distinct recent prompts remembered for de-duplication (default 65,536).
@@ -585,142 +769,297 @@ def build(
         progress: show a progress line (None: when stderr is a terminal).
         max_record_bytes: JSONL lines longer than this are rejected as ``too_long`` without
             being read into memory (default :data:`pairpack.ingest.sources.MAX_RECORD_BYTES`, 64 MiB).
+    """
+
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    shape: str | None = None
+    prompt_template: str | None = None
+    chat_template: str | None = None
+    strict_chat_template: bool = False
+    template_args: Any = None
+    hh_marker: str = HH_MARKER
+    tokenizer: Any = None
+    vocab_size: int | None = None
+    pad_id: int | None = None
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    columns: Any = ()
+    force: bool = False
+    skip_invalid: bool = False
+    allow_empty: bool = False
+    drop_identical: bool = False
+    shard_bytes: int | None = None
+    dedup_window: int | None = None
+    workers: int | None = None
+    num_shards: int = 1
+    shard_index: int = 0
+    resume: bool = False
+    progress: bool | None = None
+    max_record_bytes: int | None = None
+
+    def shape_options(self) -> ShapeOptions:
+        """The record-reading part, with the field names the user gave marked explicit."""
+        given = frozenset(k for k in ("prompt", "chosen", "rejected") if getattr(self, k) is not None)
+        spec = FieldSpec(self.prompt or "prompt", self.chosen or "chosen", self.rejected or "rejected")
+        args = tuple(sorted((self.template_args or {}).items()))
+        return ShapeOptions(shape=self.shape, spec=spec, prompt_template=self.prompt_template,
+                            chat_template=self.chat_template or "chatml", hh_marker=self.hh_marker,
+                            template_args=args, strict_chat_template=self.strict_chat_template, explicit=given,
+                            why="--shape" if self.shape else "")
+
+    def column_specs(self) -> tuple[ColumnSpec, ...]:
+        cols = tuple(c if isinstance(c, ColumnSpec) else ColumnSpec.parse(str(c)) for c in self.columns or ())
+        names = [c.name for c in cols]
+        if len(set(names)) != len(names):
+            raise ValueError(f"column names must be distinct: {', '.join(names)}")
+        return cols
+
+
+def build(inputs: Any, output: str | os.PathLike, options: BuildOptions | None = None, *,
+          on_record: Callable[[int], None] | None = None, **settings: Any) -> BuildReport:
+    """Build a dataset at ``output`` from preference records.
+
+    Args:
+        inputs: files (``.jsonl``/``.jsonl.gz``/``.jsonl.zst``, ``.json`` arrays, ``.parquet``),
+            directories of them, a Hugging Face ``datasets.Dataset``, or a list of dicts.
+        output: the dataset directory to create (atomically).
+        options: a :class:`BuildOptions`; ``settings`` (its field names as keywords, e.g.
+            ``tokenizer="model/"``, ``skip_invalid=True``) override its fields.
+        on_record: called with the number of pairs written after each block.
 
     Returns:
         A :class:`BuildReport`. Raises SourceError (file, line, field) on the first bad record
-        unless ``skip_invalid``; nothing is left at ``output`` then.
+        unless ``skip_invalid``, and when no pair is kept (unless ``allow_empty``); nothing is left
+        at ``output`` then.
     """
-    t0 = time.perf_counter()
-    out = Path(output)
-    if not 1 <= num_shards or not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in [0, num_shards): got {shard_index} of {num_shards}")
-    opts = ShapeOptions(shape=shape, spec=FieldSpec(prompt, chosen, rejected), prompt_template=prompt_template,
-                        chat_template=chat_template, hh_marker=hh_marker)
-    sources = open_sources(inputs)
-    if max_record_bytes is not None:
-        for src in sources:
-            if isinstance(src, JsonlSource):
-                src.max_record_bytes = max_record_bytes
-    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-    side = read_sidecar(sources[0].path) if len(sources) == 1 and sources[0].size else None
-    if side is not None:  # an export of a dataset: rebuild it with the same settings (merge.py)
-        if tok is None:
-            tok = _sidecar_tokenizer(side, Path(sources[0].path).parent)
-        if vocab_size is None and tok is None:
-            vocab_size = side.get("vocab_size")
-        pad_id = side.get("pad_id") if pad_id is None else pad_id
-        shard_bytes = side.get("shard_bytes") if shard_bytes is None else shard_bytes
-        dedup_window = side.get("dedup_window") if dedup_window is None else dedup_window
-    part = None if num_shards == 1 else {"num_shards": num_shards, "shard_index": shard_index}
-    if not resume:  # before reading any input (--resume compares an existing dataset first)
-        check_output(out, force=force)
-
-    opts, mode = _detect(sources, opts, tok)
-    bp = plan_build(opts, mode, tok, add_bos=add_bos, add_eos=add_eos, skip_invalid=skip_invalid,
-                    drop_identical=drop_identical, vocab_size=vocab_size, pad_id=pad_id, shard_bytes=shard_bytes,
-                    dedup_window=dedup_window)
-    opts, mode, tok, job, options = bp.job.opts, bp.mode, bp.tokenizer, bp.job, bp.options
-    if out.exists() or out.is_symlink():
-        ident_now = tok.identity() if tok is not None else None
-        if resume and _up_to_date(out, sources, options, part, ident_now):
-            return BuildReport(output=str(out), skipped=True, shape=opts.shape or "", mode=mode,
-                               part=f"{shard_index}/{num_shards}" if part else None)
-        if not force:
-            raise DatasetExistsError(f"{out}: already exists and was built differently; pass --force to replace it")
-
-    plan, unit_info = _part_ranges(sources, num_shards, shard_index)
-    report = BuildReport(output=str(out), shape=opts.shape or "", mode=mode,
-                         part=f"{shard_index}/{num_shards}" if part else None)
-    total_bytes = sum(s.size for s in sources)
-    report.input_bytes = total_bytes
-    n_workers = _choose_workers(workers, sources, total_bytes)
-    report.workers = n_workers
-    bar = Progress(total_bytes or None, enabled=progress)
-    rejects = Rejects(rejects_path(out))
-    writer = Writer(out, force=force, **bp.writer)
-    pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
-    feed: Generator[tuple[int, Block], None, None] | None = None
-    results: Generator[tuple[tuple[int, BlockResult], int], None, None] | None = None
     try:
-        writer.tokenizer = attach_tokenizer(writer.tmp, tok, writer.tokenizer)
-        offsets = {}
-        base = 0
-        for s in sources:
+        o = dataclasses.replace(options or BuildOptions(), **settings)
+    except TypeError:
+        known = {f.name for f in dataclasses.fields(BuildOptions)}
+        raise TypeError(f"build() got unknown settings {sorted(set(settings) - known)}; "
+                        f"known: {', '.join(sorted(known))}") from None
+    return _Build(inputs, Path(output), o, on_record).run()
+
+
+class _Build:
+    """One build, as named steps over shared state; :meth:`run` is the order they run in."""
+
+    def __init__(self, inputs: Any, out: Path, o: BuildOptions, on_record: Callable[[int], None] | None) -> None:
+        self.t0 = time.perf_counter()
+        self.inputs, self.out, self.o, self.on_record = inputs, out, o, on_record
+        if not 1 <= o.num_shards or not 0 <= o.shard_index < o.num_shards:
+            raise ValueError(f"shard_index must be in [0, num_shards): got {o.shard_index} of {o.num_shards}")
+        self.part = None if o.num_shards == 1 else {"num_shards": o.num_shards, "shard_index": o.shard_index}
+        self.vocab_size, self.pad_id = o.vocab_size, o.pad_id
+        self.shard_bytes, self.dedup_window = o.shard_bytes, o.dedup_window
+        self.columns = o.column_specs()
+        self.tok: Any = None
+        self.vocab_note: str | None = None
+
+    def run(self) -> BuildReport:
+        o = self.o
+        shape_opts = o.shape_options()
+        self.tok = load_tokenizer(o.tokenizer) if isinstance(o.tokenizer, (str, os.PathLike)) else o.tokenizer
+        self.sources = open_sources(self.inputs)
+        if o.max_record_bytes is not None:
+            for src in self.sources:
+                if isinstance(src, JsonlSource):
+                    src.max_record_bytes = o.max_record_bytes
+        self._apply_sidecars()
+        if not o.resume:  # before reading any input (--resume compares an existing dataset first)
+            check_output(self.out, force=o.force)
+        shape_opts = resolve_chat_template(shape_opts, self.tok, o.chat_template)
+        opts, mode = _detect(self.sources, shape_opts, self.tok)
+        check_chat_template(opts, self.tok, o.chat_template)
+        self.plan = plan_build(opts, mode, self.tok, add_bos=o.add_bos, add_eos=o.add_eos,
+                               skip_invalid=o.skip_invalid, drop_identical=o.drop_identical,
+                               vocab_size=self.vocab_size, pad_id=self.pad_id, shard_bytes=self.shard_bytes,
+                               dedup_window=self.dedup_window, columns=self.columns)
+        self.opts, self.mode, self.tok = opts, self.plan.mode, self.plan.tokenizer
+        if self.out.exists() or self.out.is_symlink():
+            ident_now = self.tok.identity() if self.tok is not None else None
+            if o.resume and _up_to_date(self.out, self.sources, self.plan.options, self.part, ident_now):
+                return BuildReport(output=str(self.out), skipped=True, shape=self.opts.shape or "", mode=self.mode,
+                                   part=self._part_text())
+            if not o.force:
+                raise DatasetExistsError(f"{self.out}: already exists and was built differently; "
+                                         "pass --force to replace it")
+        report = self._new_report()
+        manifest = self._write(report)
+        finish_report(report, manifest)
+        report.seconds = time.perf_counter() - self.t0
+        return report
+
+    # -- settings --------------------------------------------------------------------------------
+    def _apply_sidecars(self) -> None:
+        """Exports of datasets (``pairpack export``) carry their settings in a sidecar: rebuilding
+        them takes vocabulary, special ids, tokenizer, shard size and columns from it. Several
+        exports must agree; an input without a sidecar among exports is refused, since its ids
+        could mean anything."""
+        files = [s for s in self.sources if s.size]
+        sides = [read_sidecar(s.path) for s in files]
+        if not any(sides):
+            return
+        first = next(i for i, x in enumerate(sides) if x)
+        side = sides[first]
+        key = ("vocab_size", "pad_id", "bos_id", "eos_id", "token_dtype", "tokenizer", "columns")
+
+        def tok_key(x: dict[str, Any]) -> dict[str, Any]:
+            return {k: (fmt.tokenizer_key(x.get(k)) if k == "tokenizer" else x.get(k)) for k in key}
+
+        for s, x in zip(files, sides):
+            if x is None and self.tok is None and self.vocab_size is None:
+                raise SourceError(f"this input has no export sidecar ({Path(s.path).name}.pairpack.json) while "
+                                  f"{Path(files[first].path).name} has one: their ids may come from different "
+                                  "tokenizers; pass --tokenizer or --vocab-size to build them together",
+                                  path=s.path, reason="missing_sidecar")
+            if x is not None and tok_key(x) != tok_key(side):
+                diff = next(k for k in key if tok_key(x)[k] != tok_key(side)[k])
+                raise SourceError(f"exported with other settings than {Path(files[first].path).name} "
+                                  f"({diff}: {x.get(diff)!r} vs {side.get(diff)!r}); build them separately",
+                                  path=s.path, reason="mixed_exports")
+        if self.tok is None:
+            self.tok = _sidecar_tokenizer(side, Path(files[first].path).parent)
+        if self.vocab_size is None and self.tok is None:
+            self.vocab_size = side.get("vocab_size")
+        self.pad_id = side.get("pad_id") if self.pad_id is None else self.pad_id
+        self.shard_bytes = side.get("shard_bytes") if self.shard_bytes is None else self.shard_bytes
+        self.dedup_window = side.get("dedup_window") if self.dedup_window is None else self.dedup_window
+        if not self.columns and side.get("columns"):
+            self.columns = tuple(ColumnSpec(c["name"], c["name"], c["dtype"]) for c in side["columns"])
+
+    def _part_text(self) -> str | None:
+        return f"{self.o.shard_index}/{self.o.num_shards}" if self.part else None
+
+    def _new_report(self) -> BuildReport:
+        tok, job = self.tok, self.plan.job
+        bos_id, eos_id = self.plan.writer["bos_id"], self.plan.writer["eos_id"]
+        report = BuildReport(output=str(self.out), shape=self.opts.shape or "", mode=self.mode, part=self._part_text(),
+                             shape_reason=self.opts.why, columns=[f"{c.name} ({c.path}, {c.dtype})" for c in self.columns])
+        if tok is None:
+            report.tokenizer = "none: token ids stored as given"
+        elif isinstance(tok, HFTokenizer):
+            join = (f"; completions encoded as continuations (after {tok.join_anchor!r}, whose ids are dropped)"
+                    if tok.join_anchor is not None else "")
+            report.tokenizer = f"{tok.name} ({tok.path}, vocabulary {tok.vocab_size:,}){join}"
+        else:
+            report.tokenizer = f"{getattr(tok, 'name', type(tok).__name__)} (vocabulary {tok.vocab_size:,})"
+        if self.mode == "text":
+            report.template = self.opts.template_label()
+            src = getattr(tok, "special_sources", {})
+            report.bos = describe_special(tok, bos_id, src.get("bos")) + (
+                ", prepended to prompts" if job.bos is not None else
+                ", not added (--add-bos adds it)" if bos_id is not None else "")
+            report.eos = describe_special(tok, eos_id, src.get("eos")) + (
+                ", appended to completions" if job.eos is not None else
+                ", not added" if eos_id is not None else "")
+        return report
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _write(self, report: BuildReport) -> fmt.Manifest:
+        """Run every block of this part through the plan's job (in workers when it pays) and commit
+        the dataset; on any error nothing is left at the output (but a rejects file explaining a
+        build that kept no pair)."""
+        o, out, job = self.o, self.out, self.plan.job
+        plan, unit_info = _part_ranges(self.sources, o.num_shards, o.shard_index)
+        report.input_bytes = total_bytes = sum(s.size for s in self.sources)
+        n_workers = report.workers = _choose_workers(o.workers, self.sources, total_bytes)
+        bar = Progress(total_bytes or None, enabled=o.progress)
+        rejects = Rejects(rejects_path(out))
+        writer = Writer(out, force=o.force, **self.plan.writer)
+        pool: ProcessPoolExecutor | ThreadPoolExecutor | None = None
+        feed = self._blocks(plan)
+        results: Generator[tuple[tuple[int, BlockResult], int], None, None] | None = None
+        try:
+            writer.tokenizer = attach_tokenizer(writer.tmp, self.tok, writer.tokenizer)
+            pool, results = _start(job, feed, n_workers)
+            records = 0
+            for (base_b, res), done in results:
+                records += res.records
+                add_result(writer, res, report, rejects if o.skip_invalid else None)
+                if self.on_record is not None:
+                    self.on_record(writer.num_pairs)
+                bar.update(writer.num_pairs, base_b + done)
+            if pool is not None:
+                pool.shutdown()
+                pool = None
+            # a part of a split may cover no records (more parts than records): merge needs it anyway
+            if writer.num_pairs == 0 and not o.allow_empty and (records or not self.part):
+                raise self._no_pairs(records, report, rejects)
+            if self.tok is None and self.vocab_size is None:
+                report.vocab_note = (f"no tokenizer and no --vocab-size: vocab_size guessed as the largest id + 1 "
+                                     f"({writer.max_id + 1:,}); pass --vocab-size N (or --tokenizer) to record "
+                                     "the real one")
+            writer.provenance = {
+                "pairpack_version": __version__,
+                "inputs": [s.provenance() for s in self.sources],
+                "options": self.plan.options,
+                "mode": self.mode,
+                **({"part": {**self.part, **unit_info}} if self.part else {}),
+            }
+            manifest = writer.commit()
+            report.rejects_file = rejects.commit()
+        except BaseException:
+            bar.close()
+            # the exception's traceback keeps this frame, and with it the generators, alive: close
+            # them now, which stops and joins the input's read-ahead thread (sources._ReadAhead)
+            if results is not None:
+                results.close()
+            feed.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            writer.abort()
+            rejects.discard()
+            raise
+        bar.close()
+        return manifest
+
+    def _blocks(self, plan: list[tuple[Source, int, int | None]]) -> Generator[tuple[int, Block], None, None]:
+        """(byte offset of the block's source in the whole input, block) over this part's plan."""
+        offsets, base = {}, 0
+        for s in self.sources:
             offsets[id(s)] = base
             base += s.size
+        for s, lo, hi in plan:
+            with closing(s.blocks(lo, hi)) as source_blocks:
+                for b in source_blocks:
+                    yield offsets[id(s)], b
 
-        def blocks() -> Iterator[tuple[int, Block]]:
-            for s, lo, hi in plan:
-                with closing(s.blocks(lo, hi)) as source_blocks:
-                    for b in source_blocks:
-                        yield offsets[id(s)], b
-
-        feed = blocks()
-
-        if n_workers > 1 and _threads_suffice(job):
-            # the C reader releases the GIL for the whole block: threads parallelise it with no
-            # pickling of blocks and results between processes (which cost more than the parse)
-            extractor = make_extractor(opts, tok)
-            pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pairpack-build")
-            results = _ordered(lambda b, p=pool: p.submit(process_block, job, extractor, b), feed, 2 * n_workers)
-        elif n_workers > 1:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-            if ctx.get_start_method() == "fork":
-                # the parent's tokenizer threads must not be inherited mid-use; see tokenization.py
-                os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-            pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(job,))
-            results = _ordered(lambda b, p=pool: p.submit(_work, b), feed, 2 * n_workers)
+    def _no_pairs(self, records: int, report: BuildReport, rejects: Rejects) -> SourceError:
+        """The error of a build that kept no pair (its rejects file is kept, to be read)."""
+        paths = ", ".join(Path(s.path).name for s in self.sources)
+        if records == 0:
+            msg = "the input holds no records"
+        elif report.rejected:
+            reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(report.rejected.items()))
+            where = rejects.commit()  # kept, to be read: the dataset is not written
+            msg = (f"no pair kept: every one of {records:,} records was rejected ({reasons}); the reasons are in "
+                   f"{where}")
         else:
-            extractor = make_extractor(opts, tok)
-            results = (((base_b, process_block(job, extractor, b)), b.done_bytes) for base_b, b in feed)
-        for (base_b, res), done in results:
-            add_result(writer, res, report, rejects if skip_invalid else None)
-            if on_record is not None:
-                on_record(writer.num_pairs)
-            bar.update(writer.num_pairs, base_b + done)
-        if pool is not None:
-            pool.shutdown()
-            pool = None
-        writer.provenance = {
-            "pairpack_version": __version__,
-            "inputs": [s.provenance() for s in sources],
-            "options": options,
-            "mode": mode,
-            **({"part": {**part, **unit_info}} if part else {}),
-        }
-        manifest = writer.commit()
-        report.rejects_file = rejects.commit()
-    except BaseException:
-        bar.close()
-        # the exception's traceback keeps this frame, and with it the generators, alive: close
-        # them now, which stops and joins the input's read-ahead thread (sources._ReadAhead)
-        if results is not None:
-            results.close()
-        if feed is not None:
-            feed.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        writer.abort()
-        rejects.discard()
-        raise
-    bar.close()
-    finish_report(report, manifest)
-    report.seconds = time.perf_counter() - t0
-    return report
+            msg = f"no pair kept: all {records:,} pairs were identical and --drop-identical dropped them"
+        return SourceError(msg + " (allow_empty=True writes an empty dataset anyway)", path=paths, reason="no_pairs")
 
 
-def finish_report(report: BuildReport, manifest: fmt.Manifest) -> None:
-    """The report's figures read from the written manifest; ``report.tokens`` goes in as the
-    tokens given to the writer and comes out as the tokens stored (prompt sharing the difference)."""
-    report.pairs = manifest.num_pairs
-    report.unique_prompts = sum(s.num_prompts for s in manifest.shards)
-    stored = sum(s.num_tokens for s in manifest.shards)
-    report.prompt_tokens_saved = report.tokens - stored
-    report.tokens = stored
-    report.token_dtype = manifest.token_dtype
-    report.shards = len(manifest.shards)
-    report.dataset_bytes = sum(e.bytes for e in manifest.files()) + len(manifest.dumps())
+def _start(job: _Job, blocks: Iterator[tuple[int, Block]], n_workers: int
+           ) -> tuple[ProcessPoolExecutor | ThreadPoolExecutor | None, Generator[tuple[tuple[int, BlockResult], int], None, None]]:
+    """(pool or None, ((source offset, result), bytes done) per block in input order)."""
+    if n_workers > 1 and _threads_suffice(job):
+        # the C reader releases the GIL for the whole block: threads parallelise it with no
+        # pickling of blocks and results between processes (which cost more than the parse)
+        extractor = make_extractor(job.opts, job.tokenizer)
+        pool: Any = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="pairpack-build")
+        return pool, _ordered(lambda b, p=pool: p.submit(process_block, job, extractor, b), blocks, 2 * n_workers)
+    if n_workers > 1:
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+        if ctx.get_start_method() == "fork":
+            # the parent's tokenizer threads must not be inherited mid-use; see tokenization.py
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+        pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker, initargs=(job,))
+        return pool, _ordered(lambda b, p=pool: p.submit(_work, b), blocks, 2 * n_workers)
+    extractor = make_extractor(job.opts, job.tokenizer)
+    return None, (((base_b, process_block(job, extractor, b)), b.done_bytes) for base_b, b in blocks)
 
 
 def _sidecar_tokenizer(side: dict[str, Any], where: Path) -> Any:
@@ -788,10 +1127,7 @@ def _up_to_date(out: Path, sources: list[Source], options: dict[str, Any], part:
     except PairpackError:
         return False
 
-    def key(t: dict[str, Any] | None) -> Any:
-        return None if t is None else {k: v for k, v in t.items() if k not in ("file", "source_path")}
-
-    if key(m.tokenizer) != key(tok_ident):
+    if fmt.tokenizer_key(m.tokenizer) != fmt.tokenizer_key(tok_ident):
         return False
     prov = m.provenance
     got = prov.get("options", {})

@@ -29,7 +29,6 @@ What equals what:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import shutil
@@ -56,18 +55,20 @@ from ..write.combine import combine_parts
 from ..write.writer import Writer
 from .build import (
     DETECT_RECORDS,
+    BuildOptions,
     BuildPlan,
     BuildReport,
     Rejects,
     _detect,
     add_result,
     attach_tokenizer,
+    check_chat_template,
     finish_report,
     plan_build,
     process_block,
     rejects_path,
+    resolve_chat_template,
 )
-from .build import build as _single_build
 from .shapes import FieldSpec, ShapeOptions, make_extractor
 from .sources import Block, RecordsSource
 
@@ -78,7 +79,7 @@ _STEP_PAIRS = 1 << 16  # pairs re-laid out per writer call (byte_identical)
 
 # build() options that make no sense for a Ray dataset (the engine reads and schedules)
 _NOT_HERE = ("inputs", "output", "workers", "num_shards", "shard_index", "resume", "progress", "on_record",
-             "max_record_bytes")
+             "max_record_bytes", "allow_empty")
 
 
 # --- per worker process -----------------------------------------------------------------------
@@ -176,28 +177,27 @@ class Datasink(ray.data.Datasink):
 
     def __init__(self, path: str | os.PathLike, *, byte_identical: bool = False, rows_per_task: int | None = None,
                  sample: Iterable[dict[str, Any]] | None = None, **options: Any) -> None:
-        params = inspect.signature(_single_build).parameters  # the options accepted here
-        known = set(params) - set(_NOT_HERE)
+        defaults = {f.name: f.default for f in dataclasses.fields(BuildOptions)}  # the options accepted here
+        known = set(defaults) - set(_NOT_HERE)
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"pairpack.ray.Datasink: unknown option(s) {unknown}; options are those of "
                             f"pairpack.build: {sorted(known)}")
-        defaults = {k: p.default for k, p in params.items() if k in known}
-        o = {**defaults, **options}
+        bo = BuildOptions(**options)
         self.path = Path(path).absolute()
-        self.force = bool(o.pop("force"))
-        self.skip_invalid = bool(o["skip_invalid"])
+        self.force = bo.force
+        self.skip_invalid = bo.skip_invalid
         self.byte_identical = byte_identical
         self.rows_per_task = rows_per_task
         self.report: BuildReport | None = None
         self.tasks: list[dict[str, Any]] = []  # per write task: rows, pairs, worker, ... (after the write)
-        self._shape_opts = ShapeOptions(shape=o.pop("shape"), spec=FieldSpec(o.pop("prompt"), o.pop("chosen"),
-                                                                              o.pop("rejected")),
-                                        prompt_template=o.pop("prompt_template"),
-                                        chat_template=o.pop("chat_template"), hh_marker=o.pop("hh_marker"))
-        tok = o.pop("tokenizer")
+        tok = bo.tokenizer
         self._tok = load_tokenizer(tok) if isinstance(tok, (str, os.PathLike)) else tok
-        self._plan_args = o  # vocab_size, pad_id, add_bos, add_eos, skip_invalid, drop_identical, ...
+        self._chat_template = bo.chat_template
+        self._shape_opts = resolve_chat_template(bo.shape_options(), self._tok, bo.chat_template)
+        self._plan_args = {k: getattr(bo, k) for k in ("vocab_size", "pad_id", "add_bos", "add_eos", "skip_invalid",
+                                                       "drop_identical", "shard_bytes", "dedup_window")}
+        self._plan_args["columns"] = bo.column_specs()
         self._plan: BuildPlan | None = None
         if sample is not None:
             recs = list(sample)
@@ -224,6 +224,7 @@ class Datasink(ray.data.Datasink):
 
     def _make_plan(self, records: list[dict[str, Any]], tok: Any) -> BuildPlan:
         opts, mode = _detect([RecordsSource([_plain(r) for r in records[:DETECT_RECORDS]])], self._shape_opts, tok)
+        check_chat_template(opts, tok, self._chat_template)
         return plan_build(opts, mode, tok, **self._plan_args)
 
     # driver ---------------------------------------------------------------------------------
@@ -358,8 +359,9 @@ class Datasink(ray.data.Datasink):
                               "text" if self._tok is not None else "ids", self._tok, **self._plan_args)
         opts_json, mode = next(iter(seen.values()))["detected"]
         so = self._shape_opts
-        opts = ShapeOptions(shape=opts_json["shape"], spec=so.spec, prompt_template=so.prompt_template,
-                            chat_template=so.chat_template, hh_marker=so.hh_marker)
+        # the detected shape and field names (detection may name the fields of a known layout)
+        opts = dataclasses.replace(so, shape=opts_json["shape"], prompt_template=opts_json["prompt_template"],
+                                   spec=FieldSpec(opts_json["prompt"], opts_json["chosen"], opts_json["rejected"]))
         return plan_build(opts, mode, self._tok, **self._plan_args)
 
     def _gather_rejects(self, rets: list[dict[str, Any]], rejects: Rejects, ordered: bool) -> None:

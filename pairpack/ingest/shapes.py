@@ -14,9 +14,13 @@ given, see :func:`detect_shape`):
     original`` exactly on both sides. See :func:`split_hh`.
 ``chat``
     Message lists ``[{role, content}]``, ShareGPT ``[{from, value}]`` (roles human/gpt/system), and
-    content given as a list of text parts. Rendered with a chat template (built-in ``chatml`` and
-    ``hh``, or a Jinja template); the prompt ends with the assistant header and the completion is
-    only the final assistant turn. See :class:`ChatRenderer` and :func:`chat_messages`.
+    content given as a list of text parts (``{"type": "text", "text"|"value": ...}``). Rendered
+    with a chat template (built-in ``chatml`` and ``hh``, or a Jinja template, which also sees the
+    record's ``tools`` and ``chat_template_kwargs``); the prompt ends with the assistant header and
+    the completion is only the final assistant turn. ShareGPT records with a ``conversations``
+    prompt and OpenAI preference records (``input.messages``, ``preferred_output``,
+    ``non_preferred_output``) are recognised by :func:`detect_shape`. See :class:`ChatRenderer` and
+    :func:`chat_messages`.
 ``template``
     A composite prompt from a format string over record fields, e.g. Alpaca's ``instruction`` and
     ``input``; ``[[...]]`` marks an optional part dropped when a field in it is missing or empty.
@@ -25,8 +29,9 @@ given, see :func:`detect_shape`):
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -34,7 +39,8 @@ from ..errors import SourceError
 
 __all__ = ["FieldSpec", "Segment", "get_path", "extract", "SHAPES", "ShapeOptions", "detect_shape",
            "split_hh", "PromptTemplate", "ChatRenderer", "chat_messages", "normalize_message",
-           "make_extractor", "ALPACA_TEMPLATE", "NAMED_TEMPLATES", "HH_MARKER"]
+           "make_extractor", "missing_field", "ALPACA_TEMPLATE", "NAMED_TEMPLATES", "HH_MARKER",
+           "CHAT_SPLIT_NOTE", "Segments", "MISSING"]
 
 Segment = Union[str, list]
 SHAPES = ("fields", "hh", "chat", "template")
@@ -57,8 +63,38 @@ class FieldSpec:
     chosen: str = "chosen"
     rejected: str = "rejected"
 
+    def flag(self, field: str) -> str:
+        """The command-line flag that names ``field`` (``--prompt``, ``--chosen``, ``--rejected``)."""
+        for role in ("prompt", "chosen", "rejected"):
+            if getattr(self, role) == field:
+                return f"--{role}"
+        return "--prompt/--chosen/--rejected"
+
 
 _MISSING = object()
+MISSING = _MISSING  # what get_path returns for an absent path
+_KEYS_SHOWN = 12  # record keys listed in an error message
+
+
+def _keys_text(data: Any, prefix: str = "") -> list[str]:
+    """The record's keys (under dotted ``prefix``), for error messages."""
+    cur = get_path(data, prefix) if prefix else data
+    return [str(k) for k in cur] if isinstance(cur, dict) else []
+
+
+def missing_field(data: Any, field: str, spec: "FieldSpec | None" = None, what: str = "missing field") -> SourceError:
+    """The SourceError of an absent ``field``: it lists the record's keys (those of the dotted
+    path's parent for a dotted path), suggests the closest one, and names the flag that fixes it."""
+    parent = field.rsplit(".", 1)[0] if "." in field and not (isinstance(data, dict) and field in data) else ""
+    keys = _keys_text(data, parent)
+    leaf = field[len(parent) + 1:] if parent else field
+    near = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6)
+    shown = ", ".join(keys[:_KEYS_SHOWN]) + (f", ... ({len(keys)} keys)" if len(keys) > _KEYS_SHOWN else "")
+    where = f"under {parent!r} " if parent else ""
+    flag = spec.flag(field) if spec is not None else "--prompt/--chosen/--rejected"
+    msg = f"{what}; the record's keys {where}are {shown or '(none)'}"
+    msg += f"; did you mean {near[0]!r}? Name the field with {flag} NAME" if near else f"; name the field with {flag} NAME"
+    return SourceError(msg, field=field, reason="missing_field")
 
 
 def get_path(obj: Any, dotted: str) -> Any:
@@ -107,7 +143,7 @@ def extract(data: Any, spec: FieldSpec) -> tuple[Segment, Segment, Segment]:
     for field in (spec.prompt, spec.chosen, spec.rejected):
         v = get_path(data, field)
         if not _present(v):
-            raise SourceError("missing field", field=field, reason="missing_field")
+            raise missing_field(data, field, spec)
         out.append(_segment(v, field))
     return out[0], out[1], out[2]
 
@@ -246,8 +282,7 @@ class PromptTemplate:
             elif kind == "field":
                 v = self._value(data, x)
                 if v is None:
-                    raise SourceError("missing field (used by the prompt template)", field=x,
-                                      reason="missing_field")
+                    raise missing_field(data, x, what="missing field (used by the prompt template)")
                 out.append(v)
             else:
                 piece: list[str] = []
@@ -270,27 +305,42 @@ _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "ass
 
 
 def _content_text(content: Any, field: str) -> str:
+    """Text of a message's content: a string, or text parts ``{"type": "text", "text": ...}``
+    (``"value"`` instead of ``"text"`` in some training frameworks' newer formats) and strings."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         out = []
-        for part in content:
+        for i, part in enumerate(content):
             if isinstance(part, str):
                 out.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
-                out.append(part["text"])
-            else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise SourceError(f"only text content parts are supported, found {kind!r}", field=field,
+                continue
+            if not isinstance(part, dict):
+                raise SourceError(f"content part {i} must be an object or a string, got {type(part).__name__}",
+                                  field=field, reason="chat_content")
+            kind = part.get("type", "text")
+            if kind != "text":
+                raise SourceError(f"content part {i} has type {kind!r}: only text parts are supported "
+                                  "(images, audio and other media cannot be tokenized as text)", field=field,
                                   reason="chat_content")
+            text = part.get("text", part.get("value"))
+            if not isinstance(text, str):
+                raise SourceError(f"text content part {i} has no 'text' (or 'value') string; its keys are "
+                                  f"{', '.join(map(str, part)) or '(none)'}", field=field, reason="chat_content")
+            out.append(text)
         return "".join(out)
     raise SourceError(f"message content must be a string or a list of text parts, got {type(content).__name__}",
                       field=field, reason="chat_content")
 
 
-def normalize_message(m: Any, field: str) -> dict[str, str]:
-    """``{role, content}`` or ShareGPT ``{from, value}`` -> ``{"role", "content"}`` with roles
-    user/assistant/system/tool (human -> user, gpt -> assistant) and content joined from text parts."""
+# keys of a message that are its role and content in one of the dialects (not passed on as extras)
+_DIALECT_KEYS = ("role", "from", "content", "value")
+
+
+def normalize_message(m: Any, field: str) -> dict[str, Any]:
+    """``{role, content}`` or ShareGPT ``{from, value}`` -> ``{"role", "content", ...}`` with roles
+    user/assistant/system/tool (human -> user, gpt -> assistant) and content joined from text parts.
+    Other keys (``tool_calls``, ``name``, ``reasoning_content``, ...) are kept for Jinja templates."""
     if not isinstance(m, dict):
         raise SourceError(f"a message must be an object, got {type(m).__name__}", field=field, reason="chat_message")
     role = m.get("role", m.get("from"))
@@ -301,7 +351,10 @@ def normalize_message(m: Any, field: str) -> dict[str, str]:
     if r is None:
         raise SourceError(f"unknown message role {role!r} (known: {', '.join(sorted(_ROLES))})", field=field,
                           reason="chat_message")
-    return {"role": r, "content": _content_text(content, field)}
+    out = {"role": r, "content": _content_text(content, field)}
+    if len(m) > 2:
+        out.update((k, v) for k, v in m.items() if k not in _DIALECT_KEYS)
+    return out
 
 
 def _as_messages(v: Any, field: str, *, default_role: str) -> list[dict[str, str]]:
@@ -335,7 +388,7 @@ def chat_messages(data: Any, spec: FieldSpec) -> tuple[list[dict[str, str]], dic
     c_raw, r_raw = get_path(data, spec.chosen), get_path(data, spec.rejected)
     for v, f in ((c_raw, spec.chosen), (r_raw, spec.rejected)):
         if not _present(v):
-            raise SourceError("missing field", field=f, reason="missing_field")
+            raise missing_field(data, f, spec)
     cm = _as_messages(c_raw, spec.chosen, default_role="assistant")
     rm = _as_messages(r_raw, spec.rejected, default_role="assistant")
     for msgs, f in ((cm, spec.chosen), (rm, spec.rejected)):
@@ -354,8 +407,8 @@ def chat_messages(data: Any, spec: FieldSpec) -> tuple[list[dict[str, str]], dic
             if _present(p_raw):
                 prompt = _as_messages(p_raw, spec.prompt, default_role="user")
             else:
-                raise SourceError("no prompt: no prompt field and no messages before the final assistant turn",
-                                  field=spec.prompt, reason="missing_field")
+                raise missing_field(data, spec.prompt, spec, what="no prompt: no prompt field and no messages "
+                                    "before the final assistant turn")
     else:
         prompt = _as_messages(p_raw, spec.prompt, default_role="user")
     if not prompt:
@@ -373,8 +426,10 @@ class ChatRenderer:
     ``<|im_start|>assistant\\n``), ``"hh"`` (``\\n\\nHuman: ...`` / ``\\n\\nAssistant: ...``;
     generation prompt ``\\n\\nAssistant:``), a path to a Jinja template file (or to a
     ``tokenizer_config.json`` whose ``chat_template`` is used), or Jinja source. Jinja templates
-    see ``messages``, ``add_generation_prompt``, ``bos_token`` and ``eos_token``, and run in a
-    sandbox (as in ``transformers``: ``trim_blocks``, ``lstrip_blocks``).
+    see ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools`` (the
+    record's, else None) and any template arguments (``template_args`` for the whole build, then the
+    record's ``chat_template_kwargs``), and run in a sandbox (as in ``transformers``:
+    ``trim_blocks``, ``lstrip_blocks``).
     """
 
     def __init__(self, template: str = "chatml", *, bos_token: str = "", eos_token: str = "") -> None:
@@ -424,8 +479,15 @@ class ChatRenderer:
             self._compiled = _SANDBOX_ENV.from_string(self.source)
         return self._compiled
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        """Text of ``messages``; with ``add_generation_prompt`` it ends with the assistant header."""
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+               extra: dict[str, Any] | None = None) -> str:
+        """Text of ``messages``; with ``add_generation_prompt`` it ends with the assistant header.
+        ``extra``: further template variables (``tools``, template arguments); Jinja only."""
+        if extra and self.kind != "jinja":
+            if extra.get("tools"):
+                raise SourceError(f"the record has tools, which the built-in {self.kind} template cannot render; "
+                                  "use the model's own Jinja template (--tokenizer MODEL_DIR or --chat-template FILE)",
+                                  field="tools", reason="chat_template")
         if self.kind == "chatml":
             text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
             return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
@@ -434,40 +496,97 @@ class ChatRenderer:
             text = "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
             return text + ("\n\nAssistant:" if add_generation_prompt else "")
         try:
-            return self._jinja().render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos_token, eos_token=self.eos_token)
+            args = {"tools": None, **(extra or {}), "messages": messages,
+                    "add_generation_prompt": add_generation_prompt, "bos_token": self.bos_token,
+                    "eos_token": self.eos_token}
+            return self._jinja().render(**args)
         except Exception as e:  # noqa: BLE001 - template code can raise anything
             raise SourceError(f"chat template failed: {type(e).__name__}: {str(e)[:200]}",
                               reason="chat_template") from None
 
-    def split(self, prompt: list[dict[str, str]], final: dict[str, str], field: str) -> tuple[str, str]:
+    def split(self, prompt: list[dict[str, Any]], final: dict[str, Any], field: str,
+              extra: dict[str, Any] | None = None) -> tuple[str, str]:
         """(prompt text ending with the generation prompt, completion text of ``final`` alone).
 
         The completion is the full rendering minus the prompt rendering; a template for which the
-        prompt is not a prefix of the full text is refused (reason "chat_template").
+        prompt is not a prefix of the full text is refused (reason "chat_template"; see
+        :meth:`split_pair` for the common-prefix split).
         """
-        try:
-            p = self.render(prompt, True)
-            full = self.render(prompt + [final], False)
-        except SourceError as e:
-            raise SourceError(e.detail, field=e.field or field, reason=e.reason) from None
-        if not full.startswith(p) or len(full) == len(p):
+        p, full = self._renders(prompt, [final], [field], extra)
+        if not full[0].startswith(p) or len(full[0]) == len(p):
             raise SourceError("the chat template's rendering of the prompt (with generation prompt) is not a "
                               "strict prefix of its rendering with the final assistant turn", field=field,
                               reason="chat_template")
-        return p, full[len(p):]
+        return p, full[0][len(p):]
+
+    def _renders(self, prompt: list[dict[str, Any]], finals: list[dict[str, Any]], fields: list[str],
+                 extra: dict[str, Any] | None) -> tuple[str, list[str]]:
+        try:
+            p = self.render(prompt, True, extra)
+        except SourceError as e:
+            raise SourceError(e.detail, field=e.field or fields[0], reason=e.reason) from None
+        full = []
+        for m, f in zip(finals, fields):
+            try:
+                full.append(self.render(prompt + [m], False, extra))
+            except SourceError as e:
+                raise SourceError(e.detail, field=e.field or f, reason=e.reason) from None
+        return p, full
+
+    def split_pair(self, prompt: list[dict[str, Any]], chosen: dict[str, Any], rejected: dict[str, Any],
+                   fields: tuple[str, str], extra: dict[str, Any] | None = None, strict: bool = False
+                   ) -> tuple[str, str, str, bool]:
+        """(prompt text, chosen text, rejected text, split at the common prefix?).
+
+        When the prompt's rendering (with generation prompt) is a prefix of both conversations'
+        renderings, the completions are what follows it. Templates that render earlier turns
+        differently once a reply follows (e.g. dropping earlier turns' reasoning, or a generation
+        prompt that opens a ``<think>`` block) are split as TRL splits them: the prompt is the
+        longest common prefix of the three renderings, and each completion the rest of its
+        conversation. ``strict`` refuses them instead (reason "chat_template").
+        """
+        p, (fc, fr) = self._renders(prompt, [chosen, rejected], list(fields), extra)
+        if fc.startswith(p) and fr.startswith(p) and len(fc) > len(p) and len(fr) > len(p):
+            return p, fc[len(p):], fr[len(p):], False
+        if strict:
+            bad = fields[0] if not fc.startswith(p) or len(fc) == len(p) else fields[1]
+            raise SourceError("the chat template's rendering of the prompt (with generation prompt) is not a "
+                              "strict prefix of its rendering with the final assistant turn (without "
+                              "--strict-chat-template such records are split at the common prefix)",
+                              field=bad, reason="chat_template")
+        cut = min(_common_prefix_len(p, fc), _common_prefix_len(p, fr))
+        if cut == 0:
+            raise SourceError("the chat template renders the prompt and the conversation with no common prefix",
+                              field=fields[0], reason="chat_template")
+        c, r = fc[cut:], fr[cut:]
+        if not c or not r:
+            raise SourceError("the chat template renders no completion after the prompt", reason="chat_template",
+                              field=fields[0] if not c else fields[1])
+        return p[:cut], c, r, True
 
 
 # --- shape options, detection, extractors ---------------------------------------------------
 @dataclass(frozen=True)
 class ShapeOptions:
-    """How records are read: shape (None: detect), fields, templates and the HH marker."""
+    """How records are read: shape (None: detect), fields, templates and the HH marker.
+
+    ``chat_template_name`` labels a template given as source (the tokenizer's own);
+    ``template_args`` are passed to Jinja chat templates; ``strict_chat_template`` refuses
+    templates whose prompt is not a prefix of the conversation (see :meth:`ChatRenderer.split_pair`);
+    ``explicit`` holds the roles ("prompt", "chosen", "rejected") whose field names the user gave,
+    so that detection never reads past a typo in them; ``why`` says how the shape was decided.
+    """
 
     shape: str | None = None
     spec: FieldSpec = FieldSpec()
     prompt_template: str | None = None
     chat_template: str = "chatml"
     hh_marker: str = HH_MARKER
+    chat_template_name: str | None = None
+    template_args: tuple[tuple[str, Any], ...] = ()
+    strict_chat_template: bool = False
+    explicit: frozenset = dc_field(default=frozenset(), compare=False)
+    why: str = dc_field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.shape is not None and self.shape not in SHAPES:
@@ -478,40 +597,84 @@ class ShapeOptions:
             PromptTemplate(self.prompt_template)  # syntax errors surface before any record is read
 
     def to_json(self) -> dict[str, Any]:
-        return {"shape": self.shape, "prompt": self.spec.prompt, "chosen": self.spec.chosen,
-                "rejected": self.spec.rejected, "prompt_template": self.prompt_template,
-                "chat_template": self.chat_template if self.shape == "chat" else None,
-                "hh_marker": self.hh_marker if self.shape == "hh" else None}
+        """The options as recorded in the manifest's provenance (new keys only when set, so that
+        datasets built without them keep their manifests)."""
+        chat = self.shape == "chat"
+        out = {"shape": self.shape, "prompt": self.spec.prompt, "chosen": self.spec.chosen,
+               "rejected": self.spec.rejected, "prompt_template": self.prompt_template,
+               "chat_template": self.chat_template if chat else None,
+               "hh_marker": self.hh_marker if self.shape == "hh" else None}
+        if chat and self.chat_template_name:
+            out["chat_template_name"] = self.chat_template_name
+        if chat and self.template_args:
+            out["template_args"] = dict(self.template_args)
+        if chat and self.strict_chat_template:
+            out["strict_chat_template"] = True
+        return out
+
+    def template_label(self) -> str:
+        """What the build summary calls the template in use."""
+        if self.shape == "chat":
+            name = self.chat_template_name or self.chat_template
+            return f"chat template {name}" if len(name) < 200 else "chat template (Jinja source)"
+        if self.shape == "template":
+            return f"prompt template {self.prompt_template!r}"
+        if self.shape == "hh":
+            return f"HH transcripts split after the last {self.hh_marker!r}"
+        return "none (fields as given)"
+
+
+# Record layouts recognised without flags: (role -> field) and a description for messages.
+_OPENAI = {"prompt": "input.messages", "chosen": "preferred_output", "rejected": "non_preferred_output"}
 
 
 def detect_shape(record: Any, opts: ShapeOptions) -> ShapeOptions | None:
-    """The options with ``shape`` resolved from one record, or None when this record says nothing
-    (not an object, or chosen/rejected absent).
+    """The options with ``shape`` (and ``why``) resolved from one record, or None when this record
+    says nothing (not an object, or chosen/rejected absent).
 
-    Rules, in order: a forced shape wins; a prompt template means ``template``; chosen, rejected
-    or prompt holding messages means ``chat``; a prompt field means ``fields``; string
-    chosen/rejected with an ``instruction`` field means ``template`` with the built-in Alpaca
-    template; other string chosen/rejected mean ``hh``.
+    Rules, in order: a forced shape wins; a prompt template means ``template``; an OpenAI
+    preference record (``input.messages``, ``preferred_output``, ``non_preferred_output``) means
+    ``chat`` with those fields; a ShareGPT record without a prompt field but with
+    ``conversations`` means ``chat`` with that prompt; chosen, rejected or prompt holding messages
+    means ``chat``; a prompt field means ``fields``; string chosen/rejected with an
+    ``instruction`` field means ``template`` with the built-in Alpaca template; other string
+    chosen/rejected mean ``hh``. Field names the user gave (``opts.explicit``) are never replaced,
+    and a prompt field the user named but the record lacks is an error (a typo must not turn
+    the records into HH transcripts).
     """
     if opts.shape is not None:
-        return opts
+        return replace(opts, why=opts.why or "--shape")
     if opts.prompt_template:
-        return replace(opts, shape="template")
+        return replace(opts, shape="template", why="--prompt-template")
     if not isinstance(record, dict):
         return None
     s = opts.spec
+    given = opts.explicit
+    if not given & {"chosen", "rejected"} and not _present(get_path(record, s.chosen)) \
+            and all(_present(get_path(record, f)) for f in list(_OPENAI.values())[1:]):
+        spec = FieldSpec(s.prompt if "prompt" in given else _OPENAI["prompt"], _OPENAI["chosen"], _OPENAI["rejected"])
+        return replace(opts, shape="chat", spec=spec,
+                       why="OpenAI preference record: " + ", ".join(f"{r} from {getattr(spec, r)!r}" for r in _OPENAI))
     c, r, p = get_path(record, s.chosen), get_path(record, s.rejected), get_path(record, s.prompt)
     if not (_present(c) and _present(r)):
         return None
+    if not _present(p) and "prompt" not in given and _is_messages(record.get("conversations")):
+        return replace(opts, shape="chat", spec=replace(s, prompt="conversations"),
+                       why="ShareGPT record: prompt from 'conversations'")
     if _is_messages(c) or _is_messages(r) or _is_messages(p):
-        return replace(opts, shape="chat")
+        which = next(f for f, v in ((s.chosen, c), (s.rejected, r), (s.prompt, p)) if _is_messages(v))
+        return replace(opts, shape="chat", why=f"field {which!r} holds messages")
     if _present(p):
-        return replace(opts, shape="fields")
+        return replace(opts, shape="fields", why=f"prompt, chosen and rejected fields ({s.prompt!r})")
+    if "prompt" in given:
+        raise missing_field(record, s.prompt, s, what="the prompt field given with --prompt is not in the record "
+                            "(records without a prompt field would be read as HH transcripts, which --prompt rules out)")
     if isinstance(c, str) and isinstance(r, str):
         if isinstance(record.get("instruction"), str):
-            return replace(opts, shape="template", prompt_template="alpaca")
-        return replace(opts, shape="hh")
-    return replace(opts, shape="fields")
+            return replace(opts, shape="template", prompt_template="alpaca",
+                           why="string chosen/rejected and an 'instruction' field: Alpaca")
+        return replace(opts, shape="hh", why=f"string chosen/rejected and no {s.prompt!r} field: HH transcripts")
+    return replace(opts, shape="fields", why="chosen and rejected fields")
 
 
 def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any], tuple[Segment, Segment, Segment]]:
@@ -531,14 +694,19 @@ def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any],
             c, r = get_path(data, s.chosen), get_path(data, s.rejected)
             for v, f in ((c, s.chosen), (r, s.rejected)):
                 if not _present(v):
-                    raise SourceError("missing field", field=f, reason="missing_field")
+                    raise missing_field(data, f, s)
                 if not isinstance(v, str):
                     raise SourceError(f"hh transcripts must be strings, got {type(v).__name__}", field=f,
                                       reason="wrong_type")
             try:
                 return split_hh(c, r, marker)
             except SourceError as e:
-                raise SourceError(e.detail, field=s.chosen if e.field == "chosen" else s.rejected,
+                detail = e.detail
+                if e.reason == "hh_no_marker" and opts.why != "--shape":
+                    keys = ", ".join(map(str, list(data)[:_KEYS_SHOWN]))
+                    detail += (f". The shape hh was detected ({opts.why}); the record's keys are {keys}: if the "
+                               "prompt is in another field, pass --prompt NAME (or --shape to force a shape)")
+                raise SourceError(detail, field=s.chosen if e.field == "chosen" else s.rejected,
                                   reason=e.reason) from None
         return hh
     if shape == "template":
@@ -551,7 +719,7 @@ def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any],
             for f in (s.chosen, s.rejected):
                 v = get_path(data, f)
                 if not _present(v):
-                    raise SourceError("missing field", field=f, reason="missing_field")
+                    raise missing_field(data, f, s)
                 if not isinstance(v, str):
                     raise SourceError(f"must be a string with a prompt template, got {type(v).__name__}",
                                       field=f, reason="wrong_type")
@@ -563,11 +731,55 @@ def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any],
     bos = tok.token_text(tok.bos_id) if tok is not None and hasattr(tok, "token_text") else ""
     eos = tok.token_text(tok.eos_id) if tok is not None and hasattr(tok, "token_text") else ""
     renderer = ChatRenderer(opts.chat_template, bos_token=bos, eos_token=eos)
+    build_args = dict(opts.template_args)
 
     def chat(data: Any) -> tuple[Segment, Segment, Segment]:
         prompt, cf, rf = chat_messages(data, s)
-        p, c = renderer.split(prompt, cf, s.chosen)
-        _, r = renderer.split(prompt, rf, s.rejected)
-        return p, c, r
+        extra = _template_extra(data, build_args)
+        p, c, r, cut = renderer.split_pair(prompt, cf, rf, (s.chosen, s.rejected), extra,
+                                           opts.strict_chat_template)
+        return Segments((p, c, r), CHAT_SPLIT_NOTE) if cut else (p, c, r)
     return chat
+
+
+# counted by the build: records whose chat template's prompt is not a prefix of the conversation
+CHAT_SPLIT_NOTE = "chat_split_at_common_prefix"
+
+
+class Segments(tuple):
+    """(prompt, chosen, rejected) with a ``note`` the build counts (e.g. :data:`CHAT_SPLIT_NOTE`)."""
+
+    note: str | None = None
+
+    def __new__(cls, segs: tuple, note: str | None = None) -> "Segments":
+        self = super().__new__(cls, segs)
+        self.note = note
+        return self
+
+
+def _template_extra(data: dict[str, Any], build_args: dict[str, Any]) -> dict[str, Any] | None:
+    """Jinja variables beyond the messages: the record's ``tools``, the build's template
+    arguments, then the record's ``chat_template_kwargs`` (as TRL passes them)."""
+    tools = data.get("tools")
+    kw = data.get("chat_template_kwargs")
+    if tools is None and kw is None and not build_args:
+        return None
+    out = dict(build_args)
+    if kw is not None:
+        if not isinstance(kw, dict):
+            raise SourceError(f"must be an object of template arguments, got {type(kw).__name__}",
+                              field="chat_template_kwargs", reason="wrong_type")
+        out.update(kw)
+    if isinstance(tools, str):  # some exports store the tool list as JSON text
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise SourceError("tools must be a list of tool definitions (or its JSON text)", field="tools",
+                              reason="wrong_type") from None
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise SourceError(f"tools must be a list of tool definitions, got {type(tools).__name__}",
+                              field="tools", reason="wrong_type")
+        out["tools"] = tools or None
+    return out
 

@@ -118,17 +118,40 @@ def block_records(block: Block) -> Iterator[RawRecord]:
         except _JSONError as e:
             yield RawRecord(path, lineno, None, line.rstrip(b"\r"), _parse_error(e, line, path, lineno))
             continue
+        if type(v) is list and v and isinstance(v[0], dict):  # a JSON array of records saved as .jsonl
+            yield RawRecord(path, lineno, None, line.rstrip(b"\r")[:1024], SourceError(
+                f"the line holds a JSON array ({len(v):,} records), not one record; {_ARRAY_HINT}",
+                path=path, line=lineno, reason="wrong_type"))
+            continue
         yield RawRecord(path, lineno, v, line.rstrip(b"\r"))
 
 
+_ARRAY_HINT = "the file looks like a JSON array: name it .json (JSON Lines, .jsonl, hold one record per line)"
+_JSONL_HINT = "the file looks like JSON Lines (one record per line): name it .jsonl"
+
+
 def _parse_error(e: Exception, line: bytes, path: str, lineno: int) -> SourceError:
-    """The SourceError of a line that does not parse: bad UTF-8 gets its own reason."""
+    """The SourceError of a line that does not parse: bad UTF-8 gets its own reason; the opening
+    line of a pretty-printed JSON array gets a hint to rename the file."""
     try:
         line.decode("utf-8")
     except UnicodeDecodeError as u:
         return SourceError(f"invalid UTF-8 at byte {u.start} of the line", path=path, line=lineno,
                            reason="bad_utf8")
-    return SourceError(f"malformed JSON ({_short(e)})", path=path, line=lineno, reason="malformed_json")
+    hint = f"; {_ARRAY_HINT}" if lineno == 1 and line.strip().startswith(b"[") else ""
+    return SourceError(f"malformed JSON ({_short(e)}){hint}", path=path, line=lineno, reason="malformed_json")
+
+
+def _looks_like_jsonl(head: bytes) -> bool:
+    """Whether a file's first bytes are JSON Lines: a first line that is a whole JSON object,
+    followed by another line."""
+    first, nl, rest = head.partition(b"\n")
+    if not nl or not rest.strip():
+        return False
+    try:
+        return isinstance(_loads(first), dict)
+    except _JSONError:
+        return False
 
 
 def record_text(rec: RawRecord) -> str:
@@ -455,9 +478,12 @@ class JsonArraySource(_FileSource):
             try:
                 arr = _loads(data)
             except _JSONError as e:
-                raise SourceError(f"malformed JSON ({_short(e)})", path=self.path, reason="malformed_json") from None
+                hint = f"; {_JSONL_HINT}" if _looks_like_jsonl(data[:1 << 20]) else ""
+                raise SourceError(f"malformed JSON ({_short(e)}){hint}", path=self.path,
+                                  reason="malformed_json") from None
             if not isinstance(arr, list):
-                raise SourceError("a .json input must hold an array of records", path=self.path,
+                raise SourceError(f"a .json input must hold an array of records, not one {type(arr).__name__}"
+                                  " (records one per line are JSON Lines: name the file .jsonl)", path=self.path,
                                   reason="malformed_json")
             self._finished()
             yield from arr
@@ -494,7 +520,9 @@ class JsonArraySource(_FileSource):
         try:
             skip_ws()
             if pos >= len(buf) or buf[pos] != "[":
-                raise SourceError("a .json input must hold an array of records", path=self.path,
+                hint = _JSONL_HINT if _looks_like_jsonl(buf[pos:pos + (1 << 20)].encode()) else \
+                    "records one per line are JSON Lines: name the file .jsonl"
+                raise SourceError(f"a .json input must hold an array of records; {hint}", path=self.path,
                                   reason="malformed_json")
             pos += 1
             n = 0

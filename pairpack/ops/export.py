@@ -20,6 +20,8 @@ from ..errors import FormatError, StateError
 from ..format.fsio import check_output
 from ..format.sidecar import SIDECAR_FORMAT, SIDECAR_SUFFIX, read_sidecar
 from ..read.dataset import open_dataset
+from ..tokenization import decode_rows
+from .show import tokenizer_status
 
 __all__ = ["export"]
 
@@ -66,7 +68,8 @@ def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: boo
 
     Each line: ``{"prompt": [ids], "chosen": [ids], "rejected": [ids], <column>: value, ...}``,
     with ``prompt_text``/``chosen_text``/``rejected_text`` added when ``decode`` and the tokenizer
-    is available. Beside it, ``<output>.pairpack.json`` records vocab_size, special ids,
+    is available (decoded as whole rows: ``prompt_text + chosen_text`` is the decoded
+    prompt+chosen row). Beside it, ``<output>.pairpack.json`` records vocab_size, special ids,
     tokenizer identity, shard_bytes and dedup_window (and ``<output>.tokenizer.json``, a copy of
     the dataset's tokenizer file, when it has one), which ``pairpack build`` uses so that building
     the export gives back the same dataset. Returns the number of pairs written.
@@ -79,7 +82,7 @@ def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: boo
     check_output(out, force=force, what="export", not_ours=_not_an_export_because)
     tok = ds.tokenizer if decode else None
     if decode and tok is None:
-        raise StateError(f"{dataset}: the tokenizer is not available here, cannot --decode (ids are exported)")
+        raise StateError(f"{dataset}: cannot --decode: {tokenizer_status(ds)}")
     m = ds.manifest
     opt = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -101,9 +104,10 @@ def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: boo
                             rec[key] = toks[s0:s0 + l_chunk[row][j]]
                         for k, v in c_chunk.items():
                             rec[k] = v[j]
-                        if tok is not None:
-                            for key in ("prompt", "chosen", "rejected"):
-                                rec[key + "_text"] = tok.decode(rec[key])
+                        if tok is not None:  # whole rows: no start-of-text marker inside a row
+                            texts = decode_rows(tok, rec["prompt"], rec["chosen"], rec["rejected"])
+                            for key, text in zip(("prompt", "chosen", "rejected"), texts):
+                                rec[key + "_text"] = text
                         lines.append(orjson.dumps(rec, option=opt))
                     f.write(b"".join(lines))
                     n += len(lines)

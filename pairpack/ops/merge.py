@@ -3,9 +3,10 @@
 Merge works on manifests (its steps are in :mod:`pairpack.write.combine`): the parts' shard files
 are hard-linked (or moved, or copied where links are impossible) into renumbered shard directories
 of the new dataset, and their recorded sizes and checksums are reused, so no token data is copied
-or re-hashed. Parts must agree on
-everything that gives ids their meaning (tokenizer, special ids, token dtype, columns, and the
-build options that shape records)."""
+or re-hashed. Parts must agree on everything that gives ids their meaning (tokenizer, special ids,
+token dtype, columns, and whether BOS/EOS were added); how their records were shaped (input shape,
+field names, templates) may differ, and each part's options are kept in the merged provenance."""
+
 
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
         allow_partial: accept parts of a split that do not cover all of its indices.
 
     Raises:
-        StateError: the parts disagree on tokenizer, special ids, token dtype, columns or
-            record-shaping options, or repeat/miss parts of a split.
+        StateError: the parts disagree on tokenizer, special ids, token dtype, columns or whether
+            BOS/EOS were added, or repeat/miss parts of a split.
     """
     if how not in ("link", "move", "copy"):
         raise ValueError(f"how must be link, move or copy, got {how!r}")
@@ -100,6 +101,9 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
     roots, mans = _split_order(roots, mans, allow_partial, report.notes)
     check_alike(roots, mans)
     first = mans[0]
+    mixed = any(m.provenance.get("options", {}) != first.provenance.get("options", {}) for m in mans[1:])
+    if mixed:
+        report.notes.append("parts were built with different record options (kept per part in provenance.merged_from)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_for(out)
     tmp.mkdir()
@@ -118,7 +122,8 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
                         "mode": first.provenance.get("mode"),
                         "inputs": first.provenance.get("inputs", []),
                         "merged_from": [{"path": str(r), "fingerprint": m.fingerprint(), "num_pairs": m.num_pairs,
-                                         **({"part": m.provenance["part"]} if "part" in m.provenance else {})}
+                                         **({"part": m.provenance["part"]} if "part" in m.provenance else {}),
+                                         **({"options": m.provenance.get("options", {})} if mixed else {})}
                                         for r, m in zip(roots, mans)]})
         commit_dir(tmp, manifest, out, force=force)
     except BaseException:

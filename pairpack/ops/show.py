@@ -2,8 +2,10 @@
 
 The prompt is dimmed, the chosen completion green and the rejected one red, each under a header
 with its token count; without color the same text is printed plain, so piped output and logs carry
-no escape codes. Decoding uses the tokenizer recorded in the manifest; ids are shown when it is
-unknown or when asked.
+no escape codes. Decoding uses the tokenizer recorded in the manifest and decodes whole rows (a
+completion's text is what its row adds to the prompt's, see
+:func:`pairpack.tokenization.decode_rows`); ids are shown when the tokenizer is not available (see
+:func:`tokenizer_status`) or when asked.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any, TextIO
 import numpy as np
 
 from ..format import SEGMENTS
+from ..tokenization import HF_INSTALL_HINT, decode_rows
 
-__all__ = ["render_pair", "pair_to_json", "use_color", "STYLES"]
+__all__ = ["render_pair", "pair_to_json", "use_color", "tokenizer_status", "STYLES"]
 
 # click.style keyword arguments per segment (applied only when color is on)
 STYLES: dict[str, dict[str, Any]] = {"prompt": {"dim": True}, "chosen": {"fg": "green"}, "rejected": {"fg": "red"}}
@@ -37,6 +40,30 @@ def _resolve(ds: Any, index: int) -> int:
     if not 0 <= i < n:
         raise IndexError(f"pair index {index} out of range for {n} pairs")
     return i
+
+
+def tokenizer_status(ds: Any) -> str | None:
+    """Why ``ds`` cannot decode, or None when it can: the manifest names no tokenizer (ids built
+    without one), the ``tokenizers`` package is missing, or the dataset's copy of the tokenizer
+    file is missing or differs from the recorded hash."""
+    if ds.tokenizer is not None:
+        return None
+    t = ds.manifest.tokenizer
+    if not t:
+        return "tokenizer unknown: the ids were built without a tokenizer"
+    if t.get("kind") == "huggingface":
+        try:
+            import tokenizers  # noqa: F401 - only asks whether the optional package is there
+        except ImportError:
+            return (f"the dataset's tokenizer ({t.get('name')}) needs the 'tokenizers' package, which is not "
+                    f"installed: {HF_INSTALL_HINT}")
+        return (f"the dataset's copy of its tokenizer ({t.get('name')}) is missing or damaged "
+                "(pairpack verify says which)")
+    return f"tokenizer of kind {t.get('kind')!r} is not known to this pairpack version"
+
+
+def _texts(ds: Any, pair: Any) -> list[str]:
+    return decode_rows(ds.tokenizer, pair.prompt, pair.chosen, pair.rejected)
 
 
 def _columns(ds: Any, i: int) -> dict[str, Any]:
@@ -65,8 +92,8 @@ def render_pair(ds: Any, index: int, *, show_ids: bool = False, color: bool = Fa
     cols = _columns(ds, i)
     if cols:
         lines.append("columns: " + ", ".join(f"{k}={v!r}" for k, v in cols.items()))
-    for name, seg in zip(SEGMENTS, pair):
-        body = ds.decode(seg) if decode else " ".join(map(str, seg.tolist()))
+    texts = _texts(ds, pair) if decode else [" ".join(map(str, seg.tolist())) for seg in pair]
+    for name, seg, body in zip(SEGMENTS, pair, texts):
         lines.append(style(f"── {name} ({seg.size:,} tokens)", bold=True))
         lines.append(style(body, **STYLES[name]))
     return "\n".join(lines)
@@ -77,9 +104,10 @@ def pair_to_json(ds: Any, index: int) -> dict[str, Any]:
     i = _resolve(ds, index)
     pair = ds[i]
     out: dict[str, Any] = {"index": i, "pairs": len(ds)}
-    for name, seg in zip(SEGMENTS, pair):
+    texts = _texts(ds, pair) if ds.tokenizer is not None else None
+    for k, (name, seg) in enumerate(zip(SEGMENTS, pair)):
         out[name] = {"length": int(seg.size), "ids": seg.tolist()}
-        if ds.tokenizer is not None:
-            out[name]["text"] = ds.decode(seg)
+        if texts is not None:
+            out[name]["text"] = texts[k]
     out["columns"] = _columns(ds, i)
     return out

@@ -20,26 +20,20 @@ from ..errors import FormatError, StateError
 from ..format.fsio import _fsync_dir, install_dir, temp_dir_for
 from .writer import _widen_closed
 
-__all__ = ["SEMANTIC_OPTIONS", "check_alike", "place_shards", "commit_dir", "combine_parts"]
+__all__ = ["TOKEN_OPTIONS", "check_alike", "place_shards", "commit_dir", "combine_parts"]
 
-# build options that change how records become ids: parts must agree on them to be combined
-SEMANTIC_OPTIONS = ("shape", "prompt", "chosen", "rejected", "prompt_template", "chat_template", "hh_marker",
-                    "add_bos", "add_eos", "drop_identical")
-
-
-def _tok_key(t: dict[str, Any] | None) -> Any:
-    if t is None:
-        return None
-    return {k: v for k, v in t.items() if k not in ("source_path", "file")}
+# build options that change what the ids mean: parts must agree on them to be combined (the input
+# shape, field names and templates may differ: a chat file and an HH file tokenized alike combine)
+TOKEN_OPTIONS = ("add_bos", "add_eos")
 
 
 def check_alike(roots: Sequence[Path], mans: Sequence[fmt.Manifest], *, same_dtype: bool = True) -> None:
     """Raise StateError unless the parts agree on everything that gives ids their meaning:
-    tokenizer, special ids, columns, record-shaping build options, and (``same_dtype``) token
-    dtype and vocabulary."""
+    tokenizer, special ids, columns, whether BOS/EOS were added, and (``same_dtype``) token dtype
+    and vocabulary. How records were shaped (shape, field names, templates) may differ."""
     first = mans[0]
     for r, m in zip(roots[1:], mans[1:]):
-        checks = [("tokenizer", _tok_key(first.tokenizer), _tok_key(m.tokenizer)), ("pad_id", first.pad_id, m.pad_id),
+        checks = [("tokenizer", fmt.tokenizer_key(first.tokenizer), fmt.tokenizer_key(m.tokenizer)), ("pad_id", first.pad_id, m.pad_id),
                   ("bos_id", first.bos_id, m.bos_id), ("eos_id", first.eos_id, m.eos_id),
                   ("columns", [c.to_json() for c in first.columns], [c.to_json() for c in m.columns])]
         if same_dtype:
@@ -50,9 +44,10 @@ def check_alike(roots: Sequence[Path], mans: Sequence[fmt.Manifest], *, same_dty
         if first.tokenizer is not None and m.vocab_size != first.vocab_size:
             raise StateError(f"{r}: vocab_size {m.vocab_size} differs from {first.vocab_size}")
         o1, o2 = first.provenance.get("options", {}), m.provenance.get("options", {})
-        for key in SEMANTIC_OPTIONS:
+        for key in TOKEN_OPTIONS:
             if o1.get(key) != o2.get(key):
-                raise StateError(f"{r}: build option {key!r} is {o2.get(key)!r}, but {o1.get(key)!r} in {roots[0]}")
+                raise StateError(f"{r}: build option {key!r} is {o2.get(key)!r}, but {o1.get(key)!r} in {roots[0]}; "
+                                 "parts must add BOS/EOS alike")
 
 
 def _place(src: Path, dst: Path, how: str, counts: Counter) -> None:
