@@ -6,7 +6,10 @@ its chosen/rejected), compares pairpack's ids (prompt encoded alone, each comple
 a continuation) with the tokenizer's encoding of the whole row, and checks that the ids decode
 to the row's text. Prints one line per tokenizer and data set, and the rows where the ids differ.
 
-    python tools/check_joins.py [--shared ../shared] [--limit N]
+    python tools/check_joins.py [--shared ../shared] [--limit N] [--time]
+
+``--time`` also times encoding the completions as continuations against encoding them alone (the
+baseline, measured in the same run), per tokenizer: the cost of the anchor.
 
 Counts (see pairpack.tokenization.check_join): exact = ids equal the whole-row encoding;
 boundary = the whole row has a token spanning the join, so no split can equal it; differs = a
@@ -20,6 +23,7 @@ import argparse
 import gzip
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -70,10 +74,28 @@ def check(tok, data: list[tuple[str, str]]) -> tuple[Counter, list[tuple[str, st
     return counts, differ, text_bad
 
 
+def time_joins(tok, data: list[tuple[str, str]], repeat: int = 3) -> tuple[float, float]:
+    """(seconds to encode the completions alone, as continuations), best of ``repeat``, one
+    batch call each as the build makes them."""
+    comps = [c for _, c in data]
+    ends = [int(tok.encode(p)[-1]) for p, _ in data]
+    alone, cont = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        tok.encode_batch(comps)
+        t1 = time.perf_counter()
+        encode_continuations(tok, comps, ends)
+        t2 = time.perf_counter()
+        alone.append(t1 - t0)
+        cont.append(t2 - t1)
+    return min(alone), min(cont)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--limit", type=int, default=None, help="rows per data set (default: all)")
+    ap.add_argument("--time", action="store_true", help="time continuations against completions alone")
     a = ap.parse_args()
     data = rows(a.shared, a.limit)
     print(f"{'tokenizer':<22} {'data':<24} {'rows':>6} {'exact':>6} {'boundary':>8} {'differs':>7} {'text':>5}  join")
@@ -86,6 +108,10 @@ def main() -> None:
                   f"{counts['differs']:>7,} {text_bad:>5,}  {join}")
             for p, c in differ[:5]:
                 print(f"    differs: ...{p!r} + {c!r}...")
+            if a.time:
+                t_alone, t_cont = time_joins(tok, d)
+                print(f"    completions alone {t_alone * 1e3:,.1f} ms, as continuations {t_cont * 1e3:,.1f} ms "
+                      f"({t_cont / t_alone:.2f}x)")
 
 
 if __name__ == "__main__":
