@@ -346,6 +346,8 @@ class HFTokenizer:
             out["join_anchor"] = self.join_anchor
         if self.config_hash is not None:
             out["config_hash"] = self.config_hash
+        if self.add_bos is not None:
+            out["add_bos_token"] = self.add_bos
         return out
 
 

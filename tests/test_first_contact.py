@@ -127,6 +127,7 @@ def test_model_directory_builds_with_its_own_template(tmp_path, phi3):
     assert opts["chat_template"] == cfg["chat_template"]
     assert opts["chat_template_name"] == "tokenizer_config.json of phi-3"
     assert ds.manifest.tokenizer["name"] == "phi-3" and len(ds.manifest.tokenizer["config_hash"]) == 32
+    assert ds.manifest.tokenizer["add_bos_token"] is True and ds[0].prompt[0] == ds.manifest.bos_id == 1
     p, c, rj = decode_rows(ds.tokenizer, *ds[0])
     assert p == "<s><|user|> \nq0<|end|> \n<|assistant|> \n"  # Phi-3's own tokens, decoded by its decoder
     assert c == "yes 0<|end|> \n<|endoftext|>"
