@@ -560,9 +560,11 @@ def sample_path() -> Path:
               help="DPO training steps (default 120; 0 only evaluates the initial model).")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="torch CPU threads for the DPO part (default 1: fastest on a busy 2-core machine).")
+@click.option("--layout", type=click.Choice(["padded", "packed", "prefix_shared"]), default="padded",
+              show_default=True, help="Batch layout of the DPO part (prefix_shared: each prompt runs once per pair).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def demo(out: Path, plot: Path | None = None, steps: int | None = None, threads: int | None = None,
-         progress: bool | None = None) -> None:
+         layout: str = "padded", progress: bool | None = None) -> None:
     """Build the bundled real sample, show it, then train a small model on it with DPO.
 
     The DPO part trains a 2-layer causal transformer (plain torch, byte vocabulary) on CPU
@@ -574,6 +576,7 @@ def demo(out: Path, plot: Path | None = None, steps: int | None = None, threads:
     Examples:
       pairpack demo --out /tmp/demo
       pairpack demo --plot dpo-curves.png
+      pairpack demo --layout prefix_shared
     """
     from .ingest.build import build as run_build
 
@@ -585,10 +588,10 @@ def demo(out: Path, plot: Path | None = None, steps: int | None = None, threads:
     ctx.invoke(info, dataset=ds_path, as_json=False)
     click.echo("")
     ctx.invoke(show, dataset=ds_path, index=0, show_ids=False, as_json=False)
-    _demo_dpo(ds_path, plot=plot, steps=steps, threads=threads, progress=progress)
+    _demo_dpo(ds_path, plot=plot, steps=steps, threads=threads, layout=layout, progress=progress)
 
 
-def _demo_dpo(ds_path: Path, *, plot: Path | None, steps: int | None, threads: int | None,
+def _demo_dpo(ds_path: Path, *, plot: Path | None, steps: int | None, threads: int | None, layout: str,
               progress: bool | None) -> None:
     """The DPO part of ``pairpack demo`` (logic in pairpack.train.demo)."""
     import dataclasses
@@ -604,10 +607,10 @@ def _demo_dpo(ds_path: Path, *, plot: Path | None, steps: int | None, threads: i
 
     if plot is not None:
         require_matplotlib()  # fail now, not after a minute of training
-    cfg = dataclasses.replace(DemoConfig(), **({} if steps is None else {"steps": steps}),
+    cfg = dataclasses.replace(DemoConfig(), layout=layout, **({} if steps is None else {"steps": steps}),
                               **({} if threads is None else {"threads": threads}))
     click.echo(f"\nDPO demo: pure DPO (beta {cfg.beta}, reduction {cfg.reduction!r}, AdamW lr {cfg.lr}, "
-               f"batch {cfg.batch_size} pairs) for {cfg.steps} steps on CPU")
+               f"batch {cfg.batch_size} pairs, {cfg.layout} layout) for {cfg.steps} steps on CPU")
     t0 = time.perf_counter()
     result = run_demo(ds_path, cfg, progress=progress, log=click.echo)
     click.echo("")

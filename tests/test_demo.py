@@ -63,6 +63,22 @@ def test_demo_with_zero_learning_rate_stays_at_ln2(tmp_path, sample_subset):
         assert r["heldout_loss"] == pytest.approx(LN2, abs=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
+def test_demo_in_a_shared_layout_starts_at_ln2_and_follows_padded(tmp_path, sample_subset, layout):
+    """Cache, training and evaluation in another layout: exactly ln 2 at step 0 (the cache's batches),
+    the same training losses as the padded run (same pairs, same order), and learning."""
+    cfg = DemoConfig(**{**QUICK.__dict__, "layout": layout, "steps": 16})
+    res = run_demo(_fresh(tmp_path / "a", sample_subset), cfg, progress=False)
+    pad = run_demo(_fresh(tmp_path / "b", sample_subset), DemoConfig(**{**QUICK.__dict__, "steps": 4, "eval_every": 4}),
+                   progress=False)
+    first = res.rows[0]
+    for split in ("train", "heldout"):
+        assert first[f"{split}_loss"] == pytest.approx(LN2, abs=1e-6)
+        assert first[f"{split}_acc"] == 0.0 and first[f"{split}_margin"] == 0.0  # bit-equal to the cache
+    assert res.step_losses[:4] == pytest.approx(pad.step_losses, rel=1e-4)
+    assert res.rows[-1]["train_loss"] < LN2 - 0.03
+
+
 def test_demo_plot(tmp_path, sample_subset):
     pytest.importorskip("matplotlib")
     cfg = DemoConfig(**{**QUICK.__dict__, "steps": 2, "eval_every": 1})
@@ -79,15 +95,18 @@ def test_demo_refuses_too_small_datasets(tmp_path, sample_subset):
 
 
 def test_cli_demo(tmp_path):
-    """`pairpack demo` end to end (the bundled sample, 2 steps): build, show, cache, table, plot."""
+    """`pairpack demo --layout prefix_shared` end to end (the bundled sample, 2 steps): build, show, cache,
+    table, plot; the padded layout runs in the tests above."""
     import importlib.util
 
     png = tmp_path / "curves.png"
     plot = ["--plot", png] if importlib.util.find_spec("matplotlib") else []
-    proc = run_cli("demo", "--out", tmp_path / "demo", "--steps", "2", "--no-progress", *plot)
+    proc = run_cli("demo", "--out", tmp_path / "demo", "--steps", "2", "--no-progress", "--layout", "prefix_shared",
+                   *plot)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "DPO demo" in out and "held-out acc" in out and "reference log-probs of 1,100 pairs" in out
+    assert "prefix_shared layout" in out
     row0 = next(line for line in out.splitlines() if line.strip().startswith("0 "))
     assert row0.split()[1] == "0.6931"
     assert png.exists() == bool(plot)

@@ -1,19 +1,27 @@
-"""The model side of the layouts: pairpack's DPO on ``packed`` and ``prefix_shared`` batches equals the
-padded layout's, per pair, with TinyLM, an x-transformers TransformerWrapper (rotary) and a tiny Hugging
-Face Llama, in float32 and float64; models that cannot take a layout, and FlexAttention without CUDA,
-raise pairpack errors."""
+"""The model side of the layouts: pairpack's DPO on ``packed`` and ``prefix_shared`` batches (from
+``ds.batch(..., layout=...)``) equals the padded layout's, per pair, with TinyLM, an x-transformers
+TransformerWrapper (rotary) and a tiny Hugging Face Llama, in float32 and float64; the reference cache
+stores the same columns from every layout; models that cannot take a layout, and FlexAttention
+without CUDA, raise pairpack errors. tests/layout_ref.py is an independent per-token builder the real
+one is checked against."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import pairpack
 from pairpack.errors import DeviceError, ModelError, StateError
 from pairpack.train import models as mdl
 from pairpack.train.dpo import DPO, batch_logprobs, dpo_loss, sequence_logprobs_from
+from pairpack.train.reference import REFERENCE_COLUMNS, precompute_reference
 from pairpack.train.tinylm import TinyLM
 
 from . import layout_ref
@@ -78,26 +86,40 @@ def _policy_ref(name: str, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
     return _MODEL_CACHE[key]
 
 
+def _dataset(pairs: list[layout_ref.Pair], root: str) -> pairpack.Dataset:
+    with pairpack.Writer(Path(root) / "ds", vocab_size=VOCAB, pad_id=0) as w:
+        for p, c, r in pairs:
+            w.add(p, c, r)
+    return pairpack.open(Path(root) / "ds")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", list(MODELS))
 @settings(max_examples=8)
-@given(pairs=pair_lists(), per_row=st.integers(1, 4), pad_extra=st.integers(0, 3),
-       reduction=st.sampled_from(["sum", "mean"]))
-@example(pairs=[([5], [6], [7])], per_row=1, pad_extra=0, reduction="sum")  # P = C = R = 1
-@example(pairs=[([1, 2, 3], [4, 5, 6, 7, 8], [4, 5, 6, 7, 9]), ([9], [3], [3, 3])], per_row=4, pad_extra=2,
-         reduction="mean")  # long shared completion prefix; several sequences in one row
-def test_every_layout_equals_padded(name: str, dtype: torch.dtype, pairs, per_row: int, pad_extra: int,
+@given(pairs=pair_lists(), row_extra=st.sampled_from([-1, 0, 7, 40, None]), reduction=st.sampled_from(["sum", "mean"]))
+@example(pairs=[([5], [6], [7])], row_extra=-1, reduction="sum")  # P = C = R = 1
+@example(pairs=[([1, 2, 3], [4, 5, 6, 7, 8], [4, 5, 6, 7, 9]), ([9], [3], [3, 3])], row_extra=None,
+         reduction="mean")  # long shared completion prefix; both pairs in one row
+def test_every_layout_equals_padded(name: str, dtype: torch.dtype, pairs, row_extra: int | None,
                                     reduction: str) -> None:
+    """``row_extra``: -1 one pair per row, None the whole batch in one row, else rows bounded by the
+    longest pair's packed need plus that many tokens."""
     policy, ref = _policy_ref(name, dtype)
-    padded = layout_ref.triplets(pairs)
+    need = max(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
+    row_tokens = 0 if row_extra == -1 else None if row_extra is None else need + row_extra
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = _dataset(pairs, tmp)
+        idx = np.arange(len(pairs))
+        padded = ds.batch(idx)
+        batches = {layout: ds.batch(idx, layout=layout, max_row_tokens=row_tokens)
+                   for layout in ("packed", "prefix_shared")}
     with torch.no_grad():
         want_pol = batch_logprobs(policy, padded, reduction=reduction)
         want_ref = batch_logprobs(ref, padded, reduction=reduction)
         want = dpo_loss(*want_pol, *want_ref, beta=BETA).losses
         dpo = DPO(policy, ref_model=ref, beta=BETA, reduction=reduction, attention="dense")
         want_mean = dpo(padded, ref_chosen_logp=want_ref[0], ref_rejected_logp=want_ref[1])
-        for layout in ("packed", "prefix_shared"):
-            batch = layout_ref.build(pairs, layout, per_row=per_row, pad_extra=pad_extra)
+        for layout, batch in batches.items():
             got_pol = batch_logprobs(policy, batch, reduction=reduction, attention="dense")
             got_ref = batch_logprobs(ref, batch, reduction=reduction, attention="dense")
             for g, w in zip(got_pol + got_ref, want_pol + want_ref):
@@ -107,6 +129,45 @@ def test_every_layout_equals_padded(name: str, dtype: torch.dtype, pairs, per_ro
             torch.testing.assert_close(got, want, **TOL[dtype])
             got_mean = dpo(batch, ref_chosen_logp=got_ref[0], ref_rejected_logp=got_ref[1])
             torch.testing.assert_close(got_mean, want_mean, **TOL[dtype])
+
+
+@settings(max_examples=25)
+@given(pairs=pair_lists())
+def test_real_builder_matches_the_reference_builder(pairs) -> None:
+    """One pair per row: pairpack.batch.layouts and tests/layout_ref.py agree on every tensor the
+    model side reads (ids, positions, the attention rule, the scoring map, varlen boundaries)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = _dataset(pairs, tmp)
+        for layout, per_row in (("packed", 2), ("prefix_shared", 1)):
+            got = ds.batch(np.arange(len(pairs)), layout=layout, max_row_tokens=0)
+            want = layout_ref.build(pairs, layout, per_row=per_row)
+            for f in ("input_ids", "position_ids", "attention_mask", "token_part", "prompt_lengths",
+                      "chosen_lengths", "rejected_lengths"):
+                assert torch.equal(getattr(got, f).long(), getattr(want, f).long()), (layout, f)
+            assert torch.equal(got.dense_mask(), want.dense_mask()), layout
+            key = lambda b: sorted(zip(*b.score_index.tolist(), b.score_labels.tolist(),  # noqa: E731
+                                       b.score_pair.tolist(), b.score_side.tolist()))
+            assert key(got) == key(want), layout
+            if layout == "packed":
+                assert got.cu_seqlens.tolist() == want.cu_seqlens.tolist() and got.max_seqlen == want.max_seqlen
+
+
+def test_reference_cache_is_the_same_from_every_layout(tmp_path: Path) -> None:
+    pairs = [([1, 2, 3, 4], [5, 6], [5, 7, 8]), ([9], [10, 11, 12], [13]), ([9], [14], [15, 16]),
+             ([20, 21], [22, 23, 24, 25], [22, 23, 24, 26])]
+    ds = _dataset(pairs, str(tmp_path))
+    model = _tinylm(0)
+    cols = {}
+    for layout in ("padded", "packed", "prefix_shared"):
+        out = precompute_reference(ds, model, batch_size=3, reduction="sum", layout=layout, progress=False)
+        cols[layout] = [np.array(out.column(k)) for k in REFERENCE_COLUMNS]
+    for layout in ("packed", "prefix_shared"):
+        for g, w in zip(cols[layout], cols["padded"]):
+            np.testing.assert_allclose(g, w, rtol=1e-5)
+    with pytest.raises(ModelError, match="cannot take layout='prefix_shared'"):
+        precompute_reference(ds, _IdsOnly(), layout="prefix_shared", progress=False)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        precompute_reference(ds, model, layout="shared", progress=False)
 
 
 def test_gradients_equal_padded() -> None:

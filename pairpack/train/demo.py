@@ -14,6 +14,10 @@ Steps (all on a dataset that ``pairpack build`` made from the bundled sample):
    policy's log-probs equal the cached ones bit for bit: the loss is exactly ln 2, the margin 0
    and the accuracy (strict ``>``) 0.
 
+Every batch (cache, training, evaluation) is made in ``DemoConfig.layout``: ``"padded"`` rows, or
+``"prefix_shared"``/``"packed"`` rows of one pair each, which TinyLM takes with positions and a
+dense attention mask (README, "Layouts").
+
 No SFT step comes first: this is DPO alone.
 """
 
@@ -70,6 +74,8 @@ class DemoConfig:
         threads: torch CPU threads during the run (None: torch's setting). 1 by default: on a
             shared 2-core machine two threads ran 4x slower than one (oversubscription), and
             with one thread the run is reproducible bit for bit.
+        layout: batch layout of the whole run, ``"padded"``, ``"packed"`` or ``"prefix_shared"``
+            (one pair per row: dense masks on the CPU cost the square of the row length).
     """
 
     steps: int = 120
@@ -87,6 +93,11 @@ class DemoConfig:
     group_window: int = 8
     seed: int = 0
     threads: int | None = 1
+    layout: str = "padded"
+
+    def batch_kwargs(self) -> dict[str, Any]:
+        """The layout keywords of ``ds.batch``/``Loader``/``precompute_reference`` for this run."""
+        return {"layout": self.layout} if self.layout == "padded" else {"layout": self.layout, "max_row_tokens": 0}
 
 
 @dataclass
@@ -121,13 +132,14 @@ class DemoResult:
         return d
 
 
-def _evaluate(dpo: DPO, ds: Dataset, lo: int, hi: int, eval_batch: int) -> tuple[float, float, float]:
+def _evaluate(dpo: DPO, ds: Dataset, lo: int, hi: int, cfg: DemoConfig) -> tuple[float, float, float]:
     """Mean loss, reward accuracy and margin over pairs [lo, hi), in the cache's batches."""
     sums = np.zeros(3)
+    eval_batch = cfg.eval_batch
     with torch.no_grad():
         for a in range(lo, hi, eval_batch):
-            batch = ds.batch(np.arange(a, min(a + eval_batch, hi)), columns=REFERENCE_COLUMNS)
-            loss, m = dpo(**batch.as_kwargs(), **reference_kwargs(batch), return_metrics=True)
+            batch = ds.batch(np.arange(a, min(a + eval_batch, hi)), columns=REFERENCE_COLUMNS, **cfg.batch_kwargs())
+            loss, m = dpo(batch, **reference_kwargs(batch), return_metrics=True)
             k = len(batch)
             sums += k * np.array([loss.item(), m["rewards/accuracies"].item(), m["rewards/margins"].item()])
     loss, acc, margin = (sums / max(hi - lo, 1)).tolist()
@@ -138,7 +150,7 @@ def _batches(ds: Dataset, h0: int, cfg: DemoConfig) -> Iterator[Any]:
     """Endless training batches of pairs ``[0, h0)`` from :class:`pairpack.Loader`: length-grouped
     within shuffled windows, reshuffled each epoch, carrying the cached reference log-probs."""
     loader = Loader(ds, batch_size=cfg.batch_size, group_by_length=True, window=cfg.batch_size * cfg.group_window,
-                    seed=cfg.seed, indices=np.arange(h0), columns=REFERENCE_COLUMNS)
+                    seed=cfg.seed, indices=np.arange(h0), columns=REFERENCE_COLUMNS, **cfg.batch_kwargs())
     epoch = 0
     while True:
         loader.set_epoch(epoch)
@@ -193,10 +205,11 @@ def _run(dataset: str | os.PathLike | Dataset, cfg: DemoConfig, progress: bool |
     result = DemoResult(cfg, n_train=h0, n_heldout=n - h0, n_train_eval=n_train_eval,
                         params=sum(p.numel() for p in model.parameters()))
     say(f"model: TinyLM {cfg.n_layers} layers, d_model {cfg.d_model}, {result.params:,} parameters; "
-        f"{h0:,} training pairs, {n - h0:,} held out")
+        f"{h0:,} training pairs, {n - h0:,} held out; {cfg.layout} batches")
 
     t0 = time.perf_counter()
-    ds = precompute_reference(ds, model, batch_size=eb, reduction=cfg.reduction, progress=progress)
+    ds = precompute_reference(ds, model, batch_size=eb, reduction=cfg.reduction, progress=progress,
+                              **cfg.batch_kwargs())
     check_reference(ds, reduction=cfg.reduction, model_hash=model_hash(model))
     result.reference_seconds = time.perf_counter() - t0
     say(f"reference log-probs of {n:,} pairs cached as dataset columns in {result.reference_seconds:.1f} s")
@@ -212,15 +225,15 @@ def _run(dataset: str | os.PathLike | Dataset, cfg: DemoConfig, progress: bool |
             if step == cfg.steps:
                 bar.close()  # the bar times the training steps, not the last checkpoint
             if step in checkpoints:
-                tr = _evaluate(dpo, ds, 0, n_train_eval, eb)
-                ho = _evaluate(dpo, ds, h0, n, eb)
+                tr = _evaluate(dpo, ds, 0, n_train_eval, cfg)
+                ho = _evaluate(dpo, ds, h0, n, cfg)
                 result.rows.append({"step": step, "train_loss": tr[0], "train_acc": tr[1], "train_margin": tr[2],
                                     "heldout_loss": ho[0], "heldout_acc": ho[1], "heldout_margin": ho[2],
                                     "seconds": time.perf_counter() - t0})
             if step == cfg.steps:
                 break
             batch = next(batches)
-            loss = dpo(**batch.as_kwargs(), **reference_kwargs(batch))
+            loss = dpo(batch, **reference_kwargs(batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -38,12 +38,12 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..batch import plan as bt
-from ..batch.options import Truncation, truncation_from
+from ..batch.options import LAYOUTS, Truncation, truncation_from
 from ..errors import StateError
 from ..progress import CountProgress
 from ..read.dataset import Dataset, open_dataset
 from ..write.columns import add_columns
-from .dpo import REDUCTIONS, pair_rows, sequence_logprobs
+from .dpo import REDUCTIONS, batch_logprobs
 
 __all__ = [
     "REF_CHOSEN",
@@ -93,13 +93,10 @@ def _settings(reduction: str, trunc: Truncation) -> dict[str, Any]:
     return {"reduction": reduction, **trunc.settings()}
 
 
-def _batch_logps(model: nn.Module, batch: Any, reduction: str, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Reference log-probs ``(B,)`` of chosen and rejected, computed as ``DPO.forward`` does."""
-    b = len(batch)
-    seq, completion_mask = pair_rows(**batch.to(device).as_kwargs())
-    logits = model(seq[:, :-1])  # the last position has no target (as in DPO.completion_logprobs)
-    logp = sequence_logprobs(logits, seq, completion_mask, reduction=reduction)
-    return logp[:b], logp[b:]
+def _batch_logps(model: nn.Module, batch: Any, reduction: str, device: torch.device,
+                 attention: str = "auto") -> tuple[Tensor, Tensor]:
+    """Reference log-probs ``(B,)`` of chosen and rejected, computed as ``DPO.forward`` does (any layout)."""
+    return batch_logprobs(model, batch.to(device), reduction=reduction, attention=attention)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -113,6 +110,9 @@ def precompute_reference(
     max_length: int | None = None,
     truncation: Truncation | str = "keep_end",
     min_completion_tokens: int = 1,
+    layout: str = "padded",
+    max_row_tokens: int | None = 0,
+    attention: str = "auto",
     progress: bool | None = None,
 ) -> Dataset:
     """Run ``model`` once over the dataset and store its log-probs as reference columns.
@@ -139,18 +139,28 @@ def precompute_reference(
             ``max_length`` is None); pairs are truncated exactly as the loader does
             (:func:`pairpack.batch.plan.make_plan`), so the cached log-probs score the tokens the
             policy will see. Pairs the loader drops (identical after truncation) get values too.
+        layout, max_row_tokens: the batch layout the reference runs on (``"padded"``,
+            ``"packed"``, ``"prefix_shared"``; README "Layouts") and, for the packed layouts, the
+            longest row (default 0: one pair per row, the fastest with dense masks). Every layout
+            stores the same columns with the same values (up to float summation order), so the
+            cache serves a training run of any layout; ``prefix_shared`` runs the model on
+            ``P + C + R`` tokens per pair instead of ``2 (P + max(C, R))``.
+        attention: how packed layouts reach the model (:func:`pairpack.train.models.layout_logits`).
         progress: show a progress bar (None: when stderr is a terminal).
 
     Returns:
         The dataset re-opened, with the two columns.
 
     Raises:
-        ValueError: bad ``reduction``, ``batch_size`` or truncation settings.
+        ValueError: bad ``reduction``, ``batch_size``, truncation settings or layout.
+        ModelError: the model cannot take ``layout`` (:mod:`pairpack.train.models`).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     trunc = _truncation(max_length, truncation, min_completion_tokens)
     if not isinstance(ds, Dataset):
         ds = open_dataset(ds)
@@ -167,8 +177,11 @@ def precompute_reference(
     try:
         for lo in range(0, n, batch_size):
             idx = np.arange(lo, min(lo + batch_size, n), dtype=np.int64)
-            batch = bt.make_plan(ds, idx, truncation=trunc).assemble(ds.pad_id)
-            c, r = _batch_logps(model, batch, reduction, device)
+            if layout == "padded":
+                batch = bt.make_plan(ds, idx, truncation=trunc).assemble(ds.pad_id)
+            else:
+                batch = ds.batch(idx, truncation=trunc, layout=layout, max_row_tokens=max_row_tokens)
+            c, r = _batch_logps(model, batch, reduction, device, attention)
             chosen[idx] = c.float().cpu().numpy()
             rejected[idx] = r.float().cpu().numpy()
             bar.update(int(idx[-1]) + 1)
@@ -177,7 +190,8 @@ def precompute_reference(
         model.train(was_training)
     attrs = {"kind": _CACHE_KIND, "version": _CACHE_VERSION, "model_hash": model_hash(model),
              **_settings(reduction, trunc),
-             "dataset_fingerprint": ds.fingerprint, "pairpack_version": __version__}
+             "dataset_fingerprint": ds.fingerprint, "pairpack_version": __version__,
+             "layout": layout}  # informative only: every layout stores the same values
     unit = "nats per token" if reduction == "mean" else "nats per sequence"
     info = {REF_CHOSEN: {"description": f"reference log-prob of the chosen completion ({unit})",
                          "attrs": attrs},
