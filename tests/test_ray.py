@@ -171,6 +171,19 @@ def test_failing_task_leaves_nothing_and_keeps_the_old_dataset(tmp_path):
     assert pairpack.open(out).fingerprint == fp and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_interrupted_commit_leaves_nothing(tmp_path, monkeypatch):
+    """An interrupt reaches past Ray's on_write_failed (it catches Exception): build cleans up."""
+    import pairpack.ingest.ray as impl
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(impl, "combine_parts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pray.build(_dataset(_text_records(100, seed=6)), tmp_path / "out", skip_invalid=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_second_write_refused_without_force(tmp_path):
     recs = _text_records(100, seed=5)
     out = tmp_path / "out"

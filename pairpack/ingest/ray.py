@@ -173,6 +173,10 @@ class Datasink(ray.data.Datasink):
     records (``skip_invalid=True``) of every task are gathered into ``<path>.rejects.jsonl``:
     ``line`` is the record's 1-based row in the dataset when ``preserve_order`` is on (else null),
     ``task``/``task_row`` the write task and the row within it.
+
+    A failed job (Ray calls :meth:`on_write_failed`) removes the staging directory. An interrupt
+    (KeyboardInterrupt) passes by Ray's clean-up: :func:`build` handles it, and otherwise the next
+    write to the same path removes the staging of a driver that is gone.
     """
 
     def __init__(self, path: str | os.PathLike, *, byte_identical: bool = False, rows_per_task: int | None = None,
@@ -254,6 +258,7 @@ class Datasink(ray.data.Datasink):
     # task -----------------------------------------------------------------------------------
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
         """One write task: its blocks become part ``part-<task>`` under the staging directory."""
+        cpu0 = time.process_time()
         idx = int(ctx.task_idx)
         name = f"part-{idx:06d}"
         if not self._staging.is_dir():  # the job failed and was cleaned up: write nothing
@@ -303,7 +308,8 @@ class Datasink(ray.data.Datasink):
                 "tokens": report.tokens, "rejected": dict(report.rejected), "identical": report.identical,
                 "identical_dropped": report.identical_dropped, "rejects": Path(rej).name if rej else None,
                 "detected": detected, "worker": f"{socket.gethostname()}:{os.getpid()}",
-                "tokenizer_loads": _LOADS[0]}
+                "tokenizer_loads": _LOADS[0],
+                "cpu_seconds": time.process_time() - cpu0}  # reading the blocks included (Ray fuses reads into it)
 
     # driver: the commit -----------------------------------------------------------------------
     def _commit(self, write_result: Any) -> BuildReport:
