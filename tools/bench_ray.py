@@ -15,7 +15,9 @@ Ray at 2 CPUs / build --workers 2. Targets (issue 14): efficiency >= 0.8, Ray >=
 Also pairs per CPU-second, which other load on a shared machine disturbs far less than wall time:
 for Ray, the write tasks' own CPU time (their reads included: Ray fuses them into the tasks) plus
 the driver's, the raylet's and GCS's not counted; for the build, this process and its workers.
-The load average is printed before and after: rerun when it is quiet.
+A last row times ``byte_identical=True`` at 2 CPUs (the driver re-writes the parts as one
+sequential build: a copy of the tokens). The load average is printed before and after: rerun
+when it is quiet.
 
 Usage:
     python tools/bench_ray.py                       # 20k text pairs in 8 files
@@ -86,7 +88,7 @@ def _import_fsspec() -> None:
     import fsspec  # noqa: F401
 
 
-def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int) -> float:
+def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int, byte_identical: bool = False) -> float:
     import ray
 
     import pairpack.ray as pray
@@ -106,14 +108,16 @@ def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int) -> float:
             # what pairpack.ray.build does, through the sink (whose per-task figures hold the CPU time)
             ds = ray.data.read_json(files)
             c0 = _cpu_self()
-            sink["s"] = pray.Datasink(work / "ray", tokenizer=GPT2, force=True, sample=ds.take(1000))
+            sink["s"] = pray.Datasink(work / "ray", tokenizer=GPT2, force=True, sample=ds.take(1000),
+                                      byte_identical=byte_identical)
             ds.write_datasink(sink["s"])
             sink["driver"] = _cpu_self() - c0
 
         t = _best(run, repeat)
         s = sink["s"]
         assert s.report.pairs == n, s.report.summary()
-        CPU[("ray", cpus)] = sum(x["cpu_seconds"] for x in s.tasks) + sink["driver"]
+        CPU[("ray-byte-identical" if byte_identical else "ray", cpus)] = \
+            sum(x["cpu_seconds"] for x in s.tasks) + sink["driver"]
         return n / t
     finally:
         ray.shutdown()
@@ -152,6 +156,7 @@ def main() -> None:
             rates[("build", n)] = build_rate(n, work / "data", work, args.pairs, args.repeat)
             print(json.dumps({"cpus": n, "ray": rates[("ray", n)], "build": rates[("build", n)],
                               "ray_cpu_s": CPU[("ray", n)], "build_cpu_s": CPU[("build", n)]}), flush=True)
+        rates[("ray-byte-identical", 2)] = ray_rate(2, work / "data", work, args.pairs, args.repeat, True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     eff = {k: rates[(k, 2)] / (2 * rates[(k, 1)]) for k in ("ray", "build")}
@@ -164,6 +169,8 @@ def main() -> None:
           f"{eff['ray']:.2f} | {per_cpu[('ray', 1)]:,.0f} / {per_cpu[('ray', 2)]:,.0f} |")
     print(f"| `pairpack build --workers N` | {rates[('build', 1)]:,.0f} | {rates[('build', 2)]:,.0f} | "
           f"{eff['build']:.2f} | {per_cpu[('build', 1)]:,.0f} / {per_cpu[('build', 2)]:,.0f} |")
+    print(f"| `pairpack.ray.build(..., byte_identical=True)` | | {rates[('ray-byte-identical', 2)]:,.0f} | | "
+          f"- / {per_cpu[('ray-byte-identical', 2)]:,.0f} |")
     print(f"\nRay at 2 CPUs / build --workers 2: {rates[('ray', 2)] / rates[('build', 2)]:.2f} "
           f"(target >= 0.8); Ray scaling efficiency {eff['ray']:.2f} (target >= 0.8)")
 

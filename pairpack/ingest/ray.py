@@ -168,8 +168,9 @@ class Datasink(ray.data.Datasink):
             dataset's first 1,000 rows). Without it each task decides from its own first rows,
             and the job fails at the end if two tasks decided differently.
 
-    After the write, :attr:`tasks` lists each write task's figures and :attr:`report` is the job's :class:`~pairpack.ingest.build.BuildReport`
-    (pairs, rejects, identical pairs, tokens saved by prompt sharing, over every task). Rejected
+    After the write, :attr:`report` is the job's :class:`~pairpack.ingest.build.BuildReport`
+    (pairs, rejects, identical pairs, tokens saved by prompt sharing, over every task) and
+    :attr:`tasks` each write task's figures (rows, pairs, worker, CPU seconds). Rejected
     records (``skip_invalid=True``) of every task are gathered into ``<path>.rejects.jsonl``:
     ``line`` is the record's 1-based row in the dataset when ``preserve_order`` is on (else null),
     ``task``/``task_row`` the write task and the row within it.
@@ -269,8 +270,8 @@ class Datasink(ray.data.Datasink):
         tok = _worker_tokenizer(tok_key) if tok_key is not None else self._tok
         plan = self._plan
         if plan is not None:
-            plan = dataclasses.replace(plan, tokenizer=tok,
-                                       job=dataclasses.replace(plan.job, tokenizer=tok if plan.mode == "text" else None))
+            job_tok = tok if plan.mode == "text" else None
+            plan = dataclasses.replace(plan, tokenizer=tok, job=dataclasses.replace(plan.job, tokenizer=job_tok))
         report = BuildReport(output=name)
         rejects = Rejects(self._staging / f"{name}.rejects.jsonl") if self.skip_invalid else None
         writer: Writer | None = None
@@ -287,8 +288,8 @@ class Datasink(ray.data.Datasink):
                 if writer is None:
                     # force: a retried task replaces what an earlier attempt of it left
                     writer = Writer(self._staging / name, force=True, **plan.writer)
-                    job, extractor = plan.job, _extractor(plan.job.opts, plan.tokenizer,
-                                                                  _tokenizer_key(plan.tokenizer))
+                    job = plan.job
+                    extractor = _extractor(job.opts, plan.tokenizer, _tokenizer_key(plan.tokenizer))
                 b = Block(where, rows + 1, records=[(rows + i + 1, r) for i, r in enumerate(recs)])
                 rows += len(recs)
                 add_result(writer, process_block(job, extractor, b), report, rejects)
@@ -309,7 +310,7 @@ class Datasink(ray.data.Datasink):
                 "identical_dropped": report.identical_dropped, "rejects": Path(rej).name if rej else None,
                 "detected": detected, "worker": f"{socket.gethostname()}:{os.getpid()}",
                 "tokenizer_loads": _LOADS[0],
-                "cpu_seconds": time.process_time() - cpu0}  # reading the blocks included (Ray fuses reads into it)
+                "cpu_seconds": time.process_time() - cpu0}  # reads included: Ray fuses them into the task
 
     # driver: the commit -----------------------------------------------------------------------
     def _commit(self, write_result: Any) -> BuildReport:
