@@ -17,7 +17,7 @@ import numpy as np
 
 from . import FORMAT_VERSION, backend
 from ._version import __version__
-from .errors import PairpackError
+from .errors import ArgumentError, PairpackError, import_optional
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head`
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -169,7 +169,7 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
                            progress=progress,
                            max_record_bytes=_parse_size(max_record_bytes, "--max-record-bytes"))
     except ValueError as e:
-        if isinstance(e, PairpackError):
+        if isinstance(e, PairpackError) and not isinstance(e, ArgumentError):
             raise
         raise click.UsageError(str(e)) from None
     except OSError as e:
@@ -424,7 +424,7 @@ def stats(dataset: Path, max_lengths: tuple[int, ...], batch_size: int | None, m
       pairpack stats data/train --json | jq .suggested_max_length
     """
     from .batch.plan import check_options
-    from .ops.stats import PLOT_INSTALL_HINT, compute_stats, plot_stats
+    from .ops.stats import compute_stats, plot_stats
     from .read.dataset import open_dataset
 
     if batch_size is not None and max_tokens is not None:
@@ -435,11 +435,8 @@ def stats(dataset: Path, max_lengths: tuple[int, ...], batch_size: int | None, m
                           max_length=n, min_completion_tokens=min_completion_tokens)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.ClickException(f"--plot needs matplotlib; install it with: {PLOT_INSTALL_HINT}") from None
+    if plot is not None:  # fail before the statistics are computed
+        import_optional("matplotlib", feature="--plot", extra="plot")
     ds = open_dataset(dataset)
     result = compute_stats(ds, max_lengths=list(max_lengths) or None, batch_size=batch_size,
                            max_tokens=max_tokens, seed=seed, min_completion_tokens=min_completion_tokens)
@@ -553,13 +550,12 @@ def _demo_dpo(ds_path: Path, *, plot: Path | None, steps: int | None, threads: i
     from .train.demo import (
         DemoConfig,
         format_table,
-        require_matplotlib,
         run_demo,
         save_plot,
     )
 
     if plot is not None:
-        require_matplotlib()  # fail now, not after a minute of training
+        import_optional("matplotlib", feature="--plot", extra="plot")  # fail now, not after training
     cfg = dataclasses.replace(DemoConfig(), **({} if steps is None else {"steps": steps}),
                               **({} if threads is None else {"threads": threads}))
     click.echo(f"\nDPO demo: pure DPO (beta {cfg.beta}, reduction {cfg.reduction!r}, AdamW lr {cfg.lr}, "

@@ -19,12 +19,11 @@ import numpy as np
 import xxhash
 
 from . import format as fmt
-from .errors import FormatError, TokenizerError
+from .errors import FormatError, MissingDependencyError, TokenizerError, import_optional
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_from_manifest",
-           "HF_INSTALL_HINT", "TOKENIZER_FILE"]
+           "TOKENIZER_FILE"]
 
-HF_INSTALL_HINT = 'pip install "pairpack[hf]"'
 TOKENIZER_FILE = "tokenizer.json"  # the copy a dataset keeps of its Hugging Face tokenizer (§5.2)
 
 # Looked up (in this order) among the tokenizer's tokens when no tokenizer_config.json says better.
@@ -112,12 +111,7 @@ class ByteTokenizer:
 
 
 def _import_tokenizers() -> Any:
-    try:
-        import tokenizers
-    except ImportError:
-        raise TokenizerError("Hugging Face tokenizer files need the optional 'tokenizers' package; "
-                             f"install it with: {HF_INSTALL_HINT}") from None
-    return tokenizers
+    return import_optional("tokenizers", feature="a Hugging Face tokenizer.json", extra="hf")
 
 
 class HFTokenizer:
@@ -288,6 +282,6 @@ def tokenizer_from_manifest(obj: dict[str, Any], root: str | os.PathLike | None 
                 return HFTokenizer(p, bos_token=obj.get("bos_id"), eos_token=obj.get("eos_id"),
                                    pad_token=obj.get("pad_id"), name=obj.get("name"),
                                    expected_hash=obj.get("hash"))
-            except TokenizerError:
+            except (TokenizerError, MissingDependencyError):
                 continue
     return None

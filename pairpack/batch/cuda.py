@@ -75,7 +75,7 @@ import torch
 
 from .. import _accel
 from .._accel import native_applies
-from ..errors import DeviceError
+from ..errors import ArgumentError, DeviceError
 from ..format.spec import round_up
 from .options import PlanOptions
 from .triplets import Triplets, shards_of, write_native
@@ -445,6 +445,15 @@ class _Engine:
         return fut.result()
 
 
+def require_cuda(device: torch.device | str) -> None:
+    """Raise :class:`DeviceError` when ``device`` is a CUDA device and CUDA is not available: the one
+    check behind ``DeviceFeeder(device)`` and ``Loader(device=...)``."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {str(device)!r} was asked for, but CUDA is not available "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+                          f"use device='cpu' or None")
+
+
 class _CudaEngine(_Engine):
     """Pinned host buffers, a copy stream and an expansion stream, events; the consumer waits
     device-side only.
@@ -454,10 +463,7 @@ class _CudaEngine(_Engine):
     """
 
     def __init__(self, device: torch.device) -> None:
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {str(device)!r} was asked for, but CUDA is not available "
-                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
-                              f"use device='cpu' or None")
+        require_cuda(device)
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():
@@ -558,16 +564,16 @@ class DeviceFeeder:
                  prefetch: int = 2, compact: bool = False, host_widen: bool = True,
                  options: PlanOptions | None = None, _engine: _Engine | None = None) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+            raise ArgumentError(f"prefetch must be an int >= 1, got {prefetch!r}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+            raise ArgumentError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self._engine = _engine if _engine is not None else _make_engine(device)
         self.device: torch.device = self._engine.device
         self.stream = self._engine.stream
         self.copy_stream = self._engine.copy_stream
         self.pad_id = int(pad_id)
         if options is not None and pad_to_multiple_of is not None:
-            raise ValueError("give pad_to_multiple_of in options or as a keyword, not both")
+            raise ArgumentError("give pad_to_multiple_of in options or as a keyword, not both")
         self.options = options or PlanOptions(pad_to_multiple_of=pad_to_multiple_of)
         self.pad_to_multiple_of = self.options.pad_to_multiple_of
         self.prefetch = prefetch

@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import ChecksumError, FormatError
+from ..errors import ArgumentError, ChecksumError, FormatError
 from .spec import NPY_ALIGN, NPY_HEADER_BYTES, NPY_MAGIC, NPY_MAX_HEADER
 
 __all__ = ["npy_header", "NpyInfo", "read_npy_header", "regular_file_size", "open_array"]
@@ -27,7 +27,7 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     room = NPY_HEADER_BYTES - len(NPY_MAGIC) - 2 - 2  # magic, version, HEADER_LEN
     body = text.encode("latin1")
     if len(body) + 1 > room:  # cannot happen for shapes pairpack writes (< 2**63 per axis)
-        raise ValueError(f"npy header too long for shape {shape}")
+        raise ArgumentError(f"npy header too long for shape {shape}")
     body = body + b" " * (room - len(body) - 1) + b"\n"
     return NPY_MAGIC + b"\x01\x00" + (room).to_bytes(2, "little") + body
 

@@ -32,7 +32,7 @@ import numpy as np
 from .. import _accel
 from .. import format as fmt
 from .._version import __version__
-from ..errors import DatasetExistsError, PairpackError, SourceError
+from ..errors import ArgumentError, DatasetExistsError, PairpackError, SourceError
 from ..format.fsio import check_output
 from ..format.sidecar import read_sidecar
 from ..progress import Progress
@@ -593,7 +593,7 @@ def build(
     t0 = time.perf_counter()
     out = Path(output)
     if not 1 <= num_shards or not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in [0, num_shards): got {shard_index} of {num_shards}")
+        raise ArgumentError(f"shard_index must be in [0, num_shards): got {shard_index} of {num_shards}")
     opts = ShapeOptions(shape=shape, spec=FieldSpec(prompt, chosen, rejected), prompt_template=prompt_template,
                         chat_template=chat_template, hh_marker=hh_marker)
     sources = open_sources(inputs)
@@ -626,7 +626,7 @@ def build(
             return BuildReport(output=str(out), skipped=True, shape=opts.shape or "", mode=mode,
                                part=f"{shard_index}/{num_shards}" if part else None)
         if not force:
-            raise DatasetExistsError(f"{out}: already exists and was built differently; pass --force to replace it")
+            raise DatasetExistsError(out, "and was built differently")
 
     plan, unit_info = _part_ranges(sources, num_shards, shard_index)
     report = BuildReport(output=str(out), shape=opts.shape or "", mode=mode,
@@ -744,7 +744,7 @@ def _sidecar_tokenizer(side: dict[str, Any], where: Path) -> Any:
 def _choose_workers(workers: int | None, sources: list[Source], total_bytes: int) -> int:
     if workers is not None:
         if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+            raise ArgumentError(f"workers must be >= 1, got {workers}")
         return workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     small = total_bytes < PARALLEL_MIN_BYTES and all(s.size for s in sources)

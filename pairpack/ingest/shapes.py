@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from ..errors import SourceError
+from ..errors import ArgumentError, SourceError, import_optional
 
 __all__ = ["FieldSpec", "Segment", "get_path", "extract", "SHAPES", "ShapeOptions", "detect_shape",
            "split_hh", "PromptTemplate", "ChatRenderer", "chat_messages", "normalize_message",
@@ -201,15 +201,15 @@ class PromptTemplate:
                 j = s.find("}", i)
                 name = s[i + 1:j] if j > 0 else ""
                 if j < 0 or not name or "{" in name:
-                    raise ValueError(f"prompt template: unclosed or empty field at character {i}: {s!r}")
+                    raise ArgumentError(f"prompt template: unclosed or empty field at character {i}: {s!r}")
                 flush()
                 cur.append(("field", name.strip()))
                 i = j + 1
             elif ch == "}":
-                raise ValueError(f"prompt template: single '}}' at character {i} (write '}}}}'): {s!r}")
+                raise ArgumentError(f"prompt template: single '}}' at character {i} (write '}}}}'): {s!r}")
             elif s.startswith("[[", i):
                 if cur is not top:
-                    raise ValueError(f"prompt template: nested '[[' at character {i}: {s!r}")
+                    raise ArgumentError(f"prompt template: nested '[[' at character {i}: {s!r}")
                 flush()
                 cur = []
                 i += 2
@@ -222,7 +222,7 @@ class PromptTemplate:
                 lit.append(ch)
                 i += 1
         if cur is not top:
-            raise ValueError(f"prompt template: '[[' without ']]': {s!r}")
+            raise ArgumentError(f"prompt template: '[[' without ']]': {s!r}")
         flush()
         return top
 
@@ -390,15 +390,18 @@ class ChatRenderer:
                 try:
                     text = p.read_text(encoding="utf-8")
                 except OSError as e:
-                    raise ValueError(f"{template}: cannot read chat template ({e.strerror or e}); "
+                    raise ArgumentError(f"{template}: cannot read chat template ({e.strerror or e}); "
                                      "use chatml, hh or a Jinja template file") from None
                 if p.suffix == ".json":
-                    obj = json.loads(text)
+                    try:
+                        obj = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise ArgumentError(f"{template}: not valid JSON ({e})") from None
                     text = obj.get("chat_template") if isinstance(obj, dict) else None
                     if isinstance(text, list):  # [{"name": "default", "template": ...}, ...]
                         text = next((t.get("template") for t in text if t.get("name") == "default"), None)
                     if not isinstance(text, str):
-                        raise ValueError(f"{template}: no chat_template string in this JSON file")
+                        raise ArgumentError(f"{template}: no chat_template string in this JSON file")
                 self.source = text
         self._compiled: Any = None
 
@@ -411,12 +414,12 @@ class ChatRenderer:
         if self._compiled is None:
             global _SANDBOX_ENV
             if _SANDBOX_ENV is None:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
+                sandbox = import_optional("jinja2.sandbox", feature="a Jinja chat template", extra="hf")
 
                 def raise_exception(msg: str) -> None:
                     raise ValueError(msg)
 
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
                 env.globals["raise_exception"] = raise_exception
                 env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
                     x, indent=indent, ensure_ascii=ensure_ascii)
@@ -471,9 +474,9 @@ class ShapeOptions:
 
     def __post_init__(self) -> None:
         if self.shape is not None and self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; one of {', '.join(SHAPES)}")
+            raise ArgumentError(f"unknown shape {self.shape!r}; one of {', '.join(SHAPES)}")
         if self.shape == "template" and not self.prompt_template:
-            raise ValueError("shape 'template' needs a prompt template (--prompt-template)")
+            raise ArgumentError("shape 'template' needs a prompt template (--prompt-template)")
         if self.prompt_template:
             PromptTemplate(self.prompt_template)  # syntax errors surface before any record is read
 

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import xxhash
 
-from ..errors import SourceError
+from ..errors import SourceError, import_optional
 
 try:  # orjson parses 3-5x faster; the standard library is the fallback
     import orjson as _json
@@ -44,13 +44,12 @@ except ImportError:  # pragma: no cover - exercised where orjson is absent
 
 __all__ = ["RawRecord", "Block", "Source", "JsonlSource", "JsonArraySource", "ParquetSource",
            "RecordsSource", "open_sources", "expand_inputs", "iter_records", "block_records", "loads",
-           "record_text", "PARQUET_INSTALL_HINT"]
+           "record_text"]
 
 loads = _loads
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".jsonl.zstd", ".ndjson.gz", ".ndjson.zst")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
-PARQUET_INSTALL_HINT = 'pip install "pairpack[parquet]"'
 JSON_SLURP_BYTES = 64 << 20  # JSON arrays up to this size are parsed at once (orjson); larger stream
 BLOCK_BYTES = 1 << 20  # JSONL bytes per block
 BLOCK_RECORDS = 512  # parsed records per block
@@ -217,11 +216,7 @@ class _FileSource(Source):
         if name.endswith(".gz"):
             return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
         if name.endswith((".zst", ".zstd")):
-            try:
-                import zstandard
-            except ImportError:
-                raise SourceError("reading .zst needs zstandard: pip install zstandard",
-                                  path=self.file, reason="missing_extra") from None
+            zstandard = import_optional("zstandard", feature=f"reading {self.file}", extra=None)
             return io.BufferedReader(_ZstdFrames(buffered, zstandard), 1 << 20)  # type: ignore[return-value]
         return buffered
 
@@ -556,11 +551,7 @@ class JsonArraySource(_FileSource):
 
 
 def _pyarrow_parquet() -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SourceError(f"reading Parquet needs pyarrow: {PARQUET_INSTALL_HINT}", reason="missing_extra") from None
-    return pq
+    return import_optional("pyarrow.parquet", feature="reading Parquet", extra="parquet")
 
 
 class ParquetSource(_FileSource):

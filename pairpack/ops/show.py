@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..errors import PairIndexError
 from ..format import SEGMENTS
 
 __all__ = ["render_pair", "pair_to_json", "use_color", "STYLES"]
@@ -35,7 +36,7 @@ def _resolve(ds: Any, index: int) -> int:
     n = len(ds)
     i = index + n if index < 0 else index
     if not 0 <= i < n:
-        raise IndexError(f"pair index {index} out of range for {n} pairs")
+        raise PairIndexError(f"pair index {index} out of range for {n} pairs")
     return i
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..batch.options import Truncation
 from ..batch.plan import padding_ceiling, padding_efficiency
+from ..errors import import_optional
 
 __all__ = [
     "DatasetStats",
@@ -38,14 +39,12 @@ __all__ = [
     "sharing_summary",
     "sparkline",
     "plot_stats",
-    "PLOT_INSTALL_HINT",
 ]
 
 PERCENTILES = (50, 90, 99)
 SPARK = " ▁▂▃▄▅▆▇█"  # index 0 = empty bin, 1..8 = height eighths
 HIST_BINS = 16
 DEFAULT_BATCH_SIZE = 32
-PLOT_INSTALL_HINT = 'pip install "pairpack[plot]"'
 _GATHER_BUDGET = 1 << 22  # tokens gathered per comparison round (bounds memory: 2 x 8 bytes each)
 
 
@@ -425,15 +424,11 @@ def _render(s: DatasetStats) -> str:
 def plot_stats(s: DatasetStats, path: str | Path, *, dpi: int = 100) -> Path:
     """Write a PNG: length histograms, the truncation curve, and the chosen-minus-rejected histogram.
 
-    Needs matplotlib (``pip install "pairpack[plot]"``); raises ImportError with that hint otherwise.
+    Raises:
+        MissingDependencyError: matplotlib is not installed (``pip install "pairpack[plot]"``).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError(f"--plot needs matplotlib: {PLOT_INSTALL_HINT}") from None
+    import_optional("matplotlib", feature="--plot", extra="plot").use("Agg")
+    import matplotlib.pyplot as plt
     ln = s._arrays["lengths"]
     lcp = s._arrays["lcp"]
     p, c, r = ln
