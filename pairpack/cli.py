@@ -18,6 +18,7 @@ import numpy as np
 from . import FORMAT_VERSION, backend
 from ._version import __version__
 from .errors import ArgumentError, PairpackError, import_optional
+from .tables import text_table
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head`
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -257,10 +258,13 @@ _SUMMARY_KEYS = ("min", "p50", "p90", "p99", "max", "mean")
 
 
 def _length_summary(x: np.ndarray) -> dict[str, float | None]:
-    """min, interpolated p50/p90/p99, max and mean of ``x`` (None for an empty array)."""
+    """min, p50/p90/p99 (:func:`pairpack.ops.stats.percentiles`, as ``stats`` reports them), max and
+    mean of ``x`` (None for an empty array)."""
+    from .ops.stats import PERCENTILES, percentiles
+
     if x.size == 0:
         return dict.fromkeys(_SUMMARY_KEYS)
-    q = np.percentile(x, [50, 90, 99]).tolist()
+    q = [float(v) for v in percentiles(x, PERCENTILES)]
     return dict(zip(_SUMMARY_KEYS, [float(x.min()), *q, float(x.max()), float(x.mean())]))
 
 
@@ -309,10 +313,8 @@ def info(dataset: Path, as_json: bool) -> None:
     click.echo(f"fingerprint  {ds.fingerprint}")
     click.echo("")
     header = ["length (tokens)", "min", "p50", "p90", "p99", "max", "mean"]
-    table = [header] + [[k] + _summary_cells(_length_summary(x)) for k, x in rows.items()]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        click.echo("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+    for line in text_table([header] + [[k] + _summary_cells(_length_summary(x)) for k, x in rows.items()]):
+        click.echo(line)
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})  # so INDEX may be -1

@@ -26,6 +26,7 @@ import numpy as np
 from ..batch.options import Truncation
 from ..batch.plan import padding_ceiling, padding_efficiency
 from ..errors import import_optional
+from ..tables import text_table
 
 __all__ = [
     "DatasetStats",
@@ -39,6 +40,7 @@ __all__ = [
     "sharing_summary",
     "sparkline",
     "plot_stats",
+    "percentiles",
 ]
 
 PERCENTILES = (50, 90, 99)
@@ -107,7 +109,13 @@ def dataset_common_prefix(ds: Any, chunk: int = 1 << 18) -> tuple[np.ndarray, np
 
 
 # --- summaries -----------------------------------------------------------------------------------------
-def _pct(x: np.ndarray, q: Sequence[float]) -> list[int]:
+def percentiles(x: np.ndarray, q: Sequence[float]) -> list[int]:
+    """The ``q``-th percentiles (0-100) of integer values ``x`` (token lengths), the one definition
+    that ``pairpack info`` and ``pairpack stats`` share: the smallest value ``v`` of ``x`` with at
+    least ``q`` % of ``x`` at most ``v`` (numpy's ``"inverted_cdf"``, Hyndman & Fan's definition 1).
+    Every percentile is a length that occurs, and ``max_length = p99`` keeps at least 99% of the
+    pairs whole; an interpolated p99 need not (on ``[1, 2, 3, 10, 100]`` it is 96.4, which cuts
+    the longest pair)."""
     return [int(v) for v in np.percentile(x, q, method="inverted_cdf")]
 
 
@@ -127,7 +135,7 @@ def length_summary(x: np.ndarray, bins: int = HIST_BINS) -> dict[str, Any]:
     if x.size == 0:
         return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None, "min": None,
                 "hist": {"edges": [], "counts": []}}
-    p50, p90, p99 = _pct(x, PERCENTILES)
+    p50, p90, p99 = percentiles(x, PERCENTILES)
     lo = int(x.min())
     hi = max(p99, lo + 1)
     counts, edges = np.histogram(x[x <= hi], bins=bins, range=(lo, hi))
@@ -207,7 +215,7 @@ def delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
     n = d.size
     if n == 0:
         return {"n": 0}
-    p1, p5, p25, p50, p75, p95, p99 = _pct(d, (1, 5, 25, 50, 75, 95, 99))
+    p1, p5, p25, p50, p75, p95, p99 = percentiles(d, (1, 5, 25, 50, 75, 95, 99))
     a = max(abs(p1), abs(p99), 1)
     w = -(-(2 * a + 1) // bins) | 1  # an odd whole number of tokens per bin: 0 is a bin centre
     k = -(-a // w)
@@ -250,7 +258,7 @@ def default_max_lengths(pair_lengths: np.ndarray, min_completion_tokens: int = 1
     x = np.asarray(pair_lengths, dtype=np.int64)
     if x.size == 0:
         return []
-    p50, p90, p99 = _pct(x, PERCENTILES)
+    p50, p90, p99 = percentiles(x, PERCENTILES)
     top = max(int(x.max()), 2)
     ladder = [1 << e for e in range(max(1, int(math.log2(max(p50, 2))) - 1), math.ceil(math.log2(top)) + 1)]
     cands = ladder[-5:] + [max(64, -(-q // 64) * 64) for q in (p50, p90, p99)]
@@ -263,7 +271,7 @@ def suggest_max_length(pair_lengths: np.ndarray, keep: float = 99.0, multiple: i
     x = np.asarray(pair_lengths, dtype=np.int64)
     if x.size == 0:
         return multiple
-    q = _pct(x, [keep])[0]
+    q = percentiles(x, [keep])[0]
     return max(multiple, -(-q // multiple) * multiple)
 
 
@@ -338,14 +346,8 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
 
 
 # --- text ------------------------------------------------------------------------------------------------
-def _table(rows: list[list[str]], align: str = "", indent: str = "  ") -> list[str]:
-    """Aligned columns; ``align`` has one letter per column, ``l`` or ``r`` (default: first column
-    left, the others right)."""
-    ncol = len(rows[0])
-    align = align or "l" + "r" * (ncol - 1)
-    widths = [max(len(r[i]) for r in rows) for i in range(ncol)]
-    return [indent + "  ".join(c.ljust(widths[i]) if align[i] == "l" else c.rjust(widths[i])
-                               for i, c in enumerate(r)).rstrip() for r in rows]
+def _table(rows: list[list[str]], align: str = "") -> list[str]:
+    return text_table(rows, align, indent="  ")
 
 
 def _share(k: int, n: int) -> str:

@@ -31,6 +31,7 @@ import torch
 
 from ..batch.loader import Loader
 from ..errors import StateError, import_optional
+from ..tables import text_table
 from ..progress import CountProgress
 from ..read.dataset import Dataset, open_dataset
 from .dpo import DPO
@@ -240,9 +241,7 @@ def format_table(result: DemoResult) -> str:
     rows = [[str(r["step"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.3f}", f"{r['train_margin']:.3f}",
              f"{r['heldout_loss']:.4f}", f"{r['heldout_acc']:.3f}", f"{r['heldout_margin']:.3f}",
              f"{r['seconds']:.1f}"] for r in result.rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    return "\n".join(text_table([header, *rows], "r" * len(header), rule=True))
 
 
 def save_plot(result: DemoResult, path: str | os.PathLike) -> Path:

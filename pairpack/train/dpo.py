@@ -67,6 +67,30 @@ def _check_bool_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
 
 
+def _check_pair_inputs(preferred_seq: Tensor, unpreferred_seq: Tensor, prompt_mask: Tensor,
+                       preferred_seq_mask: Tensor | None, unpreferred_seq_mask: Tensor | None,
+                       ) -> tuple[Tensor, Tensor]:
+    """The batch checks shared by :meth:`DPO.forward` and :func:`xtransformers_inputs`: both
+    rows ``(B, N)`` with ``N >= 2``, every mask bool ``(B, N)``. Returns the two seq masks, all
+    True where None was given."""
+    if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
+        raise ValueError(
+            "preferred_seq and unpreferred_seq must both have shape (B, N) (pad them to one "
+            f"length), got {tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
+        )
+    b, n = preferred_seq.shape
+    if n < 2:
+        raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
+    _check_bool_mask("prompt_mask", prompt_mask, (b, n))
+    masks = []
+    for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
+        if mask is None:
+            mask = torch.ones_like(prompt_mask)
+        _check_bool_mask(name, mask, (b, n))
+        masks.append(mask)
+    return masks[0], masks[1]
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -501,21 +525,9 @@ class DPO(nn.Module):
         if unpreferred_seq is None or prompt_mask is None:
             raise TypeError("dpo(preferred_seq, unpreferred_seq, prompt_mask=...) needs all three tensors "
                             "(or pass one batch object: dpo(batch))")
-        if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
-            raise ValueError(
-                "preferred_seq and unpreferred_seq must both have shape (B, N) (pad them to one "
-                f"length), got {tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
-            )
-        b, n = preferred_seq.shape
-        if n < 2:
-            raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
-        _check_bool_mask("prompt_mask", prompt_mask, (b, n))
-        seq_masks = []
-        for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
-            if mask is None:
-                mask = torch.ones_like(prompt_mask)
-            _check_bool_mask(name, mask, (b, n))
-            seq_masks.append(mask)
+        seq_masks = _check_pair_inputs(preferred_seq, unpreferred_seq, prompt_mask,
+                                       preferred_seq_mask, unpreferred_seq_mask)
+        b = preferred_seq.shape[0]
         if (ref_chosen_logp is None) != (ref_rejected_logp is None):
             raise ValueError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
         if ref_chosen_logp is None and self.ref_model is None:
@@ -638,24 +650,10 @@ def xtransformers_inputs(
         ValueError: shapes disagree or N < 2.
         TypeError: a mask is not bool.
     """
-    if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
-        raise ValueError(
-            "preferred_seq and unpreferred_seq must both have shape (B, N), "
-            f"got {tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
-        )
-    b, n = preferred_seq.shape
-    if n < 2:
-        raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
-    _check_bool_mask("prompt_mask", prompt_mask, (b, n))
-    shifted = {}
-    for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
-        if mask is None:
-            mask = torch.ones_like(prompt_mask)
-        _check_bool_mask(name, mask, (b, n))
-        shifted[name] = mask[:, 1:]
+    masks = _check_pair_inputs(preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask)
     return {
         "preferred_seq": preferred_seq,
         "unpreferred_seq": unpreferred_seq,
         "prompt_mask": prompt_mask[:, 1:],
-        **shifted,
+        **{name: mask[:, 1:] for name, mask in zip(_SEQ_MASK_NAMES, masks)},
     }
