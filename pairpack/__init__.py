@@ -15,12 +15,16 @@ from typing import Any
 
 from ._version import __version__
 from .errors import (
+    ArgumentError,
     ChecksumError,
+    ColumnNotFoundError,
     DatasetExistsError,
     DeviceError,
     FormatError,
+    MissingDependencyError,
     ModelError,
     NotReplaceableError,
+    PairIndexError,
     PairpackError,
     SourceError,
     StateError,
@@ -54,7 +58,10 @@ __all__ = [
     "StateError",
     "DeviceError",
     "ModelError",
-    "backend",
+    "ArgumentError",
+    "ColumnNotFoundError",
+    "PairIndexError",
+    "MissingDependencyError",
 ]
 
 

@@ -27,7 +27,6 @@ __all__ = [
     "ColumnNotFoundError",
     "PairIndexError",
     "MissingDependencyError",
-    "import_optional",
 ]
 
 

@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from .layouts import PackedBatch
     from .plan import BatchPlan
 
-__all__ = ["DeviceFeeder", "HostLayout", "layout_for", "write_host", "expand"]
+__all__ = ["DeviceFeeder"]
 
 ALIGN = 64  # byte alignment of every section of a staging buffer (device views need >= 8)
 MIN_BUFFER = 1 << 16  # smallest ring buffer, bytes

@@ -32,9 +32,7 @@ from typing import Any, Callable, Union
 
 from ..errors import ArgumentError, SourceError, import_optional
 
-__all__ = ["FieldSpec", "Segment", "get_path", "extract", "SHAPES", "ShapeOptions", "detect_shape",
-           "split_hh", "PromptTemplate", "ChatRenderer", "chat_messages", "normalize_message",
-           "make_extractor", "ALPACA_TEMPLATE", "NAMED_TEMPLATES", "HH_MARKER"]
+__all__ = ["SHAPES", "ShapeOptions", "FieldSpec", "detect_shape", "make_extractor", "PromptTemplate", "ChatRenderer"]
 
 Segment = Union[str, list]
 SHAPES = ("fields", "hh", "chat", "template")
@@ -61,7 +59,7 @@ class FieldSpec:
 _MISSING = object()
 
 
-def get_path(obj: Any, dotted: str) -> Any:
+def _get_path(obj: Any, dotted: str) -> Any:
     """``obj["a"]["b"]`` for ``"a.b"`` (integers index lists); a sentinel when absent."""
     if isinstance(obj, dict) and dotted in obj:  # fast path, and keys that contain dots
         return obj[dotted]
@@ -100,12 +98,12 @@ def _require_dict(data: Any) -> None:
         raise SourceError(f"record must be a JSON object, got {type(data).__name__}", reason="wrong_type")
 
 
-def extract(data: Any, spec: FieldSpec) -> tuple[Segment, Segment, Segment]:
+def _extract(data: Any, spec: FieldSpec) -> tuple[Segment, Segment, Segment]:
     """The three segments of a ``fields``-shaped record. Raises SourceError (``field`` set)."""
     _require_dict(data)
     out = []
     for field in (spec.prompt, spec.chosen, spec.rejected):
-        v = get_path(data, field)
+        v = _get_path(data, field)
         if not _present(v):
             raise SourceError("missing field", field=field, reason="missing_field")
         out.append(_segment(v, field))
@@ -228,7 +226,7 @@ class PromptTemplate:
 
     @staticmethod
     def _value(data: Any, path: str) -> str | None:
-        v = get_path(data, path)
+        v = _get_path(data, path)
         if not _present(v):
             return None
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
@@ -332,7 +330,7 @@ def chat_messages(data: Any, spec: FieldSpec) -> tuple[list[dict[str, str]], dic
     field is ignored. Final messages must have role assistant.
     """
     _require_dict(data)
-    c_raw, r_raw = get_path(data, spec.chosen), get_path(data, spec.rejected)
+    c_raw, r_raw = _get_path(data, spec.chosen), _get_path(data, spec.rejected)
     for v, f in ((c_raw, spec.chosen), (r_raw, spec.rejected)):
         if not _present(v):
             raise SourceError("missing field", field=f, reason="missing_field")
@@ -341,7 +339,7 @@ def chat_messages(data: Any, spec: FieldSpec) -> tuple[list[dict[str, str]], dic
     for msgs, f in ((cm, spec.chosen), (rm, spec.rejected)):
         if not msgs or msgs[-1]["role"] != "assistant":
             raise SourceError("the last message must be an assistant turn", field=f, reason="chat_no_assistant")
-    p_raw = get_path(data, spec.prompt)
+    p_raw = _get_path(data, spec.prompt)
     if len(cm) > 1 or len(rm) > 1 or not _present(p_raw):
         hc, hr = cm[:-1], rm[:-1]
         if hc != hr:
@@ -503,7 +501,7 @@ def detect_shape(record: Any, opts: ShapeOptions) -> ShapeOptions | None:
     if not isinstance(record, dict):
         return None
     s = opts.spec
-    c, r, p = get_path(record, s.chosen), get_path(record, s.rejected), get_path(record, s.prompt)
+    c, r, p = _get_path(record, s.chosen), _get_path(record, s.rejected), _get_path(record, s.prompt)
     if not (_present(c) and _present(r)):
         return None
     if _is_messages(c) or _is_messages(r) or _is_messages(p):
@@ -525,13 +523,13 @@ def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any],
     s = opts.spec
     shape = opts.shape or "fields"
     if shape == "fields":
-        return lambda data: extract(data, s)
+        return lambda data: _extract(data, s)
     if shape == "hh":
         marker = opts.hh_marker
 
         def hh(data: Any) -> tuple[Segment, Segment, Segment]:
             _require_dict(data)
-            c, r = get_path(data, s.chosen), get_path(data, s.rejected)
+            c, r = _get_path(data, s.chosen), _get_path(data, s.rejected)
             for v, f in ((c, s.chosen), (r, s.rejected)):
                 if not _present(v):
                     raise SourceError("missing field", field=f, reason="missing_field")
@@ -552,7 +550,7 @@ def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any],
             prompt = tmpl.render(data)
             out = []
             for f in (s.chosen, s.rejected):
-                v = get_path(data, f)
+                v = _get_path(data, f)
                 if not _present(v):
                     raise SourceError("missing field", field=f, reason="missing_field")
                 if not isinstance(v, str):

@@ -42,9 +42,7 @@ except ImportError:  # pragma: no cover - exercised where orjson is absent
     _loads = json.loads
     _JSONError = (ValueError,)
 
-__all__ = ["RawRecord", "Block", "Source", "JsonlSource", "JsonArraySource", "ParquetSource",
-           "RecordsSource", "open_sources", "expand_inputs", "iter_records", "block_records", "loads",
-           "record_text"]
+__all__ = ["Source", "JsonlSource", "JsonArraySource", "ParquetSource", "RecordsSource", "open_sources"]
 
 loads = _loads
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".jsonl.zstd", ".ndjson.gz", ".ndjson.zst")
@@ -718,13 +716,6 @@ def _is_records(x: Any) -> bool:
     if hasattr(x, "_fingerprint") and hasattr(x, "column_names"):
         return True
     return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(r, dict) for r in x[:8])
-
-
-def iter_records(source: Source) -> Iterator[RawRecord]:
-    """All records of one source, in order. Malformed ones carry ``error`` instead of data."""
-    with closing(source.blocks()) as blocks:
-        for b in blocks:
-            yield from block_records(b)
 
 
 def _short(e: Exception) -> str:

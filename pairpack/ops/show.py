@@ -17,10 +17,10 @@ import numpy as np
 from ..errors import PairIndexError
 from ..format import SEGMENTS
 
-__all__ = ["render_pair", "pair_to_json", "use_color", "STYLES"]
+__all__ = ["render_pair", "pair_to_json"]
 
 # click.style keyword arguments per segment (applied only when color is on)
-STYLES: dict[str, dict[str, Any]] = {"prompt": {"dim": True}, "chosen": {"fg": "green"}, "rejected": {"fg": "red"}}
+_STYLES: dict[str, dict[str, Any]] = {"prompt": {"dim": True}, "chosen": {"fg": "green"}, "rejected": {"fg": "red"}}
 
 
 def use_color(flag: bool | None, stream: TextIO | None = None) -> bool:
@@ -69,7 +69,7 @@ def render_pair(ds: Any, index: int, *, show_ids: bool = False, color: bool = Fa
     for name, seg in zip(SEGMENTS, pair):
         body = ds.decode(seg) if decode else " ".join(map(str, seg.tolist()))
         lines.append(style(f"── {name} ({seg.size:,} tokens)", bold=True))
-        lines.append(style(body, **STYLES[name]))
+        lines.append(style(body, **_STYLES[name]))
     return "\n".join(lines)
 
 

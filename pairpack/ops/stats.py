@@ -28,20 +28,7 @@ from ..batch.plan import padding_ceiling, padding_efficiency
 from ..errors import import_optional
 from ..tables import text_table
 
-__all__ = [
-    "DatasetStats",
-    "compute_stats",
-    "common_prefix_lengths",
-    "dataset_common_prefix",
-    "length_summary",
-    "truncation_row",
-    "padding_row",
-    "delta_summary",
-    "sharing_summary",
-    "sparkline",
-    "plot_stats",
-    "percentiles",
-]
+__all__ = ["DatasetStats", "compute_stats", "plot_stats", "percentiles"]
 
 PERCENTILES = (50, 90, 99)
 SPARK = " ▁▂▃▄▅▆▇█"  # index 0 = empty bin, 1..8 = height eighths
@@ -119,7 +106,7 @@ def percentiles(x: np.ndarray, q: Sequence[float]) -> list[int]:
     return [int(v) for v in np.percentile(x, q, method="inverted_cdf")]
 
 
-def sparkline(counts: np.ndarray) -> str:
+def _sparkline(counts: np.ndarray) -> str:
     """One character per bin: blank for 0, else ``▁``..``█`` by count relative to the largest."""
     c = np.asarray(counts, dtype=np.float64)
     if c.size == 0 or c.max() <= 0:
@@ -128,7 +115,7 @@ def sparkline(counts: np.ndarray) -> str:
     return "".join(SPARK[i] for i in lv)
 
 
-def length_summary(x: np.ndarray, bins: int = HIST_BINS) -> dict[str, Any]:
+def _length_summary(x: np.ndarray, bins: int = HIST_BINS) -> dict[str, Any]:
     """p50/p90/p99/max/mean of lengths ``x`` and a histogram over ``[min, p99]`` (values above p99
     are left out of the histogram so one long outlier does not flatten it)."""
     x = np.asarray(x, dtype=np.int64)
@@ -151,7 +138,7 @@ def _identical_after(ln: np.ndarray, trunc: Truncation, lcp: np.ndarray, tl: np.
     return trunc.cut_to_equal(ln, tl) & (lcp >= tl[1])
 
 
-def truncation_row(lengths: np.ndarray, lcp: np.ndarray, max_length: int, *,
+def _truncation_row(lengths: np.ndarray, lcp: np.ndarray, max_length: int, *,
                    min_completion_tokens: int = 1) -> dict[str, Any]:
     """What truncating to ``max_length`` does. Counts are pairs; tokens count both rows (2P + C + R).
 
@@ -205,7 +192,7 @@ def padding_row(ds: Any, max_length: int | None, *, batch_size: int | None, max_
     return out
 
 
-def delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
+def _delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
     """Chosen-minus-rejected length ``d = C - R`` (tokens): shares longer/equal/shorter, mean,
     percentiles, and a histogram of about ``bins`` bins over a range symmetric around 0 (``d`` clipped
     to ``[-a, a]``, ``a`` = the larger of ``|p1|`` and ``|p99|``; bins are an odd whole number of
@@ -227,7 +214,7 @@ def delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
             "hist": {"edges": edges.tolist(), "counts": counts.tolist(), "clipped_to": a}}
 
 
-def sharing_summary(prompt_key: np.ndarray, prompt_lengths: np.ndarray) -> dict[str, Any]:
+def _sharing_summary(prompt_key: np.ndarray, prompt_lengths: np.ndarray) -> dict[str, Any]:
     """Pairs per stored prompt, from the prompt starts (``prompt_key`` equal = one stored prompt).
 
     The writer de-duplicates prompts within a window (FORMAT.md §7.2), so this counts sharing as
@@ -328,7 +315,7 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
     lcp, key = dataset_common_prefix(ds)
     cands = sorted(set(max_lengths)) if max_lengths else default_max_lengths(pair, min_completion_tokens)
     suggestion = suggest_max_length(pair)
-    trunc = [truncation_row(ln, lcp, L, min_completion_tokens=min_completion_tokens) for L in cands]
+    trunc = [_truncation_row(ln, lcp, L, min_completion_tokens=min_completion_tokens) for L in cands]
     pad_rows: list[dict[str, Any]] = []
     if padding and len(ds):
         pad_lengths = [None] + (list(cands) if max_lengths else [suggestion])
@@ -336,11 +323,11 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
                                 min_completion_tokens=min_completion_tokens) for L in pad_lengths]
     return DatasetStats(
         path=str(ds.path), num_pairs=len(ds), min_completion_tokens=min_completion_tokens,
-        lengths={k: length_summary(v) for k, v in rows.items()},
+        lengths={k: _length_summary(v) for k, v in rows.items()},
         identical_before=int(((c == r) & (lcp >= c)).sum()),
         suggested_max_length=suggestion, truncation=trunc, padding=pad_rows,
         batching={"batch_size": batch_size, "max_tokens": max_tokens, "seed": seed, "epoch": 0},
-        delta=delta_summary(ln), sharing=sharing_summary(key, p),
+        delta=_delta_summary(ln), sharing=_sharing_summary(key, p),
         _arrays={"lengths": ln, "lcp": lcp},
     )
 
@@ -364,7 +351,7 @@ def _render(s: DatasetStats) -> str:
     for name, v in s.lengths.items():
         h = v["hist"]
         rows.append([name, f"{v['p50']:,}", f"{v['p90']:,}", f"{v['p99']:,}", f"{v['max']:,}", f"{v['mean']:,.1f}",
-                     f"{v['min']:,}", sparkline(np.array(h["counts"])), f"{v['p99']:,}"])
+                     f"{v['min']:,}", _sparkline(np.array(h["counts"])), f"{v['p99']:,}"])
     out += _table(rows, "lrrrrrrll") + [""]
 
     out.append(f"truncation (completions cut first, down to {s.min_completion_tokens} token(s); "
@@ -407,7 +394,7 @@ def _render(s: DatasetStats) -> str:
         ["equal", _share(d["equal"], n), "median", f"{d['p50']:+,}", ""],
         ["chosen shorter", _share(d["chosen_shorter"], n), "p5 .. p95", f"{d['p5']:+,} .. {d['p95']:+,}", ""],
     ], "lrlrl")
-    out.append(f"  histogram  {-h['clipped_to']:+,} {sparkline(np.array(h['counts']))} {h['clipped_to']:+,}"
+    out.append(f"  histogram  {-h['clipped_to']:+,} {_sparkline(np.array(h['counts']))} {h['clipped_to']:+,}"
                "  (centre bin = equal length; tails clipped into the end bins)")
     out.append("")
 

@@ -23,7 +23,7 @@ from .verify import verify_dataset
 if TYPE_CHECKING:  # torch is imported only when a batch is assembled
     from ..batch.triplets import Triplets
 
-__all__ = ["Pair", "Taken", "Dataset", "open_dataset"]
+__all__ = ["Pair", "Dataset", "open_dataset"]
 
 
 class Pair(NamedTuple):
