@@ -20,12 +20,10 @@ Three transfer modes:
   rows and bool masks (one pass of the C kernel, ``pairpack/_native.c``, when it is built), and
   the device receives it in one copy: every tensor handed out is a view of that copy, no kernel
   runs, one ``record_stream`` per batch. It moves the most bytes (the usual path's) but makes the
-  fewest CUDA calls, and on the virtualised H200 machines measured a CUDA call costs the host
-  0.1-0.2 ms, as much as the whole host gather. ``tools/gpu_check.py`` there (batches of 32 pairs,
-  rows up to 2048 uint16 tokens): host-widened 2,581 batches/s and 0.39 ms of host CPU a batch,
-  padded 1,535 / 0.65 ms, compact 1,304 / 0.77 ms, the usual collate + ``pin_memory()`` +
-  ``.to()`` path 1,982. It is the default, being the fastest measured; compact remains the choice
-  where the link, not the host, is the limit. The README has the table.
+  fewest CUDA calls. It is the default: on the machines measured a CUDA call's host cost, not the
+  link, was the limit. Compact moves the fewest bytes and is the choice where the link is the
+  limit. ``python tools/gpu_check.py`` measures all three against the usual collate +
+  ``pin_memory()`` + ``.to()`` path; README "Feeding a GPU" has the figures.
 
 Packed layouts (``layout="packed"``/``"prefix_shared"``, :mod:`pairpack.batch.layouts`): the
 host builds the :class:`~pairpack.batch.layouts.PackedBatch` and writes its tensors, at aligned
@@ -550,8 +548,8 @@ class DeviceFeeder:
         compact: compact transfer (see the module docstring); False sends padded rows.
         host_widen: with ``compact=False``, the host writes the finished batch (int64 rows and the
             masks, by the C kernel when built) and the device receives it in one copy, running no
-            kernel. Moves the most bytes but makes the fewest CUDA calls per batch: the fastest
-            mode in ``tools/gpu_check.py`` on the H200 machines measured (README, "Feeding a GPU").
+            kernel. Moves the most bytes but makes the fewest CUDA calls per batch (README,
+            "Feeding a GPU", compares the modes).
 
     Attributes:
         stream: the feeder's expansion stream, the last to touch a batch (None on CPU).
