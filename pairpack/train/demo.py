@@ -31,9 +31,9 @@ import torch
 
 from ..batch.loader import Loader
 from ..errors import StateError, import_optional
-from ..tables import text_table
 from ..progress import CountProgress
 from ..read.dataset import Dataset, open_dataset
+from ..tables import text_table
 from .dpo import DPO
 from .reference import (
     REFERENCE_COLUMNS,
