@@ -171,3 +171,24 @@ def test_export_leaves_nothing_when_the_sidecar_cannot_be_written(tmp_path: Path
         export(ds_path, out)
     assert not out.exists()  # no export without its sidecar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "pairs.jsonl.pairpack.json"]
+
+
+def test_column_update_is_not_rolled_back_after_its_commit_point(monkeypatch: pytest.MonkeyPatch,
+                                                                 ds_path: Path) -> None:
+    """A failure after the new manifest is in place (the directory fsync) must not delete the
+    column files that manifest now names."""
+    from pairpack.format import fsio
+
+    real = fsio._fsync_dir
+
+    def fsync_dir(p: Path) -> None:
+        if Path(p) == ds_path:
+            raise OSError(5, "I/O error")
+        real(p)
+
+    monkeypatch.setattr(fsio, "_fsync_dir", fsync_dir)
+    with pytest.raises(OSError):
+        add_columns(ds_path, {"bonus": np.arange(5, dtype=np.float32)})
+    monkeypatch.undo()
+    ds = pairpack.open(ds_path)
+    assert ds.column("bonus").tolist() == [0, 1, 2, 3, 4] and ds.verify() == []

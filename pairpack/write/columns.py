@@ -176,9 +176,10 @@ def add_columns(
                 data = manifest.dumps()
             except (TypeError, ValueError) as e:
                 raise ArgumentError(f"column attrs must be JSON values ({e})") from None
-            # the commit point: one os.replace of the fsynced new manifest
-            write_manifest(root, data, tmp_name=f".{fmt.MANIFEST_NAME}{_COLTMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            created.clear()
+            # the commit point: one os.replace of the fsynced new manifest; from then on the new
+            # files are the dataset's, never rolled back
+            tmp_name = f".{fmt.MANIFEST_NAME}{_COLTMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            write_manifest(root, data, tmp_name=tmp_name, on_commit=created.clear)
         except BaseException:
             for p in created:  # new files only: nothing the old manifest points to
                 p.unlink(missing_ok=True)
