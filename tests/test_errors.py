@@ -53,6 +53,8 @@ def test_reader_errors_are_pairpack_errors(ds_path: Path) -> None:
         ds[5]
     with pytest.raises(PairIndexError):
         ds.take([0, 7])
+    with pytest.raises(ArgumentError, match="pair indices"):
+        ds.take(["a"])
     assert [p.prompt.tolist() for p in ds] == [[1, 2, i] for i in range(5)]  # iteration still ends on IndexError
     ds.close()
     with pytest.raises(StateError, match="closed"):

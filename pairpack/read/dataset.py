@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _accel
 from .. import format as fmt
-from ..errors import ColumnNotFoundError, PairIndexError, StateError
+from ..errors import ArgumentError, ColumnNotFoundError, PairIndexError, StateError
 from ..format.spec import round_up
 from ..tokenization import tokenizer_from_manifest
 from .shard import _check_segments, _open_shard, _Shard
@@ -188,7 +188,10 @@ class Dataset:
         segment is bounds-checked, vectorised (FORMAT.md §8 R13). Used by :meth:`batch` and by the
         loader's plans.
         """
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        try:
+            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError):
+            raise ArgumentError(f"indices must be pair indices (integers), got {str(indices)[:80]}") from None
         n = len(self)
         if _accel.native is not None and idx.size:
             got = self._take_native(_accel.native, idx, columns)
