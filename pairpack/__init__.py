@@ -16,6 +16,7 @@ from typing import Any
 from ._version import __version__
 from .errors import (
     ArgumentError,
+    ArgumentTypeError,
     ChecksumError,
     ColumnNotFoundError,
     DatasetExistsError,
@@ -59,6 +60,7 @@ __all__ = [
     "DeviceError",
     "ModelError",
     "ArgumentError",
+    "ArgumentTypeError",
     "ColumnNotFoundError",
     "PairIndexError",
     "MissingDependencyError",

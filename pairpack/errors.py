@@ -24,6 +24,7 @@ __all__ = [
     "DeviceError",
     "ModelError",
     "ArgumentError",
+    "ArgumentTypeError",
     "ColumnNotFoundError",
     "PairIndexError",
     "MissingDependencyError",
@@ -169,6 +170,11 @@ class ArgumentError(PairpackError, ValueError):
     """A value passed to a pairpack function is invalid: an option out of its range, an array of
     the wrong dtype or shape, a column name that breaks FORMAT.md §4.4. The message names the
     argument, the value and what is allowed."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type: a mask that is not bool, float ids, a model that is not an
+    ``nn.Module``. Also a ``TypeError``, as Python code expects."""
 
 
 class ColumnNotFoundError(PairpackError, KeyError):

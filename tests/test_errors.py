@@ -194,3 +194,18 @@ def test_column_update_is_not_rolled_back_after_its_commit_point(monkeypatch: py
     monkeypatch.undo()
     ds = pairpack.open(ds_path)
     assert ds.column("bonus").tolist() == [0, 1, 2, 3, 4] and ds.verify() == []
+
+
+def test_dpo_input_checks_are_argument_errors() -> None:
+    from pairpack.errors import ArgumentTypeError
+    from pairpack.train.dpo import dpo_loss, xtransformers_inputs
+
+    z = torch.zeros(2)
+    with pytest.raises(ArgumentError, match="beta"):
+        dpo_loss(z, z, z, z, beta=0.0)
+    seq = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ArgumentTypeError, match="bool") as e:
+        xtransformers_inputs(seq, seq, torch.zeros(2, 4, dtype=torch.long))
+    assert isinstance(e.value, TypeError) and isinstance(e.value, PairpackError)
+    with pytest.raises(ArgumentError, match="N >= 2"):
+        xtransformers_inputs(seq[:, :1], seq[:, :1], torch.zeros(2, 1, dtype=torch.bool))
