@@ -208,19 +208,20 @@ class MissingDependencyError(PairpackError, ImportError):
 
     Attributes:
         package: the importable name that is missing (e.g. ``"matplotlib"``).
+        feature: what needs it (e.g. ``"--plot"``).
         extra: the pairpack extra that installs it (e.g. ``"plot"``), or None for a core dependency.
         install: the command that fixes it.
     """
 
     def __init__(self, package: str, feature: str, extra: str | None) -> None:
         self.package = package
+        self.feature = feature
         self.extra = extra
         self.install = f'pip install "pairpack[{extra}]"' if extra else f"pip install {package}"
         super().__init__(f"{feature} needs {package}, which is not installed: {self.install}", name=package)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        feature = str(self.args[0]).split(" needs ", 1)[0]
-        return (MissingDependencyError, (self.package, feature, self.extra))
+        return (MissingDependencyError, (self.package, self.feature, self.extra))
 
 
 def import_optional(module: str, *, feature: str, extra: str | None) -> ModuleType:
