@@ -15,12 +15,17 @@ from typing import Any
 
 from ._version import __version__
 from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
     ChecksumError,
+    ColumnNotFoundError,
     DatasetExistsError,
     DeviceError,
     FormatError,
+    MissingDependencyError,
     ModelError,
     NotReplaceableError,
+    PairIndexError,
     PairpackError,
     SourceError,
     StateError,
@@ -54,7 +59,11 @@ __all__ = [
     "StateError",
     "DeviceError",
     "ModelError",
-    "backend",
+    "ArgumentError",
+    "ArgumentTypeError",
+    "ColumnNotFoundError",
+    "PairIndexError",
+    "MissingDependencyError",
 ]
 
 

@@ -17,8 +17,9 @@ import numpy as np
 
 from . import FORMAT_VERSION, backend
 from ._version import __version__
-from .errors import PairpackError
+from .errors import ArgumentError, PairpackError, import_optional
 from .progress import dataset_bytes, size_text
+from .tables import text_table
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `cat big | head`
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -191,7 +192,7 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
                            progress=progress,
                            max_record_bytes=_parse_size(max_record_bytes, "--max-record-bytes"))
     except ValueError as e:
-        if isinstance(e, PairpackError):
+        if isinstance(e, PairpackError) and not isinstance(e, ArgumentError):
             raise
         raise click.UsageError(str(e)) from None
     except OSError as e:
@@ -293,10 +294,13 @@ _SUMMARY_KEYS = ("min", "p50", "p90", "p99", "max", "mean")
 
 
 def _length_summary(x: np.ndarray) -> dict[str, float | None]:
-    """min, interpolated p50/p90/p99, max and mean of ``x`` (None for an empty array)."""
+    """min, p50/p90/p99 (:func:`pairpack.ops.stats.percentiles`, as ``stats`` reports them), max and
+    mean of ``x`` (None for an empty array)."""
+    from .ops.stats import PERCENTILES, percentiles
+
     if x.size == 0:
         return dict.fromkeys(_SUMMARY_KEYS)
-    q = np.percentile(x, [50, 90, 99]).tolist()
+    q = [float(v) for v in percentiles(x, PERCENTILES)]
     return dict(zip(_SUMMARY_KEYS, [float(x.min()), *q, float(x.max()), float(x.mean())]))
 
 
@@ -346,10 +350,8 @@ def info(dataset: Path, as_json: bool) -> None:
     click.echo(f"fingerprint  {ds.fingerprint}")
     click.echo("")
     header = ["length (tokens)", "min", "p50", "p90", "p99", "max", "mean"]
-    table = [header] + [[k] + _summary_cells(_length_summary(x)) for k, x in rows.items()]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for r in table:
-        click.echo("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+    for line in text_table([header] + [[k] + _summary_cells(_length_summary(x)) for k, x in rows.items()]):
+        click.echo(line)
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})  # so INDEX may be -1
@@ -464,7 +466,7 @@ def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, 
       pairpack stats data/train --json | jq .suggested_max_length
     """
     from .batch.plan import check_options
-    from .ops.stats import PLOT_INSTALL_HINT, compute_stats, plot_stats
+    from .ops.stats import compute_stats, plot_stats
     from .read.dataset import open_dataset
 
     if batch_size is not None and max_tokens is not None:
@@ -479,11 +481,8 @@ def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, 
                           max_length=n, min_completion_tokens=min_completion_tokens)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.ClickException(f"--plot needs matplotlib; install it with: {PLOT_INSTALL_HINT}") from None
+    if plot is not None:  # fail before the statistics are computed
+        import_optional("matplotlib", feature="--plot", extra="plot")
     ds = open_dataset(dataset)
     result = compute_stats(ds, max_lengths=list(max_lengths) or None, batch_size=batch_size,
                            max_tokens=max_tokens, seed=seed, min_completion_tokens=min_completion_tokens)
@@ -600,13 +599,12 @@ def _demo_dpo(ds_path: Path, *, plot: Path | None, steps: int | None, threads: i
     from .train.demo import (
         DemoConfig,
         format_table,
-        require_matplotlib,
         run_demo,
         save_plot,
     )
 
     if plot is not None:
-        require_matplotlib()  # fail now, not after a minute of training
+        import_optional("matplotlib", feature="--plot", extra="plot")  # fail now, not after training
     cfg = dataclasses.replace(DemoConfig(), layout=layout, **({} if steps is None else {"steps": steps}),
                               **({} if threads is None else {"threads": threads}))
     click.echo(f"\nDPO demo: pure DPO (beta {cfg.beta}, reduction {cfg.reduction!r}, AdamW lr {cfg.lr}, "

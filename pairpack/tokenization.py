@@ -29,13 +29,12 @@ import numpy as np
 import xxhash
 
 from . import format as fmt
-from .errors import FormatError, TokenizerError
+from .errors import FormatError, MissingDependencyError, TokenizerError, import_optional
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "tokenizer_from_manifest",
-           "encode_continuations", "decode_rows", "check_join", "describe_special", "HF_INSTALL_HINT", "TOKENIZER_FILE",
+           "encode_continuations", "decode_rows", "check_join", "describe_special", "TOKENIZER_FILE",
            "TOKENIZER_CONFIG_FILE"]
 
-HF_INSTALL_HINT = 'pip install "pairpack[hf]"'
 TOKENIZER_FILE = "tokenizer.json"  # the copy a dataset keeps of its Hugging Face tokenizer (§5.2)
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # a model directory's chat template, BOS/EOS, add_bos
 # Anchors tried, in order, for continuations of tokenizers that mark the start of a text (see the
@@ -131,12 +130,7 @@ class ByteTokenizer:
 
 
 def _import_tokenizers() -> Any:
-    try:
-        import tokenizers
-    except ImportError:
-        raise TokenizerError("Hugging Face tokenizer files need the optional 'tokenizers' package; "
-                             f"install it with: {HF_INSTALL_HINT}") from None
-    return tokenizers
+    return import_optional("tokenizers", feature="a Hugging Face tokenizer.json", extra="hf")
 
 
 class HFTokenizer:
@@ -494,7 +488,7 @@ def tokenizer_from_manifest(obj: dict[str, Any], root: str | os.PathLike | None 
             try:
                 return HFTokenizer(p, bos_token=obj.get("bos_id"), eos_token=obj.get("eos_id"),
                                    pad_token=obj.get("pad_id"), name=obj.get("name"),
-                                   expected_hash=obj.get("hash"), use_config=False)
-            except TokenizerError:
+                                   expected_hash=obj.get("hash"))
+            except (TokenizerError, MissingDependencyError):
                 continue
     return None

@@ -21,8 +21,8 @@ from pairpack.ingest.build import build
 from pairpack.errors import SourceError, StateError, TokenizerError
 from pairpack.ops.export import export
 from pairpack.ops.merge import merge
-from pairpack.ingest.shapes import CHAT_SPLIT_NOTE, FieldSpec, ShapeOptions, detect_shape, make_extractor
-from pairpack.ops.show import pair_to_json, tokenizer_status
+from pairpack.ingest.shapes import FieldSpec, ShapeOptions, detect_shape, make_extractor
+from pairpack.ops.show import pair_to_json
 from pairpack.tokenization import check_join, decode_rows, encode_continuations, load_tokenizer
 
 from .conftest import SHARED_MISSING, run_cli, write_jsonl

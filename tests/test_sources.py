@@ -16,7 +16,7 @@ import pairpack
 from tests.conftest import run_cli, write_jsonl
 import pairpack.ingest.sources as sources
 from pairpack.ingest.build import build
-from pairpack.errors import SourceError
+from pairpack.errors import MissingDependencyError, SourceError
 from pairpack.ingest.sources import (
     JsonArraySource,
     JsonlSource,
@@ -151,7 +151,7 @@ def test_parquet_missing_extra_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     p = tmp_path / "a.parquet"
     p.write_bytes(b"PAR1")
-    with pytest.raises(SourceError, match=r'pip install "pairpack\[parquet\]"'):
+    with pytest.raises(MissingDependencyError, match=r'pip install "pairpack\[parquet\]"'):
         ParquetSource(p).units()
 
 

@@ -304,3 +304,16 @@ def test_plot_without_matplotlib(sample_ds, tmp_path, monkeypatch):
     assert res.exit_code == 1
     assert 'pip install "pairpack[plot]"' in res.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_info_and_stats_report_the_same_percentiles(tmp_path):
+    """One definition: on prompt lengths [1, 2, 3, 10, 100] both say p99 = 100 (an interpolated p99
+    would be 96.4, shorter than the pair it is meant to keep whole)."""
+    with pairpack.Writer(tmp_path / "ds", vocab_size=10) as w:
+        for n in (1, 2, 3, 10, 100):
+            w.add([1] * n, [2], [3])
+    info = json.loads(run_cli("info", tmp_path / "ds", "--json").stdout)["lengths"]["prompt"]
+    stats = json.loads(run_cli("stats", tmp_path / "ds", "--json").stdout)["lengths"]["prompt"]
+    assert S.percentiles(np.array([1, 2, 3, 10, 100]), [50, 90, 99]) == [3, 100, 100]
+    for k in ("p50", "p90", "p99"):
+        assert info[k] == stats[k] == direct_percentile([1, 2, 3, 10, 100], int(k[1:])), k

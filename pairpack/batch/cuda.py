@@ -20,12 +20,10 @@ Three transfer modes:
   rows and bool masks (one pass of the C kernel, ``pairpack/_native.c``, when it is built), and
   the device receives it in one copy: every tensor handed out is a view of that copy, no kernel
   runs, one ``record_stream`` per batch. It moves the most bytes (the usual path's) but makes the
-  fewest CUDA calls, and on the virtualised H200 machines measured a CUDA call costs the host
-  0.1-0.2 ms, as much as the whole host gather. ``tools/gpu_check.py`` there (batches of 32 pairs,
-  rows up to 2048 uint16 tokens): host-widened 2,581 batches/s and 0.39 ms of host CPU a batch,
-  padded 1,535 / 0.65 ms, compact 1,304 / 0.77 ms, the usual collate + ``pin_memory()`` +
-  ``.to()`` path 1,982. It is the default, being the fastest measured; compact remains the choice
-  where the link, not the host, is the limit. The README has the table.
+  fewest CUDA calls. It is the default: on the machines measured a CUDA call's host cost, not the
+  link, was the limit. Compact moves the fewest bytes and is the choice where the link is the
+  limit. ``python tools/gpu_check.py`` measures all three against the usual collate +
+  ``pin_memory()`` + ``.to()`` path; README "Feeding a GPU" has the figures.
 
 Packed layouts (``layout="packed"``/``"prefix_shared"``, :mod:`pairpack.batch.layouts`): the
 host builds the :class:`~pairpack.batch.layouts.PackedBatch` and writes its tensors, at aligned
@@ -75,7 +73,7 @@ import torch
 
 from .. import _accel
 from .._accel import native_applies
-from ..errors import DeviceError
+from ..errors import ArgumentError, DeviceError
 from ..format.spec import round_up
 from .options import PlanOptions
 from .triplets import Triplets, shards_of, write_native
@@ -84,7 +82,7 @@ if TYPE_CHECKING:
     from .layouts import PackedBatch
     from .plan import BatchPlan
 
-__all__ = ["DeviceFeeder", "HostLayout", "layout_for", "write_host", "expand"]
+__all__ = ["DeviceFeeder"]
 
 ALIGN = 64  # byte alignment of every section of a staging buffer (device views need >= 8)
 MIN_BUFFER = 1 << 16  # smallest ring buffer, bytes
@@ -445,6 +443,15 @@ class _Engine:
         return fut.result()
 
 
+def require_cuda(device: torch.device | str) -> None:
+    """Raise :class:`DeviceError` when ``device`` is a CUDA device and CUDA is not available: the one
+    check behind ``DeviceFeeder(device)`` and ``Loader(device=...)``."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {str(device)!r} was asked for, but CUDA is not available "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+                          f"use device='cpu' or None")
+
+
 class _CudaEngine(_Engine):
     """Pinned host buffers, a copy stream and an expansion stream, events; the consumer waits
     device-side only.
@@ -454,10 +461,7 @@ class _CudaEngine(_Engine):
     """
 
     def __init__(self, device: torch.device) -> None:
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {str(device)!r} was asked for, but CUDA is not available "
-                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
-                              f"use device='cpu' or None")
+        require_cuda(device)
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         if device.index >= torch.cuda.device_count():
@@ -544,8 +548,8 @@ class DeviceFeeder:
         compact: compact transfer (see the module docstring); False sends padded rows.
         host_widen: with ``compact=False``, the host writes the finished batch (int64 rows and the
             masks, by the C kernel when built) and the device receives it in one copy, running no
-            kernel. Moves the most bytes but makes the fewest CUDA calls per batch: the fastest
-            mode in ``tools/gpu_check.py`` on the H200 machines measured (README, "Feeding a GPU").
+            kernel. Moves the most bytes but makes the fewest CUDA calls per batch (README,
+            "Feeding a GPU", compares the modes).
 
     Attributes:
         stream: the feeder's expansion stream, the last to touch a batch (None on CPU).
@@ -558,16 +562,16 @@ class DeviceFeeder:
                  prefetch: int = 2, compact: bool = False, host_widen: bool = True,
                  options: PlanOptions | None = None, _engine: _Engine | None = None) -> None:
         if not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be an int >= 1, got {prefetch!r}")
+            raise ArgumentError(f"prefetch must be an int >= 1, got {prefetch!r}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+            raise ArgumentError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self._engine = _engine if _engine is not None else _make_engine(device)
         self.device: torch.device = self._engine.device
         self.stream = self._engine.stream
         self.copy_stream = self._engine.copy_stream
         self.pad_id = int(pad_id)
         if options is not None and pad_to_multiple_of is not None:
-            raise ValueError("give pad_to_multiple_of in options or as a keyword, not both")
+            raise ArgumentError("give pad_to_multiple_of in options or as a keyword, not both")
         self.options = options or PlanOptions(pad_to_multiple_of=pad_to_multiple_of)
         self.pad_to_multiple_of = self.options.pad_to_multiple_of
         self.prefetch = prefetch

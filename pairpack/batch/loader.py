@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import xxhash
 
-from ..errors import DeviceError, StateError
+from ..errors import ArgumentError, ColumnNotFoundError, DeviceError, StateError
 from ..read.dataset import Dataset, open_dataset
 from . import plan as bt
 from .options import PlanOptions, Truncation, options_from
@@ -127,12 +127,12 @@ class Loader:
             min_completion_tokens=min_completion_tokens)
         bt.check_plan(self.options, self.truncation_options)
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise ArgumentError(f"seed must be >= 0, got {seed}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise ArgumentError(f"num_workers must be >= 0, got {num_workers}")
         for c in columns:
             if c not in self.ds.column_names:
-                raise KeyError(f"{self.ds.path}: no column {c!r}; columns: {self.ds.column_names}")
+                raise ColumnNotFoundError(self.ds.path, c, self.ds.column_names)
         self.rank, self.world_size = resolve_rank(rank, world_size)
         self.seed = int(seed)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
@@ -267,7 +267,7 @@ class Loader:
         restored epoch.
         """
         if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
+            raise ArgumentError(f"epoch must be >= 0, got {epoch}")
         if epoch != self._epoch:
             self._pending = None
             self._position = 0
@@ -385,17 +385,15 @@ class Loader:
         try:
             d = torch.device(dev)
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device={dev!r} is not a torch device ({e})") from None
+            raise ArgumentError(f"device={dev!r} is not a torch device ({e})") from None
         if d.type == "cpu":
             return None
-        if d.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError(f"device={dev!r}: CUDA is not available on this machine (torch "
-                                f"{torch.__version__}); use device=None for CPU batches")
         try:
-            from .cuda import DeviceFeeder
+            from .cuda import DeviceFeeder, require_cuda
         except ImportError as e:
             raise DeviceError(f"device={dev!r}: the device path (pairpack.cuda.DeviceFeeder) is not available "
-                                f"in this build ({e}); use device=None for CPU batches") from None
+                              f"in this build ({e}); use device=None for CPU batches") from None
+        require_cuda(d)
         return DeviceFeeder
 
     def _iter_device(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
@@ -460,11 +458,11 @@ def _check_indices(indices: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     """A split as a sorted int64 array; ValueError for repeats or indices outside ``[0, n)``."""
     idx = np.asarray(indices)
     if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-        raise ValueError(f"indices must be a 1-D sequence of integers, got shape {idx.shape} {idx.dtype}")
+        raise ArgumentError(f"indices must be a 1-D sequence of integers, got shape {idx.shape} {idx.dtype}")
     idx = np.sort(idx.astype(np.int64))
     if idx.size and (idx[0] < 0 or idx[-1] >= n):
         bad = idx[0] if idx[0] < 0 else idx[-1]
-        raise ValueError(f"indices: pair {int(bad)} is out of range for {n} pairs")
+        raise ArgumentError(f"indices: pair {int(bad)} is out of range for {n} pairs")
     if idx.size > 1 and (np.diff(idx) == 0).any():
-        raise ValueError(f"indices: pair {int(idx[1:][np.diff(idx) == 0][0])} appears more than once")
+        raise ArgumentError(f"indices: pair {int(idx[1:][np.diff(idx) == 0][0])} appears more than once")
     return idx

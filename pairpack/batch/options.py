@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PairpackError
+from ..errors import ArgumentError, PairpackError
 from ..format.spec import round_up
 
 __all__ = ["TRUNCATION_MODES", "OVERSIZE_MODES", "LAYOUTS", "Truncation", "PlanOptions", "OversizeError",
@@ -38,9 +38,9 @@ def _int_or_none(name: str, v: Any, lo: int) -> None:
     if v is None:
         return
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-        raise ValueError(f"{name} must be an int or None, got {v!r}")
+        raise ArgumentError(f"{name} must be an int or None, got {v!r}")
     if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
+        raise ArgumentError(f"{name} must be >= {lo}, got {v}")
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,13 @@ class Truncation:
 
     def __post_init__(self) -> None:
         if self.mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {self.mode!r}")
+            raise ArgumentError(f"truncation must be one of {TRUNCATION_MODES}, got {self.mode!r}")
         _int_or_none("min_completion_tokens", self.min_completion_tokens, 1)
         if self.min_completion_tokens is None:
-            raise ValueError("min_completion_tokens must be an int >= 1, got None")
+            raise ArgumentError("min_completion_tokens must be an int >= 1, got None")
         _int_or_none("max_length", self.max_length, -(1 << 62))
         if self.max_length is not None and self.max_length < self.min_completion_tokens + 1:
-            raise ValueError(f"max_length={self.max_length} leaves no room for a prompt token and "
+            raise ArgumentError(f"max_length={self.max_length} leaves no room for a prompt token and "
                              f"min_completion_tokens={self.min_completion_tokens} (need max_length >= "
                              f"min_completion_tokens + 1 = {self.min_completion_tokens + 1})")
 
@@ -167,23 +167,23 @@ class PlanOptions:
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.max_tokens is not None:
-            raise ValueError("give exactly one of batch_size (pairs per batch) and max_tokens (token budget)")
+            raise ArgumentError("give exactly one of batch_size (pairs per batch) and max_tokens (token budget)")
         _int_or_none("batch_size", self.batch_size, 1)
         _int_or_none("max_tokens", self.max_tokens, 1)
         _int_or_none("window", self.window, 1)
         _int_or_none("pad_to_multiple_of", self.pad_to_multiple_of, 1)
         _int_or_none("max_row_tokens", self.max_row_tokens, 0)
         if self.oversize not in OVERSIZE_MODES:
-            raise ValueError(f"oversize must be one of {OVERSIZE_MODES}, got {self.oversize!r}")
+            raise ArgumentError(f"oversize must be one of {OVERSIZE_MODES}, got {self.oversize!r}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+            raise ArgumentError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.max_row_tokens is not None and self.layout == "padded":
-            raise ValueError("max_row_tokens applies to layout='packed' or 'prefix_shared' only")
+            raise ArgumentError("max_row_tokens applies to layout='packed' or 'prefix_shared' only")
 
     def require_size(self) -> None:
         """Raise ValueError unless exactly one of ``batch_size``/``max_tokens`` is set (planning needs one)."""
         if (self.batch_size is None) == (self.max_tokens is None):
-            raise ValueError("give exactly one of batch_size (pairs per batch) and max_tokens (token budget)")
+            raise ArgumentError("give exactly one of batch_size (pairs per batch) and max_tokens (token budget)")
 
     @property
     def packed(self) -> bool:
@@ -241,7 +241,7 @@ def truncation_from(truncation: "Truncation | str | None" = None, *, max_length:
     their defaults is an error."""
     if isinstance(truncation, Truncation):
         if max_length is not None or min_completion_tokens != 1:
-            raise ValueError("give a Truncation object or max_length/min_completion_tokens, not both")
+            raise ArgumentError("give a Truncation object or max_length/min_completion_tokens, not both")
         return truncation
     return Truncation(max_length, "keep_end" if truncation is None else truncation, min_completion_tokens)
 
@@ -254,7 +254,7 @@ def plan_options_from(options: PlanOptions | None = None, **kw: Any) -> PlanOpti
     given = {k: v for k, v in kw.items() if v != _PLAN_DEFAULTS[k]}
     if options is not None:
         if given:
-            raise ValueError(f"give a PlanOptions object or the keywords {sorted(given)}, not both")
+            raise ArgumentError(f"give a PlanOptions object or the keywords {sorted(given)}, not both")
         return options
     return PlanOptions(**kw)
 
@@ -269,6 +269,6 @@ def options_from(options: PlanOptions | None = None, truncation: "Truncation | s
     tkw = {k: kw.pop(k) for k in _TRUNC_KEYS if k in kw}
     if "truncation" in tkw:
         if truncation is not None:
-            raise ValueError("truncation given twice")
+            raise ArgumentError("truncation given twice")
         truncation = tkw.pop("truncation")
     return plan_options_from(options, **kw), truncation_from(truncation, **tkw)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import _accel
 from .. import format as fmt
+from ..errors import ArgumentError
 from ..format.spec import round_up
 from ..read.dataset import Pair
 from .options import NO_TRUNCATION, OVERSIZE_MODES, TRUNCATION_MODES, OversizeError, PlanOptions, Truncation, options_from
@@ -85,7 +86,7 @@ def check_plan(opts: PlanOptions, trunc: Truncation) -> None:
         if opts.layout == "padded":
             one = round_up(k + 1, opts.pad_to_multiple_of)
             if opts.max_tokens < 2 * one:
-                raise ValueError(f"max_tokens={opts.max_tokens} cannot hold even one pair of two rows of "
+                raise ArgumentError(f"max_tokens={opts.max_tokens} cannot hold even one pair of two rows of "
                                  f"{one} tokens (2 x padded length)")
     cap = opts.row_cap()
     if opts.packed and cap is not None:
@@ -320,7 +321,7 @@ def plan_rank(lengths: np.ndarray, order: np.ndarray, *, options: PlanOptions | 
     truncation the effective one (pairs over the budget already removed from ``order``).
     """
     if not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        raise ArgumentError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     opts, trunc = options_from(options, truncation, **keywords)
     seq, starts, ends = _global_plan(lengths, order, opts, trunc, seed, world_size)
     s, e = starts[rank::world_size], ends[rank::world_size]
@@ -610,9 +611,9 @@ class Collate:
         from .triplets import assemble
 
         if self.columns:
-            raise ValueError("columns need pair indices: use DataLoader(range(len(ds)), ...) with Collate")
+            raise ArgumentError("columns need pair indices: use DataLoader(range(len(ds)), ...) with Collate")
         if self.options.packed:
-            raise ValueError(f"layout={self.options.layout!r} needs pair indices: use "
+            raise ArgumentError(f"layout={self.options.layout!r} needs pair indices: use "
                              f"DataLoader(range(len(ds)), ...) with Collate")
         trunc = self.truncation
         ln = np.array([[len(q.prompt), len(q.chosen), len(q.rejected)] for q in pairs], dtype=np.int64).T

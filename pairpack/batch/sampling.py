@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ArgumentError
+
 __all__ = ["epoch_order", "epoch_rng", "plan_seed", "equalize", "resolve_rank"]
 
 
 def _entropy(seed: int, epoch: int, fingerprint: str, *stream: int) -> list[int]:
     if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+        raise ArgumentError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
     try:
         fp = int(fingerprint, 16)
     except (TypeError, ValueError):
-        raise ValueError(f"fingerprint must be a hex string, got {fingerprint!r}") from None
+        raise ArgumentError(f"fingerprint must be a hex string, got {fingerprint!r}") from None
     return [int(seed), int(epoch), fp, *map(int, stream)]
 
 
@@ -85,7 +87,7 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
         if rank is None:
             rank, world_size = 0, 1
     if rank is None or world_size is None:
-        raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
+        raise ArgumentError("give both rank and world_size, or neither (then torch.distributed decides)")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        raise ArgumentError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)

@@ -158,9 +158,9 @@ def assemble(
     The memory-map slices of each row (prompt, completion, padding; a prompt stored right before
     its completion is one slice) are joined in output order by one ``np.concatenate`` straight
     into the int64 output (widening as it copies); the three masks are runs of True then False
-    written by one ``np.repeat``. This beat a fully vectorised
-    index gather (``tokens[src]`` over a ``(2B, L)`` int64 index) and a boolean scatter into a
-    padded buffer in best-of-N timings, because it moves only the output bytes.
+    written by one ``np.repeat``. It moves only the output bytes, where a vectorised index gather
+    (``tokens[src]``) first builds a ``(2B, L)`` int64 index as large as the output, and a boolean
+    scatter into a pad-filled buffer writes every real position twice.
     """
     b = len(prompt_lengths)
     nat = _accel.native

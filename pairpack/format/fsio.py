@@ -16,13 +16,14 @@ from typing import Any, Callable
 import xxhash
 
 from ..errors import DatasetExistsError, NotReplaceableError
+from .manifest import parse_manifest
 from .spec import FORMAT_NAME, MANIFEST_NAME, SHARD_NAME_RE, _HASH_CHUNK
 
 _TMP_TAG = ".pairpack-tmp-"  # temp dirs: ".<name>.pairpack-tmp-<pid>-<hex>" beside the target
 _OLD_TAG = ".pairpack-old-"  # a replaced dataset, removed right after the swap
 
-__all__ = ["file_checksum", "temp_dir_for", "install_dir", "clean_stale_temps", "check_output",
-           "not_a_dataset_because"]
+__all__ = ["file_checksum", "temp_path_for", "install_dir", "install_file", "replace_file", "write_manifest",
+           "clean_stale_temps", "check_output", "not_a_dataset_because"]
 
 # FORMAT.md §5.1 "format": found by a byte search, so a dataset whose manifest is otherwise damaged
 # can still be replaced (rebuilding over a broken dataset is what --force is for)
@@ -83,6 +84,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_manifest(directory: Path, data: bytes, *, tmp_name: str | None = None,
+                   on_commit: Callable[[], None] | None = None) -> None:
+    """Write ``data`` as ``directory/manifest.json``, durably: parsed back first (a writer never
+    emits what a reader refuses), written, fsynced, then the directory fsynced (FORMAT.md §9 W1).
+
+    ``tmp_name``, for a manifest that readers may be reading (an in-place column update, §9 W7):
+    the bytes go to that file in ``directory`` first and replace the manifest in one
+    ``os.replace``, the commit point; the temp file is removed if anything fails before it.
+    ``on_commit()`` runs right after the manifest is in place, before the directory fsync, so a
+    caller can stop treating its new files as rollback-able even if that fsync then fails.
+    """
+    parse_manifest(data)
+    path = directory / (tmp_name or MANIFEST_NAME)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if tmp_name:
+            os.replace(path, directory / MANIFEST_NAME)
+    except BaseException:
+        if tmp_name:
+            path.unlink(missing_ok=True)
+        raise
+    if on_commit is not None:
+        on_commit()
+    _fsync_dir(directory)
+
+
+def install_file(tmp: Path, target: Path) -> None:
+    """Move the finished file ``tmp`` over ``target`` durably: fsync its bytes, rename (atomic: a
+    reader sees the old file or the whole new one; an existing file is never rewritten in place,
+    FORMAT.md §9 W9), fsync the directory."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def replace_file(target: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` a new file beside ``target``, then :func:`install_file` it over ``target``; on
+    failure the temp file is removed and ``target`` is as it was."""
+    tmp = temp_path_for(target)
+    try:
+        write(tmp)
+        install_file(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 _RENAME_EXCHANGE = 2
 _libc = None
 
@@ -139,15 +194,15 @@ def check_output(target: Path, *, force: bool, what: str = "dataset",
     if not (target.exists() or target.is_symlink()):
         return
     if not force:
-        raise DatasetExistsError(f"{target}: already exists; pass --force to replace it (force=True in Python)")
+        raise DatasetExistsError(target)
     why = not_ours(target)
     if why is not None:
-        raise NotReplaceableError(f"{target}: {why}; --force replaces only a {what} pairpack wrote, so it is "
-                                  f"left as it is: move it away or choose another output path")
+        raise NotReplaceableError(target, why, what)
 
 
-def temp_dir_for(target: Path) -> Path:
-    """A fresh temp directory name beside ``target`` that :func:`clean_stale_temps` recognises."""
+def temp_path_for(target: Path) -> Path:
+    """A fresh temp name (for a directory or a file) beside ``target`` that :func:`clean_stale_temps`
+    recognises by its tag and removes once its process is gone."""
     return target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 

@@ -195,8 +195,23 @@ def _file_entry(obj: Any, path: Any, fld: str) -> FileEntry:
 def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
     """Parse and structurally validate manifest bytes (FORMAT.md §5, §8 R1-R3, R9-R11).
 
-    Checks types, ranges and cross-field consistency; never touches array files.
+    Checks types, ranges and cross-field consistency; never touches array files. The steps run
+    in the order of §8, so a manifest with several faults reports the first rule it breaks.
     """
+    obj = _json_object(data, path)
+    version = _check_identity(obj, path)
+    settings = _parse_settings(obj, path)
+    columns = _parse_columns(obj, path)
+    shards = _parse_shards(obj, path, [c.name for c in columns])
+    total = sum(s.num_pairs for s in shards)
+    if total != settings["num_pairs"]:
+        raise FormatError("num_pairs differs from the sum over shards", path=path, field="num_pairs",
+                          expected=total, actual=settings["num_pairs"], section="§8 R9")
+    return Manifest(**settings, shards=tuple(shards), columns=tuple(columns), format_version=version)
+
+
+def _json_object(data: bytes, path: Any) -> dict[str, Any]:
+    """§8 R1: at most MANIFEST_MAX_BYTES of UTF-8 JSON holding one object (the cap is checked first)."""
     if len(data) > MANIFEST_MAX_BYTES:
         raise FormatError("manifest is larger than the cap", path=path, field="manifest",
                           expected=f"<= {MANIFEST_MAX_BYTES} bytes", actual=len(data), section="§8 R1")
@@ -208,6 +223,11 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
                           section="§8 R1") from None
     if not isinstance(obj, dict):
         raise FormatError("manifest must be a JSON object", path=path, field="manifest", section="§8 R1")
+    return obj
+
+
+def _check_identity(obj: dict[str, Any], path: Any) -> int:
+    """§8 R2: the format name, a version this reader knows, the checksum algorithm. Returns the version."""
     if obj.get("format") != FORMAT_NAME:
         raise FormatError("not a pairpack manifest", path=path, field="format",
                           expected=FORMAT_NAME, actual=obj.get("format"), section="§8 R2")
@@ -218,6 +238,11 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
     if obj.get("checksum") != CHECKSUM_KEY:
         raise FormatError("unknown checksum algorithm", path=path, field="checksum",
                           expected=CHECKSUM_KEY, actual=obj.get("checksum"), section="§8 R2")
+    return version
+
+
+def _parse_settings(obj: dict[str, Any], path: Any) -> dict[str, Any]:
+    """§8 R9: the dataset-wide fields (§5.1-§5.2, §5.5), as :class:`Manifest` keyword arguments."""
     num_pairs = _nonneg(_req(obj, "num_pairs", int, path, ""), path, "num_pairs")
     token_dtype = _req(obj, "token_dtype", str, path, "")
     if token_dtype not in TOKEN_DTYPES:
@@ -244,10 +269,14 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
     prov = obj.get("provenance", {})
     if not isinstance(prov, dict):
         raise FormatError("must be an object", path=path, field="provenance", section="§8 R9")
+    return {"num_pairs": num_pairs, "token_dtype": token_dtype, "vocab_size": vocab_size, "pad_id": pad_id,
+            "bos_id": special["bos_id"], "eos_id": special["eos_id"], "tokenizer": tok, "provenance": prov}
 
-    raw_cols = _req(obj, "columns", list, path, "", "§8 R10")
+
+def _parse_columns(obj: dict[str, Any], path: Any) -> list[ColumnInfo]:
+    """§8 R10: the declared per-pair columns (§5.4), names unique."""
     columns = []
-    for i, c in enumerate(raw_cols):
+    for i, c in enumerate(_req(obj, "columns", list, path, "", "§8 R10")):
         fld = f"columns[{i}]"
         if not isinstance(c, dict):
             raise FormatError("column must be an object", path=path, field=fld, section="§8 R10")
@@ -265,52 +294,51 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
     col_names = [c.name for c in columns]
     if len(set(col_names)) != len(col_names):
         raise FormatError("duplicate column names", path=path, field="columns", actual=col_names, section="§8 R10")
+    return columns
 
-    raw_shards = _req(obj, "shards", list, path, "")
+
+def _parse_shards(obj: dict[str, Any], path: Any, col_names: list[str]) -> list[ShardInfo]:
+    """§8 R11 (and R3: no file named twice): the shard entries (§5.3), names unique."""
     shards = []
     seen_paths: set[str] = set()
-    total = 0
-    for i, s in enumerate(raw_shards):
-        fld = f"shards[{i}]"
-        if not isinstance(s, dict):
-            raise FormatError("shard must be an object", path=path, field=fld, section="§8 R11")
-        name = _req(s, "name", str, path, fld + ".", "§8 R11")
-        if not SHARD_NAME_RE.fullmatch(name):
-            raise FormatError("bad shard name", path=path, field=fld + ".name", actual=name, section="§8 R11")
-        n = _nonneg(_req(s, "num_pairs", int, path, fld + "."), path, fld + ".num_pairs")
-        t = _nonneg(_req(s, "num_tokens", int, path, fld + "."), path, fld + ".num_tokens")
-        u = _nonneg(_req(s, "num_prompts", int, path, fld + "."), path, fld + ".num_prompts", hi=n)
-        files_obj = _req(s, "files", dict, path, fld + ".", "§8 R11")
-        if set(files_obj) != set(INDEX_FILES):
-            raise FormatError("shard files must be exactly tokens, starts, lengths", path=path,
-                              field=fld + ".files", expected=list(INDEX_FILES), actual=sorted(files_obj),
-                              section="§8 R11")
-        files = {k: _file_entry(files_obj[k], path, f"{fld}.files.{k}") for k in INDEX_FILES}
-        cols_obj = s.get("columns", {})
-        if not isinstance(cols_obj, dict) or set(cols_obj) != set(col_names):
-            raise FormatError("shard columns must match the declared columns", path=path,
-                              field=fld + ".columns", expected=sorted(col_names),
-                              actual=sorted(cols_obj) if isinstance(cols_obj, dict) else cols_obj,
-                              section="§8 R10")
-        cols = {k: _file_entry(v, path, f"{fld}.columns.{k}") for k, v in cols_obj.items()}
-        for e in list(files.values()) + list(cols.values()):
+    for i, s in enumerate(_req(obj, "shards", list, path, "")):
+        shard = _parse_shard(s, f"shards[{i}]", path, col_names)
+        for e in list(shard.files.values()) + list(shard.columns.values()):
             if e.path in seen_paths:
-                raise FormatError("two entries name the same file", path=path, field=fld,
+                raise FormatError("two entries name the same file", path=path, field=f"shards[{i}]",
                                   actual=e.path, section="§8 R3")
             seen_paths.add(e.path)
-        shards.append(ShardInfo(name, n, t, u, files, cols))
-        total += n
+        shards.append(shard)
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         raise FormatError("duplicate shard names", path=path, field="shards", section="§8 R11")
-    if total != num_pairs:
-        raise FormatError("num_pairs differs from the sum over shards", path=path, field="num_pairs",
-                          expected=total, actual=num_pairs, section="§8 R9")
-    return Manifest(
-        num_pairs=num_pairs, token_dtype=token_dtype, vocab_size=vocab_size, pad_id=pad_id,
-        bos_id=special["bos_id"], eos_id=special["eos_id"], tokenizer=tok, shards=tuple(shards),
-        columns=tuple(columns), provenance=prov, format_version=version,
-    )
+    return shards
+
+
+def _parse_shard(s: Any, fld: str, path: Any, col_names: list[str]) -> ShardInfo:
+    """One shard entry ``fld``: name, counts, exactly the three index files, one file per declared column."""
+    if not isinstance(s, dict):
+        raise FormatError("shard must be an object", path=path, field=fld, section="§8 R11")
+    name = _req(s, "name", str, path, fld + ".", "§8 R11")
+    if not SHARD_NAME_RE.fullmatch(name):
+        raise FormatError("bad shard name", path=path, field=fld + ".name", actual=name, section="§8 R11")
+    n = _nonneg(_req(s, "num_pairs", int, path, fld + "."), path, fld + ".num_pairs")
+    t = _nonneg(_req(s, "num_tokens", int, path, fld + "."), path, fld + ".num_tokens")
+    u = _nonneg(_req(s, "num_prompts", int, path, fld + "."), path, fld + ".num_prompts", hi=n)
+    files_obj = _req(s, "files", dict, path, fld + ".", "§8 R11")
+    if set(files_obj) != set(INDEX_FILES):
+        raise FormatError("shard files must be exactly tokens, starts, lengths", path=path,
+                          field=fld + ".files", expected=list(INDEX_FILES), actual=sorted(files_obj),
+                          section="§8 R11")
+    files = {k: _file_entry(files_obj[k], path, f"{fld}.files.{k}") for k in INDEX_FILES}
+    cols_obj = s.get("columns", {})
+    if not isinstance(cols_obj, dict) or set(cols_obj) != set(col_names):
+        raise FormatError("shard columns must match the declared columns", path=path,
+                          field=fld + ".columns", expected=sorted(col_names),
+                          actual=sorted(cols_obj) if isinstance(cols_obj, dict) else cols_obj,
+                          section="§8 R10")
+    cols = {k: _file_entry(v, path, f"{fld}.columns.{k}") for k, v in cols_obj.items()}
+    return ShardInfo(name, n, t, u, files, cols)
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:

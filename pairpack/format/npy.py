@@ -13,10 +13,10 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import ChecksumError, FormatError
+from ..errors import ArgumentError, ChecksumError, FormatError
 from .spec import NPY_ALIGN, NPY_HEADER_BYTES, NPY_MAGIC, NPY_MAX_HEADER
 
-__all__ = ["npy_header", "NpyInfo", "read_npy_header", "regular_file_size", "open_array"]
+__all__ = ["npy_header", "regular_file_size", "open_array"]
 
 
 def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -27,13 +27,13 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     room = NPY_HEADER_BYTES - len(NPY_MAGIC) - 2 - 2  # magic, version, HEADER_LEN
     body = text.encode("latin1")
     if len(body) + 1 > room:  # cannot happen for shapes pairpack writes (< 2**63 per axis)
-        raise ValueError(f"npy header too long for shape {shape}")
+        raise ArgumentError(f"npy header too long for shape {shape}")
     body = body + b" " * (room - len(body) - 1) + b"\n"
     return NPY_MAGIC + b"\x01\x00" + (room).to_bytes(2, "little") + body
 
 
 @dataclass(frozen=True)
-class NpyInfo:
+class _NpyInfo:
     """What a validated .npy header says: dtype, shape and where the data starts (bytes)."""
 
     dtype: np.dtype
@@ -41,7 +41,7 @@ class NpyInfo:
     offset: int
 
 
-def read_npy_header(path: str | os.PathLike, f: BinaryIO, field_name: str) -> NpyInfo:
+def _read_npy_header(path: str | os.PathLike, f: BinaryIO, field_name: str) -> _NpyInfo:
     """Parse and check a .npy header without trusting it (FORMAT.md §8 R6).
 
     Reads at most ``NPY_MAX_HEADER`` + 12 bytes: the declared header length is checked against
@@ -87,7 +87,7 @@ def read_npy_header(path: str | os.PathLike, f: BinaryIO, field_name: str) -> Np
     if offset % NPY_ALIGN:
         raise FormatError("array data must start at a multiple of 64 bytes", path=path,
                           field=field_name, actual=offset, section="§8 R6")
-    return NpyInfo(dtype=dtype.newbyteorder("<"), shape=tuple(int(s) for s in shape), offset=offset)
+    return _NpyInfo(dtype=dtype.newbyteorder("<"), shape=tuple(int(s) for s in shape), offset=offset)
 
 
 def regular_file_size(path: Path, field_name: str) -> int:
@@ -123,7 +123,7 @@ def open_array(path: Path, field_name: str, *, dtype: np.dtype, shape: tuple[int
                             expected=expected_bytes, actual=size, section="§8 R5")
     try:
         with open(path, "rb") as f:
-            info = read_npy_header(path, f, field_name)
+            info = _read_npy_header(path, f, field_name)
     except OSError as e:
         raise FormatError(f"cannot read file ({e.strerror or e})", path=path, field=field_name,
                           section="§8 R4") from None

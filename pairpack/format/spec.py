@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ArgumentError
+
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAX_BYTES", "SHARD_NAME_RE", "COLUMN_NAME_RE", "TOKENS_FILE", "STARTS_FILE", "LENGTHS_FILE", "INDEX_FILES", "NPY_MAGIC", "NPY_HEADER_BYTES", "NPY_ALIGN", "NPY_MAX_HEADER", "SEGMENTS", "PROMPT", "CHOSEN", "REJECTED", "INDEX_DTYPE", "TOKEN_DTYPES", "UINT16_MAX_VOCAB", "MAX_VOCAB", "COLUMN_DTYPES", "CHECKSUM_KEY", "token_dtype_for_vocab", "round_up"]
 
 
@@ -52,7 +54,7 @@ _HASH_CHUNK = 16 * 1024 * 1024
 def token_dtype_for_vocab(vocab_size: int) -> str:
     """Token dtype name for a vocabulary of ``vocab_size`` ids (FORMAT.md §4.1)."""
     if not 1 <= vocab_size <= MAX_VOCAB:
-        raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
+        raise ArgumentError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
     return "uint16" if vocab_size <= UINT16_MAX_VOCAB else "uint32"
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from .. import _accel
 from .. import format as fmt
 from .._version import __version__
-from ..errors import DatasetExistsError, PairpackError, SourceError
+from ..errors import ArgumentError, DatasetExistsError, PairpackError, SourceError
 from ..format.fsio import check_output
 from ..format.sidecar import read_sidecar
 from ..progress import Progress, dataset_bytes, size_text
@@ -850,7 +850,7 @@ class _Build:
         self.t0 = time.perf_counter()
         self.inputs, self.out, self.o, self.on_record = inputs, out, o, on_record
         if not 1 <= o.num_shards or not 0 <= o.shard_index < o.num_shards:
-            raise ValueError(f"shard_index must be in [0, num_shards): got {o.shard_index} of {o.num_shards}")
+            raise ArgumentError(f"shard_index must be in [0, num_shards): got {o.shard_index} of {o.num_shards}")
         self.part = None if o.num_shards == 1 else {"num_shards": o.num_shards, "shard_index": o.shard_index}
         self.vocab_size, self.pad_id = o.vocab_size, o.pad_id
         self.shard_bytes, self.dedup_window = o.shard_bytes, o.dedup_window
@@ -884,8 +884,7 @@ class _Build:
                 return BuildReport(output=str(self.out), skipped=True, shape=self.opts.shape or "", mode=self.mode,
                                    part=self._part_text())
             if not o.force:
-                raise DatasetExistsError(f"{self.out}: already exists and was built differently; "
-                                         "pass --force to replace it")
+                raise DatasetExistsError(self.out, "and was built differently")
         report = self._new_report()
         manifest = self._write(report)
         finish_report(report, manifest)
@@ -1083,7 +1082,7 @@ def _sidecar_tokenizer(side: dict[str, Any], where: Path) -> Any:
 def _choose_workers(workers: int | None, sources: list[Source], total_bytes: int) -> int:
     if workers is not None:
         if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+            raise ArgumentError(f"workers must be >= 1, got {workers}")
         return workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     small = total_bytes < PARALLEL_MIN_BYTES and all(s.size for s in sources)

@@ -39,17 +39,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-try:
-    import ray
-    import ray.data
-    from ray.data.block import BlockAccessor
-except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError(f"pairpack.ray needs Ray Data: pip install 'pairpack[ray]' ({e})") from None
-
 from .. import format as fmt
 from .._version import __version__
-from ..errors import PairpackError, StateError
-from ..format.fsio import check_output, clean_stale_temps, temp_dir_for
+from ..errors import PairpackError, StateError, import_optional
+from ..format.fsio import check_output, clean_stale_temps, temp_path_for
 from ..tokenization import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..write.combine import combine_parts
 from ..write.writer import Writer
@@ -71,6 +64,11 @@ from .build import (
 )
 from .shapes import FieldSpec, ShapeOptions, make_extractor
 from .sources import Block, RecordsSource
+
+import_optional("ray.data", feature="pairpack.ray (a build on a Ray cluster)", extra="ray")
+import ray  # noqa: E402 - present: checked just above
+import ray.data  # noqa: E402
+from ray.data.block import BlockAccessor  # noqa: E402
 
 __all__ = ["Datasink", "build"]
 
@@ -209,7 +207,7 @@ class Datasink(ray.data.Datasink):
             if recs:
                 self._plan = self._make_plan(recs, self._tok)
                 self._tok = self._plan.tokenizer  # the byte-level one for text without a tokenizer
-        self._staging = temp_dir_for(self.path)  # fixed here: the tasks receive it with the sink
+        self._staging = temp_path_for(self.path)  # fixed here: the tasks receive it with the sink
         self._ordered: bool | None = None  # the job's preserve_order (pairpack.ray.build reads the dataset's)
         self._t0 = time.perf_counter()
 

@@ -35,12 +35,9 @@ from dataclasses import dataclass, field as dc_field, replace
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from ..errors import SourceError
+from ..errors import ArgumentError, SourceError, import_optional
 
-__all__ = ["FieldSpec", "Segment", "get_path", "extract", "SHAPES", "ShapeOptions", "detect_shape",
-           "split_hh", "PromptTemplate", "ChatRenderer", "chat_messages", "normalize_message",
-           "make_extractor", "missing_field", "ALPACA_TEMPLATE", "NAMED_TEMPLATES", "HH_MARKER",
-           "CHAT_SPLIT_NOTE", "Segments", "MISSING"]
+__all__ = ["SHAPES", "ShapeOptions", "FieldSpec", "detect_shape", "make_extractor", "PromptTemplate", "ChatRenderer"]
 
 Segment = Union[str, list]
 SHAPES = ("fields", "hh", "chat", "template")
@@ -136,7 +133,7 @@ def _require_dict(data: Any) -> None:
         raise SourceError(f"record must be a JSON object, got {type(data).__name__}", reason="wrong_type")
 
 
-def extract(data: Any, spec: FieldSpec) -> tuple[Segment, Segment, Segment]:
+def _extract(data: Any, spec: FieldSpec) -> tuple[Segment, Segment, Segment]:
     """The three segments of a ``fields``-shaped record. Raises SourceError (``field`` set)."""
     _require_dict(data)
     out = []
@@ -237,15 +234,15 @@ class PromptTemplate:
                 j = s.find("}", i)
                 name = s[i + 1:j] if j > 0 else ""
                 if j < 0 or not name or "{" in name:
-                    raise ValueError(f"prompt template: unclosed or empty field at character {i}: {s!r}")
+                    raise ArgumentError(f"prompt template: unclosed or empty field at character {i}: {s!r}")
                 flush()
                 cur.append(("field", name.strip()))
                 i = j + 1
             elif ch == "}":
-                raise ValueError(f"prompt template: single '}}' at character {i} (write '}}}}'): {s!r}")
+                raise ArgumentError(f"prompt template: single '}}' at character {i} (write '}}}}'): {s!r}")
             elif s.startswith("[[", i):
                 if cur is not top:
-                    raise ValueError(f"prompt template: nested '[[' at character {i}: {s!r}")
+                    raise ArgumentError(f"prompt template: nested '[[' at character {i}: {s!r}")
                 flush()
                 cur = []
                 i += 2
@@ -258,7 +255,7 @@ class PromptTemplate:
                 lit.append(ch)
                 i += 1
         if cur is not top:
-            raise ValueError(f"prompt template: '[[' without ']]': {s!r}")
+            raise ArgumentError(f"prompt template: '[[' without ']]': {s!r}")
         flush()
         return top
 
@@ -445,15 +442,18 @@ class ChatRenderer:
                 try:
                     text = p.read_text(encoding="utf-8")
                 except OSError as e:
-                    raise ValueError(f"{template}: cannot read chat template ({e.strerror or e}); "
+                    raise ArgumentError(f"{template}: cannot read chat template ({e.strerror or e}); "
                                      "use chatml, hh or a Jinja template file") from None
                 if p.suffix == ".json":
-                    obj = json.loads(text)
+                    try:
+                        obj = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise ArgumentError(f"{template}: not valid JSON ({e})") from None
                     text = obj.get("chat_template") if isinstance(obj, dict) else None
                     if isinstance(text, list):  # [{"name": "default", "template": ...}, ...]
                         text = next((t.get("template") for t in text if t.get("name") == "default"), None)
                     if not isinstance(text, str):
-                        raise ValueError(f"{template}: no chat_template string in this JSON file")
+                        raise ArgumentError(f"{template}: no chat_template string in this JSON file")
                 self.source = text
         self._compiled: Any = None
 
@@ -466,12 +466,12 @@ class ChatRenderer:
         if self._compiled is None:
             global _SANDBOX_ENV
             if _SANDBOX_ENV is None:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
+                sandbox = import_optional("jinja2.sandbox", feature="a Jinja chat template", extra="hf")
 
                 def raise_exception(msg: str) -> None:
                     raise ValueError(msg)
 
-                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
                 env.globals["raise_exception"] = raise_exception
                 env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
                     x, indent=indent, ensure_ascii=ensure_ascii)
@@ -590,9 +590,9 @@ class ShapeOptions:
 
     def __post_init__(self) -> None:
         if self.shape is not None and self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; one of {', '.join(SHAPES)}")
+            raise ArgumentError(f"unknown shape {self.shape!r}; one of {', '.join(SHAPES)}")
         if self.shape == "template" and not self.prompt_template:
-            raise ValueError("shape 'template' needs a prompt template (--prompt-template)")
+            raise ArgumentError("shape 'template' needs a prompt template (--prompt-template)")
         if self.prompt_template:
             PromptTemplate(self.prompt_template)  # syntax errors surface before any record is read
 
@@ -685,7 +685,7 @@ def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any],
     s = opts.spec
     shape = opts.shape or "fields"
     if shape == "fields":
-        return lambda data: extract(data, s)
+        return lambda data: _extract(data, s)
     if shape == "hh":
         marker = opts.hh_marker
 

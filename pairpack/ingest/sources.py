@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import xxhash
 
-from ..errors import SourceError
+from ..errors import SourceError, import_optional
 
 try:  # orjson parses 3-5x faster; the standard library is the fallback
     import orjson as _json
@@ -42,15 +42,12 @@ except ImportError:  # pragma: no cover - exercised where orjson is absent
     _loads = json.loads
     _JSONError = (ValueError,)
 
-__all__ = ["RawRecord", "Block", "Source", "JsonlSource", "JsonArraySource", "ParquetSource",
-           "RecordsSource", "open_sources", "expand_inputs", "iter_records", "block_records", "loads",
-           "record_text", "PARQUET_INSTALL_HINT"]
+__all__ = ["Source", "JsonlSource", "JsonArraySource", "ParquetSource", "RecordsSource", "open_sources"]
 
 loads = _loads
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson", ".jsonl.zstd", ".ndjson.gz", ".ndjson.zst")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
-PARQUET_INSTALL_HINT = 'pip install "pairpack[parquet]"'
 JSON_SLURP_BYTES = 64 << 20  # JSON arrays up to this size are parsed at once (orjson); larger stream
 BLOCK_BYTES = 1 << 20  # JSONL bytes per block
 BLOCK_RECORDS = 512  # parsed records per block
@@ -240,11 +237,7 @@ class _FileSource(Source):
         if name.endswith(".gz"):
             return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
         if name.endswith((".zst", ".zstd")):
-            try:
-                import zstandard
-            except ImportError:
-                raise SourceError("reading .zst needs zstandard: pip install zstandard",
-                                  path=self.file, reason="missing_extra") from None
+            zstandard = import_optional("zstandard", feature=f"reading {self.file}", extra=None)
             return io.BufferedReader(_ZstdFrames(buffered, zstandard), 1 << 20)  # type: ignore[return-value]
         return buffered
 
@@ -584,11 +577,7 @@ class JsonArraySource(_FileSource):
 
 
 def _pyarrow_parquet() -> Any:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SourceError(f"reading Parquet needs pyarrow: {PARQUET_INSTALL_HINT}", reason="missing_extra") from None
-    return pq
+    return import_optional("pyarrow.parquet", feature="reading Parquet", extra="parquet")
 
 
 class ParquetSource(_FileSource):
@@ -755,13 +744,6 @@ def _is_records(x: Any) -> bool:
     if hasattr(x, "_fingerprint") and hasattr(x, "column_names"):
         return True
     return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(r, dict) for r in x[:8])
-
-
-def iter_records(source: Source) -> Iterator[RawRecord]:
-    """All records of one source, in order. Malformed ones carry ``error`` instead of data."""
-    with closing(source.blocks()) as blocks:
-        for b in blocks:
-            yield from block_records(b)
 
 
 def _short(e: Exception) -> str:

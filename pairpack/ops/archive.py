@@ -42,7 +42,7 @@ import zstandard
 
 from .. import format as fmt
 from ..errors import ChecksumError, FormatError
-from ..format.fsio import _fsync_dir, check_output, clean_stale_temps, install_dir, temp_dir_for
+from ..format.fsio import _fsync_dir, check_output, clean_stale_temps, install_dir, install_file, temp_path_for
 from ..read.dataset import open_dataset
 
 __all__ = ["pack", "unpack", "ArchiveReport", "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ARCHIVE_SUFFIX"]
@@ -154,7 +154,7 @@ def pack(dataset: str | os.PathLike, output: str | os.PathLike, *, level: int = 
               + "\n").encode()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_for(out)
+    tmp = temp_path_for(out)
     data_bytes = len(manifest_bytes)
     try:
         with open(tmp, "xb") as raw:
@@ -167,11 +167,8 @@ def pack(dataset: str | os.PathLike, output: str | os.PathLike, *, level: int = 
                     data_bytes += _pack_file(z, fmt.resolve_file(root, e.path), e)
                 z.write(b"\0" * (2 * _BLOCK))  # tar end-of-archive marker
             raw.write(_TRAILER.pack(TRAILER_MAGIC, _TRAILER.size - 8, TRAILER_TAG, sink.n, sink.h.digest()))
-            raw.flush()
-            os.fsync(raw.fileno())
         archive_bytes = tmp.stat().st_size
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        install_file(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -344,7 +341,7 @@ def unpack(archive: str | os.PathLike, output: str | os.PathLike, *, force: bool
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(target)
-    tmp = temp_dir_for(target)
+    tmp = temp_path_for(target)
     tmp.mkdir()
     try:
         with open(src, "rb") as raw:

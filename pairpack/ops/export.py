@@ -12,12 +12,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import format as fmt
 from .._version import __version__
 from ..errors import FormatError, StateError
-from ..format.fsio import check_output
+from ..format.fsio import check_output, clean_stale_temps, install_file, replace_file, temp_path_for
 from ..format.sidecar import SIDECAR_FORMAT, SIDECAR_SUFFIX, read_sidecar
 from ..read.dataset import open_dataset
 from ..tokenization import decode_rows
@@ -36,18 +36,6 @@ def _open_out(path: Path, name: str) -> Any:
     if name.endswith(".gz"):
         return gzip.open(path, "wb", compresslevel=6)
     return open(path, "wb", buffering=1 << 20)
-
-
-def _replace_file(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write`` a new file beside ``path`` and rename it over ``path``: a reader of the old one
-    keeps it whole (an existing file is never rewritten in place, FORMAT.md §9 W9)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _not_an_export_because(path: Path) -> str | None:
@@ -85,7 +73,10 @@ def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: boo
         raise StateError(f"{dataset}: cannot --decode: {tokenizer_status(ds)}")
     m = ds.manifest
     opt = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    side_path, tok_path = Path(str(out) + SIDECAR_SUFFIX), Path(str(out) + ".tokenizer.json")
+    for p in (out, side_path, tok_path):
+        clean_stale_temps(p)
+    tmp = temp_path_for(out)
     n = 0
     try:
         with _open_out(tmp, out.name) as f:
@@ -120,12 +111,10 @@ def export(dataset: str | os.PathLike, output: str | os.PathLike, *, decode: boo
             "shards": len(m.shards), "columns": [c.to_json() for c in m.columns]}
         tf = (m.tokenizer or {}).get("file")
         if isinstance(tf, dict):
-            dst = Path(str(out) + ".tokenizer.json")
-            _replace_file(dst, lambda p: shutil.copyfile(fmt.resolve_file(ds.path, tf["path"]), p))
-            side["tokenizer_file"] = dst.name
-        os.replace(tmp, out)
-        _replace_file(Path(str(out) + SIDECAR_SUFFIX),
-                      lambda p: p.write_text(json.dumps(side, indent=1, sort_keys=True) + "\n"))
+            replace_file(tok_path, lambda p: shutil.copyfile(fmt.resolve_file(ds.path, tf["path"]), p))
+            side["tokenizer_file"] = tok_path.name
+        replace_file(side_path, lambda p: p.write_text(json.dumps(side, indent=1, sort_keys=True) + "\n"))
+        install_file(tmp, out)  # last: the export appears only once what it refers to is in place
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

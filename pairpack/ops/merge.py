@@ -19,8 +19,8 @@ from typing import Sequence
 
 from .. import format as fmt
 from .._version import __version__
-from ..errors import StateError
-from ..format.fsio import check_output, temp_dir_for
+from ..errors import ArgumentError, StateError
+from ..format.fsio import check_output, temp_path_for
 from ..write.combine import _place, check_alike, commit_dir, place_shards
 
 __all__ = ["merge", "MergeReport"]
@@ -90,11 +90,11 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
             BOS/EOS were added, or repeat/miss parts of a split.
     """
     if how not in ("link", "move", "copy"):
-        raise ValueError(f"how must be link, move or copy, got {how!r}")
+        raise ArgumentError(f"how must be link, move or copy, got {how!r}")
     out = Path(output)
     check_output(out, force=force)
     if not parts:
-        raise ValueError("nothing to merge")
+        raise ArgumentError("nothing to merge")
     roots = [Path(p) for p in parts]
     mans = [fmt.read_manifest(r) for r in roots]
     report = MergeReport(output=str(out), parts=len(roots))
@@ -105,7 +105,7 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
     if mixed:
         report.notes.append("parts were built with different record options (kept per part in provenance.merged_from)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_for(out)
+    tmp = temp_path_for(out)
     tmp.mkdir()
     try:
         counts: Counter = Counter()

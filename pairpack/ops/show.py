@@ -16,8 +16,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..errors import PairIndexError
 from ..format import SEGMENTS
-from ..tokenization import HF_INSTALL_HINT, decode_rows
+from ..errors import MissingDependencyError, import_optional
+from ..tokenization import decode_rows
 
 __all__ = ["render_pair", "pair_to_json", "use_color", "tokenizer_status", "STYLES"]
 
@@ -38,7 +40,7 @@ def _resolve(ds: Any, index: int) -> int:
     n = len(ds)
     i = index + n if index < 0 else index
     if not 0 <= i < n:
-        raise IndexError(f"pair index {index} out of range for {n} pairs")
+        raise PairIndexError(f"pair index {index} out of range for {n} pairs")
     return i
 
 
@@ -53,10 +55,9 @@ def tokenizer_status(ds: Any) -> str | None:
         return "tokenizer unknown: the ids were built without a tokenizer"
     if t.get("kind") == "huggingface":
         try:
-            import tokenizers  # noqa: F401 - only asks whether the optional package is there
-        except ImportError:
-            return (f"the dataset's tokenizer ({t.get('name')}) needs the 'tokenizers' package, which is not "
-                    f"installed: {HF_INSTALL_HINT}")
+            import_optional("tokenizers", feature=f"the dataset's tokenizer ({t.get('name')})", extra="hf")
+        except MissingDependencyError as e:
+            return str(e)
         return (f"the dataset's copy of its tokenizer ({t.get('name')}) is missing or damaged "
                 "(pairpack verify says which)")
     return f"tokenizer of kind {t.get('kind')!r} is not known to this pairpack version"

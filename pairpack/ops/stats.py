@@ -25,27 +25,15 @@ import numpy as np
 
 from ..batch.options import Truncation
 from ..batch.plan import padding_ceiling, padding_efficiency
+from ..errors import import_optional
+from ..tables import text_table
 
-__all__ = [
-    "DatasetStats",
-    "compute_stats",
-    "common_prefix_lengths",
-    "dataset_common_prefix",
-    "length_summary",
-    "truncation_row",
-    "padding_row",
-    "delta_summary",
-    "sharing_summary",
-    "sparkline",
-    "plot_stats",
-    "PLOT_INSTALL_HINT",
-]
+__all__ = ["DatasetStats", "compute_stats", "plot_stats", "percentiles"]
 
 PERCENTILES = (50, 90, 99)
 SPARK = " ▁▂▃▄▅▆▇█"  # index 0 = empty bin, 1..8 = height eighths
 HIST_BINS = 16
 DEFAULT_BATCH_SIZE = 32
-PLOT_INSTALL_HINT = 'pip install "pairpack[plot]"'
 _GATHER_BUDGET = 1 << 22  # tokens gathered per comparison round (bounds memory: 2 x 8 bytes each)
 
 
@@ -108,11 +96,17 @@ def dataset_common_prefix(ds: Any, chunk: int = 1 << 18) -> tuple[np.ndarray, np
 
 
 # --- summaries -----------------------------------------------------------------------------------------
-def _pct(x: np.ndarray, q: Sequence[float]) -> list[int]:
+def percentiles(x: np.ndarray, q: Sequence[float]) -> list[int]:
+    """The ``q``-th percentiles (0-100) of integer values ``x`` (token lengths), the one definition
+    that ``pairpack info`` and ``pairpack stats`` share: the smallest value ``v`` of ``x`` with at
+    least ``q`` % of ``x`` at most ``v`` (numpy's ``"inverted_cdf"``, Hyndman & Fan's definition 1).
+    Every percentile is a length that occurs, and ``max_length = p99`` keeps at least 99% of the
+    pairs whole; an interpolated p99 need not (on ``[1, 2, 3, 10, 100]`` it is 96.4, which cuts
+    the longest pair)."""
     return [int(v) for v in np.percentile(x, q, method="inverted_cdf")]
 
 
-def sparkline(counts: np.ndarray) -> str:
+def _sparkline(counts: np.ndarray) -> str:
     """One character per bin: blank for 0, else ``▁``..``█`` by count relative to the largest."""
     c = np.asarray(counts, dtype=np.float64)
     if c.size == 0 or c.max() <= 0:
@@ -121,14 +115,14 @@ def sparkline(counts: np.ndarray) -> str:
     return "".join(SPARK[i] for i in lv)
 
 
-def length_summary(x: np.ndarray, bins: int = HIST_BINS) -> dict[str, Any]:
+def _length_summary(x: np.ndarray, bins: int = HIST_BINS) -> dict[str, Any]:
     """p50/p90/p99/max/mean of lengths ``x`` and a histogram over ``[min, p99]`` (values above p99
     are left out of the histogram so one long outlier does not flatten it)."""
     x = np.asarray(x, dtype=np.int64)
     if x.size == 0:
         return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None, "min": None,
                 "hist": {"edges": [], "counts": []}}
-    p50, p90, p99 = _pct(x, PERCENTILES)
+    p50, p90, p99 = percentiles(x, PERCENTILES)
     lo = int(x.min())
     hi = max(p99, lo + 1)
     counts, edges = np.histogram(x[x <= hi], bins=bins, range=(lo, hi))
@@ -144,7 +138,7 @@ def _identical_after(ln: np.ndarray, trunc: Truncation, lcp: np.ndarray, tl: np.
     return trunc.cut_to_equal(ln, tl) & (lcp >= tl[1])
 
 
-def truncation_row(lengths: np.ndarray, lcp: np.ndarray, max_length: int, *,
+def _truncation_row(lengths: np.ndarray, lcp: np.ndarray, max_length: int, *,
                    min_completion_tokens: int = 1) -> dict[str, Any]:
     """What truncating to ``max_length`` does. Counts are pairs; tokens count both rows (2P + C + R).
 
@@ -198,7 +192,7 @@ def padding_row(ds: Any, max_length: int | None, *, batch_size: int | None, max_
     return out
 
 
-def delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
+def _delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
     """Chosen-minus-rejected length ``d = C - R`` (tokens): shares longer/equal/shorter, mean,
     percentiles, and a histogram of about ``bins`` bins over a range symmetric around 0 (``d`` clipped
     to ``[-a, a]``, ``a`` = the larger of ``|p1|`` and ``|p99|``; bins are an odd whole number of
@@ -208,7 +202,7 @@ def delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
     n = d.size
     if n == 0:
         return {"n": 0}
-    p1, p5, p25, p50, p75, p95, p99 = _pct(d, (1, 5, 25, 50, 75, 95, 99))
+    p1, p5, p25, p50, p75, p95, p99 = percentiles(d, (1, 5, 25, 50, 75, 95, 99))
     a = max(abs(p1), abs(p99), 1)
     w = -(-(2 * a + 1) // bins) | 1  # an odd whole number of tokens per bin: 0 is a bin centre
     k = -(-a // w)
@@ -220,7 +214,7 @@ def delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
             "hist": {"edges": edges.tolist(), "counts": counts.tolist(), "clipped_to": a}}
 
 
-def sharing_summary(prompt_key: np.ndarray, prompt_lengths: np.ndarray) -> dict[str, Any]:
+def _sharing_summary(prompt_key: np.ndarray, prompt_lengths: np.ndarray) -> dict[str, Any]:
     """Pairs per stored prompt, from the prompt starts (``prompt_key`` equal = one stored prompt).
 
     The writer de-duplicates prompts within a window (FORMAT.md §7.2), so this counts sharing as
@@ -251,7 +245,7 @@ def default_max_lengths(pair_lengths: np.ndarray, min_completion_tokens: int = 1
     x = np.asarray(pair_lengths, dtype=np.int64)
     if x.size == 0:
         return []
-    p50, p90, p99 = _pct(x, PERCENTILES)
+    p50, p90, p99 = percentiles(x, PERCENTILES)
     top = max(int(x.max()), 2)
     ladder = [1 << e for e in range(max(1, int(math.log2(max(p50, 2))) - 1), math.ceil(math.log2(top)) + 1)]
     cands = ladder[-5:] + [max(64, -(-q // 64) * 64) for q in (p50, p90, p99)]
@@ -264,7 +258,7 @@ def suggest_max_length(pair_lengths: np.ndarray, keep: float = 99.0, multiple: i
     x = np.asarray(pair_lengths, dtype=np.int64)
     if x.size == 0:
         return multiple
-    q = _pct(x, [keep])[0]
+    q = percentiles(x, [keep])[0]
     return max(multiple, -(-q // multiple) * multiple)
 
 
@@ -321,7 +315,7 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
     lcp, key = dataset_common_prefix(ds)
     cands = sorted(set(max_lengths)) if max_lengths else default_max_lengths(pair, min_completion_tokens)
     suggestion = suggest_max_length(pair)
-    trunc = [truncation_row(ln, lcp, L, min_completion_tokens=min_completion_tokens) for L in cands]
+    trunc = [_truncation_row(ln, lcp, L, min_completion_tokens=min_completion_tokens) for L in cands]
     pad_rows: list[dict[str, Any]] = []
     if padding and len(ds):
         pad_lengths = [None] + (list(cands) if max_lengths else [suggestion])
@@ -329,24 +323,18 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
                                 min_completion_tokens=min_completion_tokens) for L in pad_lengths]
     return DatasetStats(
         path=str(ds.path), num_pairs=len(ds), min_completion_tokens=min_completion_tokens,
-        lengths={k: length_summary(v) for k, v in rows.items()},
+        lengths={k: _length_summary(v) for k, v in rows.items()},
         identical_before=int(((c == r) & (lcp >= c)).sum()),
         suggested_max_length=suggestion, truncation=trunc, padding=pad_rows,
         batching={"batch_size": batch_size, "max_tokens": max_tokens, "seed": seed, "epoch": 0},
-        delta=delta_summary(ln), sharing=sharing_summary(key, p),
+        delta=_delta_summary(ln), sharing=_sharing_summary(key, p),
         _arrays={"lengths": ln, "lcp": lcp},
     )
 
 
 # --- text ------------------------------------------------------------------------------------------------
-def _table(rows: list[list[str]], align: str = "", indent: str = "  ") -> list[str]:
-    """Aligned columns; ``align`` has one letter per column, ``l`` or ``r`` (default: first column
-    left, the others right)."""
-    ncol = len(rows[0])
-    align = align or "l" + "r" * (ncol - 1)
-    widths = [max(len(r[i]) for r in rows) for i in range(ncol)]
-    return [indent + "  ".join(c.ljust(widths[i]) if align[i] == "l" else c.rjust(widths[i])
-                               for i, c in enumerate(r)).rstrip() for r in rows]
+def _table(rows: list[list[str]], align: str = "") -> list[str]:
+    return text_table(rows, align, indent="  ")
 
 
 def _share(k: int, n: int) -> str:
@@ -363,7 +351,7 @@ def _render(s: DatasetStats) -> str:
     for name, v in s.lengths.items():
         h = v["hist"]
         rows.append([name, f"{v['p50']:,}", f"{v['p90']:,}", f"{v['p99']:,}", f"{v['max']:,}", f"{v['mean']:,.1f}",
-                     f"{v['min']:,}", sparkline(np.array(h["counts"])), f"{v['p99']:,}"])
+                     f"{v['min']:,}", _sparkline(np.array(h["counts"])), f"{v['p99']:,}"])
     out += _table(rows, "lrrrrrrll") + [""]
 
     out.append(f"truncation (completions cut first, down to {s.min_completion_tokens} token(s); "
@@ -406,7 +394,7 @@ def _render(s: DatasetStats) -> str:
         ["equal", _share(d["equal"], n), "median", f"{d['p50']:+,}", ""],
         ["chosen shorter", _share(d["chosen_shorter"], n), "p5 .. p95", f"{d['p5']:+,} .. {d['p95']:+,}", ""],
     ], "lrlrl")
-    out.append(f"  histogram  {-h['clipped_to']:+,} {sparkline(np.array(h['counts']))} {h['clipped_to']:+,}"
+    out.append(f"  histogram  {-h['clipped_to']:+,} {_sparkline(np.array(h['counts']))} {h['clipped_to']:+,}"
                "  (centre bin = equal length; tails clipped into the end bins)")
     out.append("")
 
@@ -425,15 +413,11 @@ def _render(s: DatasetStats) -> str:
 def plot_stats(s: DatasetStats, path: str | Path, *, dpi: int = 100) -> Path:
     """Write a PNG: length histograms, the truncation curve, and the chosen-minus-rejected histogram.
 
-    Needs matplotlib (``pip install "pairpack[plot]"``); raises ImportError with that hint otherwise.
+    Raises:
+        MissingDependencyError: matplotlib is not installed (``pip install "pairpack[plot]"``).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError(f"--plot needs matplotlib: {PLOT_INSTALL_HINT}") from None
+    import_optional("matplotlib", feature="--plot", extra="plot").use("Agg")
+    import matplotlib.pyplot as plt
     ln = s._arrays["lengths"]
     lcp = s._arrays["lcp"]
     p, c, r = ln

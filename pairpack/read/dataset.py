@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import _accel
 from .. import format as fmt
+from ..errors import ArgumentError, ColumnNotFoundError, PairIndexError, StateError
 from ..format.spec import round_up
 from ..tokenization import tokenizer_from_manifest
 from .shard import _check_segments, _open_shard, _Shard
@@ -22,7 +23,7 @@ from .verify import verify_dataset
 if TYPE_CHECKING:  # torch is imported only when a batch is assembled
     from ..batch.triplets import Triplets
 
-__all__ = ["Pair", "Taken", "Dataset", "open_dataset"]
+__all__ = ["Pair", "Dataset", "open_dataset"]
 
 
 class Pair(NamedTuple):
@@ -100,7 +101,7 @@ class Dataset:
 
     def _live(self) -> list[_Shard]:
         if not self._shards and self.manifest.shards:
-            raise ValueError(f"{self.path}: dataset is closed")
+            raise StateError(f"{self.path}: dataset is closed")
         return self._shards
 
     @property
@@ -125,7 +126,7 @@ class Dataset:
         if index < 0:
             index += n
         if not 0 <= index < n:
-            raise IndexError(f"pair index {index} out of range for {n} pairs")
+            raise PairIndexError(f"pair index {index} out of range for {n} pairs")
         k = int(np.searchsorted(self._bounds, index, side="right")) - 1
         return self._live()[k], index - int(self._bounds[k])
 
@@ -175,7 +176,7 @@ class Dataset:
     def column(self, name: str) -> np.ndarray:
         """Per-pair column ``name`` as a ``(N,)`` array (a view for one shard; joined once otherwise)."""
         if name not in self.column_names:
-            raise KeyError(f"{self.path}: no column {name!r}; columns: {self.column_names}")
+            raise ColumnNotFoundError(self.path, name, self.column_names)
         dt = fmt.COLUMN_DTYPES[next(c.dtype for c in self.manifest.columns if c.name == name)]
         return self._join(f"column:{name}", lambda s: s.columns[name], np.zeros(0, dtype=dt))
 
@@ -187,7 +188,10 @@ class Dataset:
         segment is bounds-checked, vectorised (FORMAT.md §8 R13). Used by :meth:`batch` and by the
         loader's plans.
         """
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        try:
+            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError):
+            raise ArgumentError(f"indices must be pair indices (integers), got {str(indices)[:80]}") from None
         n = len(self)
         if _accel.native is not None and idx.size:
             got = self._take_native(_accel.native, idx, columns)
@@ -195,7 +199,7 @@ class Dataset:
                 return got
         if idx.size and (idx.min() < -n or idx.max() >= n):
             bad = idx[(idx < -n) | (idx >= n)][0]
-            raise IndexError(f"pair index {int(bad)} out of range for {n} pairs")
+            raise PairIndexError(f"pair index {int(bad)} out of range for {n} pairs")
         idx = np.where(idx < 0, idx + n, idx)
         cols = {c: np.asarray(self.column(c)[idx]) for c in columns}
         shards = self._live()
@@ -233,11 +237,13 @@ class Dataset:
 
     def _locate_native(self, nat: Any, idx: np.ndarray) -> tuple[np.ndarray, int] | None:
         """The C ``take``: coords int64 ``(8, B)`` (index, shard, 3 starts, 3 lengths) and the
-        longest row; raises IndexError for an index out of range, None for a bad segment."""
+        longest row; raises PairIndexError for an index out of range, None for a bad segment."""
         st, ln, ntok = (self._native_args or self._native_shards())[:3]
         coords = np.empty((8, idx.size), dtype=np.int64)
         try:
             return coords, nat.take(idx, self.manifest.num_pairs, self._bounds, st, ln, ntok, coords)
+        except IndexError as e:
+            raise PairIndexError(str(e)) from None
         except ValueError:
             return None
 

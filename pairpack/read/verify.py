@@ -4,6 +4,7 @@ vectorised in bounded chunks."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +13,8 @@ import numpy as np
 from .. import format as fmt
 from ..errors import ChecksumError, FormatError
 from .shard import _open_shard, _Shard
+
+__all__ = ["verify_dataset"]
 
 
 def _tokens_max_visitor(sh: _Shard, path: Path) -> tuple[Any, list[int]]:
@@ -133,92 +136,163 @@ def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None
 
     ``tokens_max``: the largest token id when the hashing pass already computed it.
     """
-    out: list[str] = []
+    scan = _scan_segments(sh)
+    return (_segment_problems(scan, sh, i) + _prompt_count_problems(scan, sh, i)
+            + _token_id_problems(sh, i, vocab_size, tokens_max) + _column_problems(sh, i))
+
+
+@dataclass
+class _Faults:
+    """The pairs (or segments) that break one rule: how many, and the first one, described."""
+
+    count: int = 0
+    first: str = ""
+
+    def note(self, bad: np.ndarray, describe: Callable[[], str]) -> None:
+        """Count the True entries of ``bad``; ``describe()`` names the first, if none was seen before."""
+        if bad.any():
+            if not self.count:
+                self.first = describe()
+            self.count += int(bad.sum())
+
+
+@dataclass
+class _SegmentScan:
+    """One pass over a shard's starts and lengths (R13, R17)."""
+
+    outside: _Faults = field(default_factory=_Faults)  # R13: segment outside the tokens, or empty
+    out_of_order: _Faults = field(default_factory=_Faults)  # R17: pairs not stored in order without gaps
+    unknown_prompt: _Faults = field(default_factory=_Faults)  # R17: reused prompt that no earlier pair stored
+    end: int = 0  # where the last pair's rejected segment ends
+    stored_prompts: int = 0  # pairs that store their prompt (the rest reuse an earlier one)
+
+
+def _scan_segments(sh: _Shard) -> _SegmentScan:
+    scan = _SegmentScan()
     t = sh.tokens.shape[0]
-    where = sh.dir
-    n = sh.info.num_pairs
-    r13 = r10 = r11 = 0
-    first13 = first10 = first11 = ""
-    prev_end = 0  # where the previous pair's rejected segment ends (R17)
     new_starts: list[np.ndarray] = []  # starts and lengths of first-stored prompts (R17)
     new_lens: list[np.ndarray] = []
-    for a in range(0, n, _CHUNK):
+    for a in range(0, sh.info.num_pairs, _CHUNK):
         st = np.asarray(sh.starts[:, a:a + _CHUNK])
         ln = np.asarray(sh.lengths[:, a:a + _CHUNK])
-        # R13: inside the tokens and non-empty; int64 cannot overflow: t - st only where st <= t
-        bad = (st < 0) | (ln < 1) | (st > t) | (ln > t - np.minimum(st, t))
-        if bad.any():
-            seg, col = np.argwhere(bad)[0]
-            if not r13:
-                first13 = (f"pair {a + int(col)} {fmt.SEGMENTS[seg]} [start {int(st[seg, col])}, "
-                           f"length {int(ln[seg, col])})")
-            r13 += int(bad.sum())
-        # R17: pair order, no gaps: [new prompt] chosen rejected, each pair after the previous one
-        ps, cs, rs = st
-        pl, cl, rl = ln
-        prev = np.empty_like(cs)
-        if len(cs):
-            prev[0] = prev_end
-            np.add(rs[:-1], rl[:-1], out=prev[1:])
-            prev_end = int(rs[-1]) + int(rl[-1])
-        new = ps == prev
-        ok10 = (cs + cl == rs) & np.where(new, cs == ps + pl, (cs == prev) & (ps < prev))
-        if not ok10.all():
-            j = int(np.flatnonzero(~ok10)[0])
-            if not r10:
-                first10 = (f"pair {a + j}: prompt {int(ps[j])}+{int(pl[j])}, chosen {int(cs[j])}+"
-                           f"{int(cl[j])}, rejected {int(rs[j])}+{int(rl[j])}, previous pair ends at "
-                           f"{int(prev[j])}")
-            r10 += int((~ok10).sum())
-        new_starts.append(ps[new])
-        new_lens.append(pl[new])
-        reused = np.flatnonzero(~new)
-        if reused.size:
-            # R17: a reused prompt start is that of an earlier first-stored prompt, same length
-            known_s = np.concatenate(new_starts)
-            known_l = np.concatenate(new_lens)
-            k = np.searchsorted(known_s, ps[reused])
-            kc = np.minimum(k, max(len(known_s) - 1, 0))
-            ok11 = ((k < len(known_s)) & (known_s[kc] == ps[reused]) & (known_l[kc] == pl[reused])
-                    if len(known_s) else np.zeros(reused.size, dtype=bool))
-            if not ok11.all():
-                j = int(reused[np.flatnonzero(~ok11)[0]])
-                if not r11:
-                    first11 = (f"pair {a + j}: prompt [start {int(ps[j])}, length {int(pl[j])}) is not "
-                               f"a prompt stored earlier in this shard")
-                r11 += int((~ok11).sum())
-    if r13:
-        out.append(str(FormatError(f"{r13} segment(s) outside tokens [0, {t}) or empty; first: {first13}",
-                                   path=where, field=f"shards[{i}].starts/lengths", section="§8 R13")))
-    if r10 or prev_end != t:
-        detail = (f"{r10} pair(s) out of order; first: {first10}" if r10 else
-                  f"the last segment ends at {prev_end}, tokens hold {t}")
+        _check_bounds(st, ln, t, a, scan.outside)
+        new = _check_order(st, ln, a, scan)
+        new_starts.append(st[0][new])
+        new_lens.append(ln[0][new])
+        _check_reused(st[0], ln[0], new, new_starts, new_lens, a, scan.unknown_prompt)
+    scan.stored_prompts = sum(len(x) for x in new_starts)
+    return scan
+
+
+def _check_bounds(st: np.ndarray, ln: np.ndarray, t: int, a: int, faults: _Faults) -> None:
+    """R13: every segment inside the tokens and non-empty; int64 cannot overflow: t - st only where st <= t."""
+    bad = (st < 0) | (ln < 1) | (st > t) | (ln > t - np.minimum(st, t))
+
+    def first() -> str:
+        seg, col = np.argwhere(bad)[0]
+        return f"pair {a + int(col)} {fmt.SEGMENTS[seg]} [start {int(st[seg, col])}, length {int(ln[seg, col])})"
+
+    faults.note(bad, first)
+
+
+def _check_order(st: np.ndarray, ln: np.ndarray, a: int, scan: _SegmentScan) -> np.ndarray:
+    """R17: pair order, no gaps: [new prompt] chosen rejected, each pair after the previous one.
+    Returns which pairs store their prompt (bool ``(chunk,)``); advances ``scan.end``."""
+    ps, cs, rs = st
+    pl, cl, rl = ln
+    prev = np.empty_like(cs)  # where the previous pair ends
+    if len(cs):
+        prev[0] = scan.end
+        np.add(rs[:-1], rl[:-1], out=prev[1:])
+        scan.end = int(rs[-1]) + int(rl[-1])
+    new = ps == prev
+    in_order = (cs + cl == rs) & np.where(new, cs == ps + pl, (cs == prev) & (ps < prev))
+
+    def first() -> str:
+        j = int(np.flatnonzero(~in_order)[0])
+        return (f"pair {a + j}: prompt {int(ps[j])}+{int(pl[j])}, chosen {int(cs[j])}+{int(cl[j])}, "
+                f"rejected {int(rs[j])}+{int(rl[j])}, previous pair ends at {int(prev[j])}")
+
+    scan.out_of_order.note(~in_order, first)
+    return new
+
+
+def _check_reused(ps: np.ndarray, pl: np.ndarray, new: np.ndarray, new_starts: list[np.ndarray],
+                  new_lens: list[np.ndarray], a: int, faults: _Faults) -> None:
+    """R17: a reused prompt start is that of an earlier first-stored prompt, with the same length."""
+    reused = np.flatnonzero(~new)
+    if not reused.size:
+        return
+    known_s = np.concatenate(new_starts)
+    known_l = np.concatenate(new_lens)
+    k = np.searchsorted(known_s, ps[reused])
+    kc = np.minimum(k, max(len(known_s) - 1, 0))
+    known = ((k < len(known_s)) & (known_s[kc] == ps[reused]) & (known_l[kc] == pl[reused])
+             if len(known_s) else np.zeros(reused.size, dtype=bool))
+
+    def first() -> str:
+        j = int(reused[np.flatnonzero(~known)[0]])
+        return (f"pair {a + j}: prompt [start {int(ps[j])}, length {int(pl[j])}) is not "
+                f"a prompt stored earlier in this shard")
+
+    faults.note(~known, first)
+
+
+def _segment_problems(scan: _SegmentScan, sh: _Shard, i: int) -> list[str]:
+    t = sh.tokens.shape[0]
+    out = []
+    if scan.outside.count:
+        out.append(str(FormatError(f"{scan.outside.count} segment(s) outside tokens [0, {t}) or empty; "
+                                   f"first: {scan.outside.first}",
+                                   path=sh.dir, field=f"shards[{i}].starts/lengths", section="§8 R13")))
+    if scan.out_of_order.count or scan.end != t:
+        detail = (f"{scan.out_of_order.count} pair(s) out of order; first: {scan.out_of_order.first}"
+                  if scan.out_of_order.count else f"the last segment ends at {scan.end}, tokens hold {t}")
         out.append(str(FormatError(f"segments are not stored in pair order without gaps ({detail})",
-                                   path=where, field=f"shards[{i}].starts/lengths", section="§8 R17")))
-    if r11:
-        out.append(str(FormatError(f"{r11} reused prompt(s) do not match a stored prompt; first: {first11}",
-                                   path=where, field=f"shards[{i}].starts[0]", section="§8 R17")))
-    if n:
-        # distinct prompt starts: the first-stored prompts when R17 holds (no sort needed)
-        distinct = (sum(len(x) for x in new_starts) if not (r10 or r11)
-                    else len(np.unique(sh.starts[0])))
-        if distinct != sh.info.num_prompts:
-            out.append(str(FormatError("num_prompts differs from the distinct prompt starts", path=where,
-                                       field=f"shards[{i}].num_prompts", expected=int(distinct),
-                                       actual=sh.info.num_prompts, section="§8 R15")))
+                                   path=sh.dir, field=f"shards[{i}].starts/lengths", section="§8 R17")))
+    if scan.unknown_prompt.count:
+        out.append(str(FormatError(f"{scan.unknown_prompt.count} reused prompt(s) do not match a stored prompt; "
+                                   f"first: {scan.unknown_prompt.first}",
+                                   path=sh.dir, field=f"shards[{i}].starts[0]", section="§8 R17")))
+    return out
+
+
+def _prompt_count_problems(scan: _SegmentScan, sh: _Shard, i: int) -> list[str]:
+    """R15: num_prompts is the number of distinct prompt starts."""
+    if not sh.info.num_pairs:
+        return []
+    # the first-stored prompts when R17 holds (no sort needed)
+    distinct = (scan.stored_prompts if not (scan.out_of_order.count or scan.unknown_prompt.count)
+                else len(np.unique(sh.starts[0])))
+    if distinct == sh.info.num_prompts:
+        return []
+    return [str(FormatError("num_prompts differs from the distinct prompt starts", path=sh.dir,
+                            field=f"shards[{i}].num_prompts", expected=int(distinct),
+                            actual=sh.info.num_prompts, section="§8 R15"))]
+
+
+def _token_id_problems(sh: _Shard, i: int, vocab_size: int, tokens_max: int | None) -> list[str]:
+    """R14: every token id below vocab_size (``tokens_max``: the maximum, when already known)."""
+    t = sh.tokens.shape[0]
     hi = -1 if tokens_max is None else tokens_max
     for a in range(0, t if tokens_max is None else 0, 1 << 24):
         hi = max(hi, int(sh.tokens[a:a + (1 << 24)].max()))
-    if hi >= vocab_size:
-        out.append(str(FormatError("token id >= vocab_size", path=where / fmt.TOKENS_FILE,
-                                   field=f"shards[{i}].tokens", expected=f"< {vocab_size}", actual=hi,
-                                   section="§8 R14")))
+    if hi < vocab_size:
+        return []
+    return [str(FormatError("token id >= vocab_size", path=sh.dir / fmt.TOKENS_FILE,
+                            field=f"shards[{i}].tokens", expected=f"< {vocab_size}", actual=hi,
+                            section="§8 R14"))]
+
+
+def _column_problems(sh: _Shard, i: int) -> list[str]:
+    """R16: float columns hold finite values only."""
+    out = []
     for name, col in sh.columns.items():
-        if col.dtype.kind == "f" and n:
+        if col.dtype.kind == "f" and sh.info.num_pairs:
             finite = np.isfinite(col)
             if not finite.all():
                 j = int(np.flatnonzero(~finite)[0])
                 out.append(str(FormatError(f"{int((~finite).sum())} non-finite value(s); first at pair {j}: "
-                                           f"{col[j]}", path=where, field=f"shards[{i}].columns.{name}",
+                                           f"{col[j]}", path=sh.dir, field=f"shards[{i}].columns.{name}",
                                            section="§8 R16")))
     return out

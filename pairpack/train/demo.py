@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from ..batch.loader import Loader
-from ..errors import PairpackError
+from ..errors import StateError, import_optional
 from ..progress import CountProgress
 from ..read.dataset import Dataset, open_dataset
+from ..tables import text_table
 from .dpo import DPO
 from .reference import (
     REFERENCE_COLUMNS,
@@ -47,7 +48,7 @@ from .reference import (
 )
 from .tinylm import TinyLM
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "format_table", "require_matplotlib", "save_plot"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "format_table", "save_plot"]
 
 LN2 = math.log(2.0)
 
@@ -171,7 +172,7 @@ def run_demo(
     measurements; :func:`format_table` prints them, :func:`save_plot` draws them.
 
     Raises:
-        PairpackError: the dataset is too small for the requested splits or its vocabulary
+        StateError: the dataset is too small for the requested splits or its vocabulary
             is larger than 65,536 ids (the demo is meant for the byte tokenizer).
     """
     threads = torch.get_num_threads()
@@ -192,10 +193,10 @@ def _run(dataset: str | os.PathLike | Dataset, cfg: DemoConfig, progress: bool |
     h0 = max(((n - cfg.held_out) // eb) * eb, 0)
     n_train_eval = min((cfg.train_eval // eb) * eb, h0)
     if h0 < cfg.batch_size or n - h0 < 1 or n_train_eval < 1:
-        raise PairpackError(f"{ds.path}: {n} pairs are too few for the demo's splits "
+        raise StateError(f"{ds.path}: {n} pairs are too few for the demo's splits "
                             f"(held_out={cfg.held_out}, train_eval={cfg.train_eval}, eval_batch={eb})")
     if ds.vocab_size > 65536:
-        raise PairpackError(f"{ds.path}: vocab_size {ds.vocab_size} is too large for the demo model")
+        raise StateError(f"{ds.path}: vocab_size {ds.vocab_size} is too large for the demo model")
     lengths = ds.lengths[0] + np.maximum(ds.lengths[1], ds.lengths[2])
     max_len = int(lengths.max())
 
@@ -253,30 +254,16 @@ def format_table(result: DemoResult) -> str:
     rows = [[str(r["step"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.3f}", f"{r['train_margin']:.3f}",
              f"{r['heldout_loss']:.4f}", f"{r['heldout_acc']:.3f}", f"{r['heldout_margin']:.3f}",
              f"{r['seconds']:.1f}"] for r in result.rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def require_matplotlib() -> None:
-    """Raise PairpackError with the install command when matplotlib is missing (check before training)."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise PairpackError("--plot needs matplotlib: pip install 'pairpack[plot]' (or pip install "
-                            "matplotlib)") from None
+    return "\n".join(text_table([header, *rows], "r" * len(header), rule=True))
 
 
 def save_plot(result: DemoResult, path: str | os.PathLike) -> Path:
     """Save loss / accuracy / margin curves to ``path`` (PNG). Needs matplotlib (extra "plot").
 
     Raises:
-        PairpackError: matplotlib is not installed (``pip install 'pairpack[plot]'``).
+        MissingDependencyError: matplotlib is not installed (``pip install "pairpack[plot]"``).
     """
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
+    import_optional("matplotlib", feature="--plot", extra="plot").use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in result.rows]

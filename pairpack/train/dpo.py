@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import StateError
+from ..errors import ArgumentError, ArgumentTypeError, StateError
 from .models import Attention, as_logits, layout_logits, layout_of
 
 __all__ = [
@@ -62,27 +62,51 @@ def _check_bool_mask(name: str, mask: Tensor, shape: tuple[int, ...]) -> None:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         # An int 0/1 mask would be inverted bitwise by `~` (0 -> -1), silently wrong.
-        raise TypeError(f"{name} must be a bool tensor, got {got}; convert with `.bool()`")
+        raise ArgumentTypeError(f"{name} must be a bool tensor, got {got}; convert with `.bool()`")
     if tuple(mask.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
+        raise ArgumentError(f"{name} must have shape {shape}, got {tuple(mask.shape)}")
+
+
+def _check_pair_inputs(preferred_seq: Tensor, unpreferred_seq: Tensor, prompt_mask: Tensor,
+                       preferred_seq_mask: Tensor | None, unpreferred_seq_mask: Tensor | None,
+                       ) -> tuple[Tensor, Tensor]:
+    """The batch checks shared by :meth:`DPO.forward` and :func:`xtransformers_inputs`: both
+    rows ``(B, N)`` with ``N >= 2``, every mask bool ``(B, N)``. Returns the two seq masks, all
+    True where None was given."""
+    if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
+        raise ArgumentError(
+            "preferred_seq and unpreferred_seq must both have shape (B, N) (pad them to one "
+            f"length), got {tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
+        )
+    b, n = preferred_seq.shape
+    if n < 2:
+        raise ArgumentError(f"sequences need N >= 2 tokens to have a target, got N={n}")
+    _check_bool_mask("prompt_mask", prompt_mask, (b, n))
+    masks = []
+    for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
+        if mask is None:
+            mask = torch.ones_like(prompt_mask)
+        _check_bool_mask(name, mask, (b, n))
+        masks.append(mask)
+    return masks[0], masks[1]
 
 
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def _check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ArgumentError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     # `not beta > 0` also rejects NaN.
     if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+        raise ArgumentError(f"beta must be a finite number > 0, got {beta!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 0.5):
         # At 0.5 the sigmoid loss is constant and the robust loss divides by zero.
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+        raise ArgumentError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing != 0.0 and loss_type not in _SMOOTHED_LOSS_TYPES:
-        raise ValueError(
+        raise ArgumentError(
             f"label_smoothing={label_smoothing!r} has no effect with loss_type={loss_type!r}; "
             f"it applies only to {_SMOOTHED_LOSS_TYPES}; pass label_smoothing=0.0"
         )
@@ -129,23 +153,23 @@ def sequence_logprobs(
         ``logits.dtype`` and float32). Differentiable with respect to ``logits``.
 
     Raises:
-        TypeError: ``completion_mask`` is not bool, or ``seq`` is not an integer tensor.
-        ValueError: shapes disagree or ``reduction`` is unknown.
+        ArgumentTypeError (a TypeError): ``completion_mask`` is not bool, or ``seq`` is not an integer tensor.
+        ArgumentError (a ValueError): shapes disagree or ``reduction`` is unknown.
     """
     _check_reduction(reduction)
     if seq.ndim != 2:
-        raise ValueError(f"seq must have shape (B, N), got {tuple(seq.shape)}")
+        raise ArgumentError(f"seq must have shape (B, N), got {tuple(seq.shape)}")
     if seq.dtype.is_floating_point or seq.dtype.is_complex or seq.dtype == torch.bool:
-        raise TypeError(f"seq must hold integer token ids, got {seq.dtype}")
+        raise ArgumentTypeError(f"seq must hold integer token ids, got {seq.dtype}")
     b, n = seq.shape
     _check_bool_mask("completion_mask", completion_mask, (b, n))
     if logits.ndim != 3 or logits.shape[0] != b or logits.shape[1] not in (n, n - 1):
-        raise ValueError(
+        raise ArgumentError(
             f"logits must have shape (B, N, V) or (B, N - 1, V) with B={b}, N={n}; "
             f"got {tuple(logits.shape)}"
         )
     if not logits.dtype.is_floating_point:
-        raise TypeError(f"logits must be a floating tensor, got {logits.dtype}")
+        raise ArgumentTypeError(f"logits must be a floating tensor, got {logits.dtype}")
 
     logits = logits[:, : n - 1]
     targets = seq[:, 1:]
@@ -199,7 +223,7 @@ def sequence_logprobs_from(
     """
     _check_reduction(reduction)
     if logits.ndim != 3 or not logits.dtype.is_floating_point:
-        raise ValueError(f"logits must be a float tensor (R, T, V), got {tuple(logits.shape)} {logits.dtype}")
+        raise ArgumentError(f"logits must be a float tensor (R, T, V), got {tuple(logits.shape)} {logits.dtype}")
     index = batch.score_index if score_index is None else score_index
     b = len(batch)
     rows, cols = index.long().unbind(0)
@@ -303,7 +327,7 @@ def dpo_loss(
         :class:`DPOOutput` with per-pair ``losses`` ``(B,)``, rewards and metrics.
 
     Raises:
-        ValueError: unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` outside
+        ArgumentError (a ValueError): unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` outside
             ``[0, 0.5)`` or nonzero for hinge/ipo, or inputs that are not four ``(B,)``
             tensors of one shape.
     """
@@ -311,7 +335,7 @@ def dpo_loss(
     inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     shapes = {tuple(t.shape) for t in inputs}
     if len(shapes) != 1 or policy_chosen.ndim != 1:
-        raise ValueError(
+        raise ArgumentError(
             "policy_chosen, policy_rejected, ref_chosen and ref_rejected must all have shape (B,), "
             f"got {[tuple(t.shape) for t in inputs]}"
         )
@@ -378,7 +402,7 @@ class DPO(nn.Module):
             ``"flex"`` (CUDA). Padded batches ignore it.
 
     Raises:
-        ValueError: invalid ``beta``, ``reduction``, ``loss_type`` or ``label_smoothing``.
+        ArgumentError (a ValueError): invalid ``beta``, ``reduction``, ``loss_type`` or ``label_smoothing``.
     """
 
     def __init__(
@@ -395,10 +419,10 @@ class DPO(nn.Module):
         super().__init__()
         _check_reduction(reduction)
         if attention not in ("auto", "dense", "flex"):
-            raise ValueError(f"attention must be one of ('auto', 'dense', 'flex'), got {attention!r}")
+            raise ArgumentError(f"attention must be one of ('auto', 'dense', 'flex'), got {attention!r}")
         _check_loss_args(beta, loss_type, label_smoothing)
         if ref_model is not None and ref_model is not False and not isinstance(ref_model, nn.Module):
-            raise TypeError(f"ref_model must be None, False or an nn.Module, got {type(ref_model).__name__}")
+            raise ArgumentTypeError(f"ref_model must be None, False or an nn.Module, got {type(ref_model).__name__}")
         self.policy_model = model
         if ref_model is None:
             ref_model = copy.deepcopy(model)
@@ -485,9 +509,9 @@ class DPO(nn.Module):
             The scalar loss (mean over pairs), or ``(loss, metrics)`` if ``return_metrics``.
 
         Raises:
-            ValueError: shapes disagree, N < 2, only one precomputed reference is passed, or
+            ArgumentError (a ValueError): shapes disagree, N < 2, only one precomputed reference is passed, or
                 none is passed while the module holds no reference model.
-            TypeError: a mask is not bool.
+            ArgumentTypeError (a TypeError): a mask is not bool.
             StateError: a batch object, no reference model, and no cached reference columns.
             ModelError: the model cannot take the batch's layout (:mod:`pairpack.train.models`).
         """
@@ -496,30 +520,18 @@ class DPO(nn.Module):
                                     ("preferred_seq_mask", preferred_seq_mask),
                                     ("unpreferred_seq_mask", unpreferred_seq_mask)) if v is not None]
             if given:
-                raise TypeError(f"dpo(batch) takes the batch alone; {given} come from the batch")
+                raise ArgumentTypeError(f"dpo(batch) takes the batch alone; {given} come from the batch")
             return self._forward_batch(preferred_seq, ref_chosen_logp, ref_rejected_logp, return_metrics)
         if unpreferred_seq is None or prompt_mask is None:
-            raise TypeError("dpo(preferred_seq, unpreferred_seq, prompt_mask=...) needs all three tensors "
+            raise ArgumentTypeError("dpo(preferred_seq, unpreferred_seq, prompt_mask=...) needs all three tensors "
                             "(or pass one batch object: dpo(batch))")
-        if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
-            raise ValueError(
-                "preferred_seq and unpreferred_seq must both have shape (B, N) (pad them to one "
-                f"length), got {tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
-            )
-        b, n = preferred_seq.shape
-        if n < 2:
-            raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
-        _check_bool_mask("prompt_mask", prompt_mask, (b, n))
-        seq_masks = []
-        for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
-            if mask is None:
-                mask = torch.ones_like(prompt_mask)
-            _check_bool_mask(name, mask, (b, n))
-            seq_masks.append(mask)
+        seq_masks = _check_pair_inputs(preferred_seq, unpreferred_seq, prompt_mask,
+                                       preferred_seq_mask, unpreferred_seq_mask)
+        b = preferred_seq.shape[0]
         if (ref_chosen_logp is None) != (ref_rejected_logp is None):
-            raise ValueError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
+            raise ArgumentError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
         if ref_chosen_logp is None and self.ref_model is None:
-            raise ValueError(
+            raise ArgumentError(
                 "this DPO holds no reference model (ref_model=False); pass ref_chosen_logp and "
                 "ref_rejected_logp"
             )
@@ -559,7 +571,7 @@ class DPO(nn.Module):
                        return_metrics: bool) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """:meth:`forward` on a batch object of any layout."""
         if (ref_chosen_logp is None) != (ref_rejected_logp is None):
-            raise ValueError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
+            raise ArgumentError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
         if ref_chosen_logp is None and self.ref_model is None:
             cols = getattr(batch, "columns", {})
             if _REF_COLUMNS[0] not in cols or _REF_COLUMNS[1] not in cols:
@@ -635,27 +647,13 @@ def xtransformers_inputs(
         to be splatted: ``xt_dpo(**xtransformers_inputs(...))``.
 
     Raises:
-        ValueError: shapes disagree or N < 2.
-        TypeError: a mask is not bool.
+        ArgumentError (a ValueError): shapes disagree or N < 2.
+        ArgumentTypeError (a TypeError): a mask is not bool.
     """
-    if preferred_seq.ndim != 2 or preferred_seq.shape != unpreferred_seq.shape:
-        raise ValueError(
-            "preferred_seq and unpreferred_seq must both have shape (B, N), "
-            f"got {tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
-        )
-    b, n = preferred_seq.shape
-    if n < 2:
-        raise ValueError(f"sequences need N >= 2 tokens to have a target, got N={n}")
-    _check_bool_mask("prompt_mask", prompt_mask, (b, n))
-    shifted = {}
-    for name, mask in zip(_SEQ_MASK_NAMES, (preferred_seq_mask, unpreferred_seq_mask)):
-        if mask is None:
-            mask = torch.ones_like(prompt_mask)
-        _check_bool_mask(name, mask, (b, n))
-        shifted[name] = mask[:, 1:]
+    masks = _check_pair_inputs(preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask)
     return {
         "preferred_seq": preferred_seq,
         "unpreferred_seq": unpreferred_seq,
         "prompt_mask": prompt_mask[:, 1:],
-        **shifted,
+        **{name: mask[:, 1:] for name, mask in zip(_SEQ_MASK_NAMES, masks)},
     }

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import DeviceError, ModelError
+from ..errors import ArgumentError, DeviceError, ModelError
 
 __all__ = ["ATTENTIONS", "LAYOUTS", "as_logits", "layout_logits", "layout_of", "model_family", "model_layouts"]
 
@@ -171,10 +171,10 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
         ValueError: unknown ``attention`` or layout.
     """
     if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        raise ArgumentError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
     layout = layout_of(batch)
     if layout not in LAYOUTS[1:]:
-        raise ValueError(f"layout_logits takes a packed or prefix_shared batch, got layout={layout!r}")
+        raise ArgumentError(f"layout_logits takes a packed or prefix_shared batch, got layout={layout!r}")
     fam = model_family(model)
     if attention == "flex":
         _check_flex(batch)

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..batch import plan as bt
 from ..batch.options import LAYOUTS, Truncation, truncation_from
-from ..errors import StateError
+from ..errors import ArgumentError, StateError
 from ..progress import CountProgress
 from ..read.dataset import Dataset, open_dataset
 from ..write.columns import add_columns
@@ -156,11 +156,11 @@ def precompute_reference(
         ModelError: the model cannot take ``layout`` (:mod:`pairpack.train.models`).
     """
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise ArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise ArgumentError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     trunc = _truncation(max_length, truncation, min_completion_tokens)
     if not isinstance(ds, Dataset):
         ds = open_dataset(ds)

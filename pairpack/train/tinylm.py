@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
+
 __all__ = ["TinyLM"]
 
 
@@ -77,7 +79,7 @@ class TinyLM(nn.Module):
                  n_heads: int = 4) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+            raise ArgumentError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.max_len = max_len
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_len, d_model)
@@ -107,13 +109,13 @@ class TinyLM(nn.Module):
         n = ids.shape[1]
         if positions is None:
             if n > self.max_len:
-                raise ValueError(f"sequence length {n} exceeds max_len {self.max_len}")
+                raise ArgumentError(f"sequence length {n} exceeds max_len {self.max_len}")
             pos = self.pos(torch.arange(n, device=ids.device))
         else:
             # checked on the CPU only: on a GPU the check would wait for the device every call
             top = int(positions.max()) if positions.numel() and positions.device.type == "cpu" else 0
             if top >= self.max_len:
-                raise ValueError(f"position {top} exceeds max_len {self.max_len} - 1")
+                raise ArgumentError(f"position {top} exceeds max_len {self.max_len} - 1")
             pos = self.pos(positions)
         x = self.tok(ids) + pos
         for blk in self.blocks:

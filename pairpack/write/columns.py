@@ -16,8 +16,8 @@ import numpy as np
 import xxhash
 
 from .. import format as fmt
-from ..errors import FormatError
-from ..format.fsio import _fsync_dir, _pid_alive
+from ..errors import ArgumentError, FormatError
+from ..format.fsio import _fsync_dir, _pid_alive, write_manifest
 from .writer import _file_entry
 
 __all__ = ["add_columns"]
@@ -45,20 +45,20 @@ def _dataset_lock(root: Path) -> Iterator[None]:
 
 def _column_array(name: str, values: Any, num_pairs: int) -> np.ndarray:
     if not fmt.COLUMN_NAME_RE.match(name):
-        raise ValueError(f"bad column name {name!r}: names match [a-z][a-z0-9_]{{0,63}} (FORMAT.md §4.4)")
+        raise ArgumentError(f"bad column name {name!r}: names match [a-z][a-z0-9_]{{0,63}} (FORMAT.md §4.4)")
     if hasattr(values, "detach"):  # a torch tensor: numpy view of its CPU copy
         values = values.detach().cpu().numpy()
     arr = np.asarray(values)
     dt_name = arr.dtype.name if arr.dtype.kind in "fi" else ""
     if dt_name not in fmt.COLUMN_DTYPES:
-        raise ValueError(f"column {name!r}: dtype {arr.dtype} is not allowed; use one of "
+        raise ArgumentError(f"column {name!r}: dtype {arr.dtype} is not allowed; use one of "
                          f"{sorted(fmt.COLUMN_DTYPES)} (FORMAT.md §4.4)")
     if arr.shape != (num_pairs,):
-        raise ValueError(f"column {name!r}: shape {arr.shape} differs from (num_pairs,) = ({num_pairs},)")
+        raise ArgumentError(f"column {name!r}: shape {arr.shape} differs from (num_pairs,) = ({num_pairs},)")
     arr = np.ascontiguousarray(arr, dtype=fmt.COLUMN_DTYPES[dt_name])  # little-endian, C order
     if arr.dtype.kind == "f" and num_pairs and not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise ValueError(f"column {name!r}: non-finite value {arr[bad]} at pair {bad} (FORMAT.md §8 R16)")
+        raise ArgumentError(f"column {name!r}: non-finite value {arr[bad]} at pair {bad} (FORMAT.md §8 R16)")
     return arr
 
 
@@ -148,7 +148,7 @@ def add_columns(
     info = dict(info or {})
     unknown = set(info) - set(columns)
     if unknown:
-        raise ValueError(f"info given for columns not being added: {sorted(unknown)}")
+        raise ArgumentError(f"info given for columns not being added: {sorted(unknown)}")
     with _dataset_lock(root):
         old = fmt.read_manifest(root)
         arrays = {k: _column_array(k, v, old.num_pairs) for k, v in columns.items()}
@@ -175,17 +175,11 @@ def add_columns(
             try:
                 data = manifest.dumps()
             except (TypeError, ValueError) as e:
-                raise ValueError(f"column attrs must be JSON values ({e})") from None
-            fmt.parse_manifest(data)  # never install what a reader refuses
-            tmp = root / f".{fmt.MANIFEST_NAME}{_COLTMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            created.append(tmp)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, root / fmt.MANIFEST_NAME)  # the commit point
-            created.clear()
-            _fsync_dir(root)
+                raise ArgumentError(f"column attrs must be JSON values ({e})") from None
+            # the commit point: one os.replace of the fsynced new manifest; from then on the new
+            # files are the dataset's, never rolled back
+            tmp_name = f".{fmt.MANIFEST_NAME}{_COLTMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            write_manifest(root, data, tmp_name=tmp_name, on_commit=created.clear)
         except BaseException:
             for p in created:  # new files only: nothing the old manifest points to
                 p.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from .. import format as fmt
 from ..errors import FormatError, StateError
-from ..format.fsio import _fsync_dir, install_dir, temp_dir_for
+from ..format.fsio import _fsync_dir, install_dir, temp_path_for, write_manifest
 from .writer import _widen_closed
 
 __all__ = ["TOKEN_OPTIONS", "check_alike", "place_shards", "commit_dir", "combine_parts"]
@@ -102,13 +102,7 @@ def place_shards(tmp: Path, roots: Sequence[Path], mans: Sequence[fmt.Manifest],
 def commit_dir(tmp: Path, manifest: fmt.Manifest, target: Path, *, force: bool) -> None:
     """Write ``manifest`` into the finished directory ``tmp`` (checked first: never write what a
     reader refuses), make it durable and install it at ``target`` (§9 W1)."""
-    data = manifest.dumps()
-    fmt.parse_manifest(data)
-    with open(tmp / fmt.MANIFEST_NAME, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    write_manifest(tmp, manifest.dumps())
     install_dir(tmp, target, force=force)
 
 
@@ -121,7 +115,7 @@ def combine_parts(parts: Sequence[Path], output: Path, *, force: bool, how: str,
     roots = list(parts)
     mans = [fmt.read_manifest(r) for r in roots]
     check_alike(roots, mans, same_dtype=False)
-    tmp = temp_dir_for(output)
+    tmp = temp_path_for(output)
     tmp.mkdir()
     try:
         shards = place_shards(tmp, roots, mans, how, Counter())

@@ -16,17 +16,18 @@ import numpy as np
 import xxhash
 
 from .. import format as fmt
-from ..errors import SourceError
+from ..errors import ArgumentError, SourceError, StateError
 from ..format.fsio import (
     _fsync_close,
     _fsync_dir,
     check_output,
     clean_stale_temps,
     install_dir,
-    temp_dir_for,
+    temp_path_for,
+    write_manifest,
 )
 
-__all__ = ["Writer", "check_ids"]
+__all__ = ["Writer"]
 
 _FLUSH_BYTES = 4 << 20
 _SPILL_ROWS = 1 << 16
@@ -322,7 +323,7 @@ def _check_finite(dtypes: Mapping[str, str], values: Mapping[str, Any], first_pa
             v = np.asarray(values[name]).astype(fmt.COLUMN_DTYPES[dt])
         bad = np.flatnonzero(~np.isfinite(v.reshape(-1)))
         if bad.size:
-            raise ValueError(f"column {name!r}: non-finite value {v.reshape(-1)[bad[0]]} at pair "
+            raise ArgumentError(f"column {name!r}: non-finite value {v.reshape(-1)[bad[0]]} at pair "
                              f"{first_pair + int(bad[0])} (FORMAT.md §8 R16)")
 
 
@@ -412,11 +413,11 @@ class Writer:
             fmt.token_dtype_for_vocab(vocab_size)
         for name, v in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
             if v is not None and (v < 0 or (vocab_size is not None and v >= vocab_size)):
-                raise ValueError(f"{name}={v} must be in [0, vocab_size)")
+                raise ArgumentError(f"{name}={v} must be in [0, vocab_size)")
         self.columns = dict(columns or {})
         for k, v in self.columns.items():
             if not fmt.COLUMN_NAME_RE.match(k) or v not in fmt.COLUMN_DTYPES:
-                raise ValueError(f"bad column {k!r}: {v!r} (names [a-z][a-z0-9_]*, dtypes {sorted(fmt.COLUMN_DTYPES)})")
+                raise ArgumentError(f"bad column {k!r}: {v!r} (names [a-z][a-z0-9_]*, dtypes {sorted(fmt.COLUMN_DTYPES)})")
         self.column_info = dict(column_info or {})
         self.vocab_size = vocab_size
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
@@ -429,7 +430,7 @@ class Writer:
         self.dtype = fmt.token_dtype_for_vocab(vocab_size or self.max_id + 1)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(self.path)
-        self.tmp = temp_dir_for(self.path)
+        self.tmp = temp_path_for(self.path)
         self.tmp.mkdir()
         self.shards: list[fmt.ShardInfo] = []
         self.current: _ShardWriter | None = None
@@ -452,14 +453,14 @@ class Writer:
         Raises SourceError (with ``field`` set) for an invalid segment; nothing is written then.
         """
         if self._closed:
-            raise ValueError("writer is closed")
+            raise StateError(f"{self.path}: writer is closed")
         limit = self.vocab_size if self.vocab_size is not None else fmt.MAX_VOCAB
         p = check_ids(prompt, "prompt", limit)
         c = check_ids(chosen, "chosen", limit)
         r = check_ids(rejected, "rejected", limit)
         missing = set(self.columns) - set(columns)
         if missing or set(columns) - set(self.columns):
-            raise ValueError(f"columns given {sorted(columns)} differ from declared {sorted(self.columns)}")
+            raise ArgumentError(f"columns given {sorted(columns)} differ from declared {sorted(self.columns)}")
         _check_finite(self.columns, columns, self.num_pairs)
         return self.add_checked(p, c, r, columns)
 
@@ -490,19 +491,19 @@ class Writer:
             columns: per-pair column values, name -> ``(n,)`` array (the declared columns).
         """
         if self._closed:
-            raise ValueError("writer is closed")
+            raise StateError(f"{self.path}: writer is closed")
         lengths = np.asarray(lengths, dtype=np.int64)
         n = lengths.shape[1]
         if n == 0:
             return
         columns = {k: np.asarray(v) for k, v in (columns or {}).items()}
         if set(columns) != set(self.columns):
-            raise ValueError(f"columns given {sorted(columns)} differ from declared {sorted(self.columns)}")
+            raise ArgumentError(f"columns given {sorted(columns)} differ from declared {sorted(self.columns)}")
         _check_finite(self.columns, columns, self.num_pairs)
         off = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths.sum(axis=0), out=off[1:])
         if off[-1] != len(tokens):
-            raise ValueError(f"lengths add up to {int(off[-1])} tokens, got {len(tokens)}")
+            raise ArgumentError(f"lengths add up to {int(off[-1])} tokens, got {len(tokens)}")
         hi = int(tokens.max())
         if hi > self.max_id:
             if self.vocab_size is None and hi >= fmt.UINT16_MAX_VOCAB and self.dtype == "uint16":
@@ -553,7 +554,7 @@ class Writer:
     def commit(self) -> fmt.Manifest:
         """Finish every file, write the manifest, and move the dataset into place atomically."""
         if self._closed:
-            raise ValueError("writer is closed")
+            raise StateError(f"{self.path}: writer is closed")
         try:
             if self.current is not None:
                 self._close_shard()
@@ -567,12 +568,7 @@ class Writer:
                               for k, v in sorted(self.columns.items())),
                 provenance=self.provenance,
             )
-            fmt.parse_manifest(manifest.dumps())  # the writer never emits what a reader refuses
-            with open(self.tmp / fmt.MANIFEST_NAME, "wb") as f:
-                f.write(manifest.dumps())
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(self.tmp)
+            write_manifest(self.tmp, manifest.dumps())
             self._install()
         except BaseException:
             self.abort()
