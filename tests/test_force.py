@@ -57,10 +57,8 @@ def _user_things(tmp: Path) -> dict[str, Path]:
     (foreign / "manifest.json").write_text('{"format": "something-else", "files": []}\n')
     link = tmp / "link"
     link.symlink_to(_dataset(tmp / "linked_ds"))
-    empty = tmp / "empty_dir"
-    empty.mkdir()
     return {"notes_dir": notes, "plain": plain, "ds_with_readme": ds_with_readme, "foreign": foreign,
-            "link": link, "empty_dir": empty}
+            "link": link}
 
 
 @pytest.fixture
@@ -76,7 +74,7 @@ def _assert_refused_and_intact(target: Path, before: dict, call) -> None:
     assert not [q for q in target.parent.iterdir() if ".pairpack-" in q.name or ".tmp-" in q.name]
 
 
-KINDS = ["notes_dir", "plain", "ds_with_readme", "foreign", "link", "empty_dir"]
+KINDS = ["notes_dir", "plain", "ds_with_readme", "foreign", "link"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -92,7 +90,7 @@ def test_api_writers_refuse_what_pairpack_did_not_make(tmp_path: Path, things: d
         "merge": lambda: merge([src], target, force=True),
         "unpack": lambda: unpack(archive, target, force=True),
     }
-    if kind in ("plain", "notes_dir", "link", "empty_dir"):  # file outputs: pack and export
+    if kind in ("plain", "notes_dir", "link"):  # file outputs: pack and export
         calls["pack"] = lambda: pack(src, target, force=True)
         calls["export"] = lambda: export(src, target, force=True)
     for name, call in calls.items():
@@ -153,6 +151,16 @@ def test_force_replaces_pairpack_outputs(tmp_path: Path) -> None:
     with pytest.raises(pairpack.DatasetExistsError):  # without --force nothing is replaced
         export(src, out)
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_force_takes_an_empty_directory(tmp_path: Path) -> None:
+    """`mkdir out` before a build: nothing there to lose, so --force may replace it (not without)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(pairpack.DatasetExistsError, match="pass --force"):
+        pairpack.build([_jsonl(tmp_path)], out, progress=False)
+    pairpack.build([_jsonl(tmp_path)], out, force=True, progress=False)
+    assert len(pairpack.open(out)) == 2
 
 
 def test_resume_with_force_refuses_a_user_directory(tmp_path: Path, things: dict[str, Path]) -> None:

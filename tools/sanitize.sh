@@ -34,8 +34,9 @@ export PYTHONPATH=$PWD HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 $PYTHON -c "import pairpack._accel as a, sys; sys.exit(a.native is None)" \
     || { echo "sanitize: the sanitized pairpack._native does not import" >&2; exit 1; }
 
-$PYTHON -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_hostile.py tests/test_fuzz.py \
-    tests/test_cli_bad_input.py "$@"
+# SANITIZE_TESTS narrows the set (.ci/run: the in-process ones; the CLI table spawns a process per row)
+$PYTHON -m pytest -q -p no:cacheprovider ${SANITIZE_TESTS:-tests/test_native.py tests/test_hostile.py \
+    tests/test_fuzz.py tests/test_cli_bad_input.py} "$@"
 # every seed of the coverage-guided harness through the sanitized kernels (atheris when installed)
 if $PYTHON -c "import atheris" 2>/dev/null; then
     for t in json dataset; do

@@ -162,11 +162,14 @@ def not_a_dataset_because(target: Path) -> str | None:
     Replaceable: a real directory (not a link) holding a regular ``manifest.json`` that declares
     ``"format": "pairpack"``, and nothing else at its top level but shard directories and the
     tokenizer copy. Anything else there (§3.2 allows a user's README) would be deleted with it.
+    An empty directory holds nothing to lose (``mkdir out`` before a build) and is replaceable.
     """
     if target.is_symlink():
         return "is a symbolic link, not a dataset directory"
     if not target.is_dir():
         return "is a file, not a dataset directory"
+    if next(os.scandir(target), None) is None:
+        return None
     manifest = target / MANIFEST_NAME
     if manifest.is_symlink() or not manifest.is_file():
         return f"is a directory without a pairpack {MANIFEST_NAME}"
