@@ -335,3 +335,19 @@ def test_stats_reports_tokens_per_pair_for_each_layout(ds):  # noqa: F811
         assert lay["prefix_shared"]["grouped"] == pytest.approx(
             sum(b.padded_tokens() for b in batches) / sum(len(b) for b in batches))
         assert "layouts (tokens the model processes per pair" in s.render()
+
+
+@given(st.lists(st.integers(1, 60), min_size=0, max_size=200), st.integers(60, 200), st.integers(1, 8))
+@settings(max_examples=60)
+def test_first_fit_rows_are_what_next_fit_rebuilds(sizes, cap, open_rows):
+    """The planner's first-fit rows, listed in its order, are exactly the rows the builder's next-fit
+    makes of them (and of any run of whole rows)."""
+    from pairpack.batch.packing import first_fit_order, pack_rows
+
+    need = np.array(sizes, dtype=np.int64)
+    order, bounds = first_fit_order(need, cap, open_rows)
+    assert sorted(order.tolist()) == list(range(len(need)))
+    assert np.array_equal(pack_rows(need[order], cap), bounds)
+    if len(bounds) > 2:
+        a = int(bounds[1])
+        assert np.array_equal(pack_rows(need[order][a:], cap), bounds[1:] - a)

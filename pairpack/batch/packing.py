@@ -7,7 +7,7 @@ import numpy as np
 
 from .options import OversizeError
 
-__all__ = ["pack_rows"]
+__all__ = ["pack_rows", "first_fit_order"]
 
 
 def pack_rows(need: np.ndarray, cap: int | None) -> np.ndarray:
@@ -38,3 +38,39 @@ def pack_rows(need: np.ndarray, cap: int | None) -> np.ndarray:
         i = int(ss(csum[i] + cap, side="right")) - 1
         bounds.append(i)
     return np.asarray(bounds, dtype=np.int64)
+
+
+def first_fit_order(need: np.ndarray, cap: int, open_rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Pack units into rows of ``cap`` tokens first-fit over the ``open_rows`` newest rows:
+    ``(order, bounds)``, the units listed row by row and the row boundaries in that order.
+
+    Next-fit leaves each row up to one unit short; first-fit tops rows up with later, smaller
+    units. Listed row by row in placement order, the units pack back into exactly these rows by
+    :func:`pack_rows` (each row's first unit did not fit the row opened just before it, which was
+    still open), so the batch builder, which re-packs a batch next-fit, agrees with the planner.
+    One Python step per unit (planning only, once per epoch), over a few open rows.
+    """
+    n = len(need)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    if int(need.max()) > cap:
+        j = int(np.argmax(need > cap))
+        raise OversizeError(f"pair at position {j} needs {int(need[j])} tokens > the row bound of {cap}")
+    rows: list[list[int]] = []
+    left: list[int] = []  # free tokens of the open rows (the newest open_rows rows)
+    first_open = 0
+    for i, x in enumerate(need.tolist()):
+        for k in range(first_open, len(rows)):
+            if left[k - first_open] >= x:
+                rows[k].append(i)
+                left[k - first_open] -= x
+                break
+        else:
+            rows.append([i])
+            left.append(cap - x)
+            if len(left) > open_rows:
+                left.pop(0)
+                first_open += 1
+    order = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=n)
+    bounds = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return order, bounds
