@@ -21,6 +21,7 @@ from .errors import (
     FormatError,
     ModelError,
     NotReplaceableError,
+    OversizeError,
     PairpackError,
     SourceError,
     StateError,
@@ -42,6 +43,9 @@ __all__ = [
     "Pair",
     "Writer",
     "Triplets",
+    "PackedBatch",
+    "PlanOptions",
+    "Truncation",
     "Loader",
     "Collate",
     "PairpackError",
@@ -53,6 +57,7 @@ __all__ = [
     "NotReplaceableError",
     "StateError",
     "DeviceError",
+    "OversizeError",
     "ModelError",
     "backend",
 ]
@@ -90,4 +95,12 @@ def __getattr__(name: str) -> Any:
         from .batch.plan import Collate
 
         return Collate
+    if name == "PackedBatch":
+        from .batch.layouts import PackedBatch
+
+        return PackedBatch
+    if name in ("PlanOptions", "Truncation"):
+        from .batch import options
+
+        return getattr(options, name)
     raise AttributeError(f"module 'pairpack' has no attribute {name!r}")
