@@ -26,6 +26,7 @@ from .errors import (
     ModelError,
     NotReplaceableError,
     PairIndexError,
+    OversizeError,
     PairpackError,
     SourceError,
     StateError,
@@ -47,6 +48,9 @@ __all__ = [
     "Pair",
     "Writer",
     "Triplets",
+    "PackedBatch",
+    "PlanOptions",
+    "Truncation",
     "Loader",
     "Collate",
     "PairpackError",
@@ -58,6 +62,7 @@ __all__ = [
     "NotReplaceableError",
     "StateError",
     "DeviceError",
+    "OversizeError",
     "ModelError",
     "ArgumentError",
     "ArgumentTypeError",
@@ -99,4 +104,12 @@ def __getattr__(name: str) -> Any:
         from .batch.plan import Collate
 
         return Collate
+    if name == "PackedBatch":
+        from .batch.layouts import PackedBatch
+
+        return PackedBatch
+    if name in ("PlanOptions", "Truncation"):
+        from .batch import options
+
+        return getattr(options, name)
     raise AttributeError(f"module 'pairpack' has no attribute {name!r}")

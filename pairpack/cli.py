@@ -447,16 +447,20 @@ def verify(dataset: Path, no_checksums: bool) -> None:
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Loader seed (epoch 0 order).")
 @click.option("--min-completion-tokens", type=click.IntRange(1), default=1, show_default=True,
               help="The loader's floor when truncation cuts completions.")
+@click.option("--max-row-tokens", type=click.IntRange(0), default=None,
+              help="Row bound of the packed layouts in the layout table (0: one pair per row; default: the budget).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG: length histograms, truncation curve, chosen-minus-rejected.")
-def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, ...], batch_size: int | None, max_tokens: int | None, seed: int,
-          min_completion_tokens: int, as_json: bool, plot: Path | None) -> None:
-    """Length percentiles, truncation at candidate max_length, padding efficiency, length bias, prompt sharing.
+def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, ...], batch_size: int | None,
+          max_tokens: int | None, seed: int, min_completion_tokens: int, max_row_tokens: int | None, as_json: bool,
+          plot: Path | None) -> None:
+    """Length percentiles, truncation, padding efficiency, tokens per pair per layout, length bias, prompt sharing.
 
     Truncation follows the loader's rule (completions cut first, down to --min-completion-tokens,
     then the prompt); padding efficiency comes from the loader's own batch planner, random versus
-    length-grouped, so these are the numbers training will see.
+    length-grouped, so these are the numbers training will see. The layout table gives the tokens the
+    model processes per pair with padded, packed and prefix-shared batches under the same budget.
 
     \b
     Examples:
@@ -477,15 +481,18 @@ def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, 
     max_lengths = tuple(dict.fromkeys(max_lengths + more_lengths))
     try:  # the loader's own option checks, so a bad combination is a usage error here, not a traceback
         for n in max_lengths or (None,):
-            check_options(batch_size=batch_size if max_tokens else (batch_size or 32), max_tokens=max_tokens,
-                          max_length=n, min_completion_tokens=min_completion_tokens)
+            for layout in ("padded", "packed", "prefix_shared"):
+                check_options(batch_size=batch_size if max_tokens else (batch_size or 32), max_tokens=max_tokens,
+                              max_length=n, min_completion_tokens=min_completion_tokens, layout=layout,
+                              max_row_tokens=None if layout == "padded" else max_row_tokens)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if plot is not None:  # fail before the statistics are computed
         import_optional("matplotlib", feature="--plot", extra="plot")
     ds = open_dataset(dataset)
     result = compute_stats(ds, max_lengths=list(max_lengths) or None, batch_size=batch_size,
-                           max_tokens=max_tokens, seed=seed, min_completion_tokens=min_completion_tokens)
+                           max_tokens=max_tokens, seed=seed, min_completion_tokens=min_completion_tokens,
+                           max_row_tokens=max_row_tokens)
     if plot is not None and len(ds):
         plot_stats(result, plot)
     if as_json:

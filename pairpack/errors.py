@@ -247,3 +247,8 @@ class DeviceError(PairpackError, RuntimeError):
 class ModelError(PairpackError, TypeError):
     """A model cannot be called as asked: a batch layout it cannot take (e.g. ``prefix_shared`` for a
     model that accepts no attention mask), or an output without logits."""
+
+
+class OversizeError(PairpackError, ValueError):
+    """A pair needs more tokens than the batch budget (``max_tokens``) or the row bound
+    (``max_row_tokens``) allows it alone."""

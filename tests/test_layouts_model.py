@@ -120,13 +120,14 @@ def test_every_layout_equals_padded(name: str, dtype: torch.dtype, pairs, row_ex
         dpo = DPO(policy, ref_model=ref, beta=BETA, reduction=reduction, attention="dense")
         want_mean = dpo(padded, ref_chosen_logp=want_ref[0], ref_rejected_logp=want_ref[1])
         for layout, batch in batches.items():
+            at = batch.indices.long()  # the pairs in the batch's order (the padded batch holds 0..B-1)
             got_pol = batch_logprobs(policy, batch, reduction=reduction, attention="dense")
             got_ref = batch_logprobs(ref, batch, reduction=reduction, attention="dense")
             for g, w in zip(got_pol + got_ref, want_pol + want_ref):
                 assert g.dtype == w.dtype
-                torch.testing.assert_close(g, w, **TOL[dtype])
+                torch.testing.assert_close(g, w[at], **TOL[dtype])
             got = dpo_loss(*got_pol, *got_ref, beta=BETA).losses
-            torch.testing.assert_close(got, want, **TOL[dtype])
+            torch.testing.assert_close(got, want[at], **TOL[dtype])
             got_mean = dpo(batch, ref_chosen_logp=got_ref[0], ref_rejected_logp=got_ref[1])
             torch.testing.assert_close(got_mean, want_mean, **TOL[dtype])
 

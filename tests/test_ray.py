@@ -200,6 +200,15 @@ def test_second_write_refused_without_force(tmp_path):
     _no_staging(tmp_path)
 
 
+def test_rows_per_task_bundles_blocks(tmp_path):
+    recs = _text_records(400, seed=7)
+    sink = pray.Datasink(tmp_path / "out", rows_per_task=200, sample=recs[:10])
+    _dataset(recs, blocks=8).write_datasink(sink)
+    assert [t["rows"] for t in sink.tasks] == [200, 200] and sink.report.shards == 2
+    build(recs, tmp_path / "one", workers=1)
+    assert _pairs(tmp_path / "out") == _pairs(tmp_path / "one")
+
+
 def test_unknown_option_named():
     with pytest.raises(TypeError, match="workers"):
         pray.Datasink("/nonexistent/x", workers=4)

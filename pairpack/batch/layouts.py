@@ -36,7 +36,8 @@ import torch
 from ..errors import DeviceError
 from ..format.spec import round_up
 from .options import PlanOptions
-from .triplets import TensorBatch
+from .packing import pack_rows
+from .triplets import TensorBatch, shards_of
 
 if TYPE_CHECKING:
     from .plan import BatchPlan
@@ -158,26 +159,18 @@ class PackedBatch(TensorBatch):
         return create_block_mask(self.mask_mod(), r, None, t, t, device=self.sequence_ids.device, **kwargs)
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + n)`` for each ``(s, n)`` (int64), vectorised."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    return np.arange(total, dtype=np.int64) - np.repeat(ends - lengths - starts, lengths)
-
-
 def build(plan: "BatchPlan", pad_id: int, options: PlanOptions) -> PackedBatch:
     """The :class:`PackedBatch` of ``plan`` (coordinates after truncation) in ``options.layout``.
 
-    Rows come from :func:`pairpack.batch.plan.pack_rows` over the pairs in plan order with
+    Rows come from :func:`pairpack.batch.packing.pack_rows` over the pairs in plan order with
     ``options.row_bound()`` (the planner packed the same way, so a planned batch fits its budget);
     raises :class:`~pairpack.batch.options.OversizeError` for a pair over the row bound.
-    """
-    from .plan import pack_rows
 
-    layout = options.layout
-    shared = layout == "prefix_shared"
+    Per token, a handful of whole-array passes: the source index and the position are
+    ``repeat(per-segment base, lengths) + arange``; the real tokens of the ``(R, T)`` arrays are
+    written in row-major order through one boolean mask (a plain slice when the batch is one row).
+    """
+    shared = options.layout == "prefix_shared"
     b = len(plan)
     i64 = np.int64
     p = np.asarray(plan.prompt_lengths, dtype=i64).reshape(-1)
@@ -185,101 +178,118 @@ def build(plan: "BatchPlan", pad_id: int, options: PlanOptions) -> PackedBatch:
     c, r = cl[0], cl[1]
     ps = np.asarray(plan.prompt_starts, dtype=i64).reshape(-1)
     cs = np.asarray(plan.completion_starts, dtype=i64).reshape(2, b)
-    need = (p + c + r) if shared else (2 * p + c + r)
+    zero = np.zeros(b, dtype=i64)
+    # segments, pair-major: shared (prompt, chosen, rejected); packed (prompt, chosen, prompt, rejected)
+    if shared:
+        k = 3
+        src0 = np.stack([ps, cs[0], cs[1]], 1).reshape(-1)
+        ln = np.stack([p, c, r], 1).reshape(-1)
+        pos0 = np.stack([zero, p, p], 1).reshape(-1)
+        seg_seq = np.repeat(np.arange(b, dtype=np.int32), 3)
+        seg_part = np.tile(_SHARED_PARTS, b)
+        seqlen = p + c + r
+        need = seqlen
+    else:
+        k = 4
+        src0 = np.stack([ps, cs[0], ps, cs[1]], 1).reshape(-1)
+        ln = np.stack([p, c, p, r], 1).reshape(-1)
+        pos0 = np.stack([zero, p, zero, p], 1).reshape(-1)
+        seg_seq = np.repeat(np.arange(2 * b, dtype=np.int32), 2)
+        seg_part = np.tile(_PACKED_PARTS, b)
+        seqlen = np.stack([p + c, p + r], 1).reshape(-1)
+        need = 2 * p + c + r
     rows = pack_rows(need, options.row_bound())
     nrows = len(rows) - 1
     csum = np.concatenate([[0], np.cumsum(need)])
-    row_of = np.repeat(np.arange(nrows, dtype=i64), np.diff(rows))
-    t = int(round_up(int((csum[rows[1:]] - csum[rows[:-1]]).max()) if b else 0, options.pad_to_multiple_of))
-    base = row_of * t + (csum[:-1] - csum[rows[:-1]][row_of])  # flat offset of each pair's first token
+    row_len = csum[rows[1:]] - csum[rows[:-1]]
+    total = int(csum[-1])
+    t = int(round_up(int(row_len.max()) if b else 0, options.pad_to_multiple_of))
 
-    # segments, pair-major: packed (prompt, chosen, prompt, rejected); shared (prompt, chosen, rejected)
-    k = 3 if shared else 4
-    pair_seg = np.repeat(np.arange(b, dtype=i64), k)
-    if shared:
-        src = np.stack([ps, cs[0], cs[1]], 1)
-        ln = np.stack([p, c, r], 1)
-        part = np.array([PROMPT, CHOSEN, REJECTED], dtype=np.int8)
-        pos0 = np.stack([np.zeros(b, i64), p, p], 1)
-        seq = np.repeat(np.arange(b, dtype=np.int32), 3)
+    ends = np.cumsum(ln)
+    start = ends - ln  # each segment's first token in the flat real-token order
+    ar = np.arange(total, dtype=i64)
+    src = np.repeat(src0 - start, ln) + ar
+    flat_ids = _gather(plan, src, k, ln).astype(i64, copy=False)  # widened once: masked writes then do not cast
+    flat_pos = np.repeat(pos0 - start, ln) + ar
+
+    ids = np.full((nrows, t), pad_id, dtype=i64)
+    posn = np.zeros((nrows, t), dtype=i64)
+    seq_ids = np.full((nrows, t), -1, dtype=np.int32)
+    parts = np.full((nrows, t), PAD, dtype=np.int8)
+    if nrows == 1:
+        real = (slice(0, 1), slice(0, total))
+        am = np.zeros((1, t), dtype=bool)
+        am[real] = True
     else:
-        src = np.stack([ps, cs[0], ps, cs[1]], 1)
-        ln = np.stack([p, c, p, r], 1)
-        part = np.array([PROMPT, CHOSEN, PROMPT, REJECTED], dtype=np.int8)
-        pos0 = np.stack([np.zeros(b, i64), p, np.zeros(b, i64), p], 1)
-        seq = (2 * np.arange(b, dtype=np.int32)[:, None] + np.array([0, 0, 1, 1], dtype=np.int32)).reshape(-1)
-    ln = ln.reshape(-1)
-    dst0 = (base[:, None] + np.concatenate([np.zeros((b, 1), i64), np.cumsum(ln.reshape(b, k), 1)[:, :-1]], 1))
-    dst0 = dst0.reshape(-1)
-    dst = _ranges(dst0, ln)
+        am = np.arange(t, dtype=i64)[None, :] < row_len[:, None]
+        real = am  # type: ignore[assignment]
+    ids[real] = flat_ids
+    posn[real] = flat_pos
+    seq_ids[real] = np.repeat(seg_seq, ln)
+    parts[real] = np.repeat(seg_part, ln)
 
-    ids = np.full(nrows * t, pad_id, dtype=i64)
-    _gather(plan, ids, dst, src.reshape(-1), ln, pair_seg)
-    posn = np.zeros(nrows * t, dtype=i64)
-    posn[dst] = _ranges(pos0.reshape(-1), ln)
-    seq_ids = np.full(nrows * t, -1, dtype=np.int32)
-    seq_ids[dst] = np.repeat(seq, ln)
-    parts = np.full(nrows * t, PAD, dtype=np.int8)
-    parts[dst] = np.repeat(np.tile(part, b), ln)
-
-    # sequences, in row-major order of their tokens (pairs are laid out in order)
+    # scoring map: the logit before each completion token (flat real order, then (row, column));
+    # shared: the first rejected token is predicted by the last prompt position
+    comp = np.arange(b, dtype=i64)[:, None] * k + _COMPLETION_SLOTS[k][None, :]  # (B, 2) chosen, rejected
+    comp = comp.reshape(-1)
+    clen = ln[comp]
+    cstart = start[comp]
+    off = np.cumsum(clen) - clen
+    nsc = int(clen.sum())
+    car = np.arange(nsc, dtype=i64)
+    tok_flat = np.repeat(cstart - off, clen) + car
+    logit_flat = tok_flat - 1
     if shared:
-        seqlen = p + c + r
-        spair = np.arange(b, dtype=i64)
-        sside = np.full(b, -1, dtype=np.int8)
-        span = np.stack([p, p + c + r], 1)
+        first = off[1::2][r > 0]
+        logit_flat[first] = (start[0::3] + p - 1)[r > 0]
+    pair_of = np.repeat(np.arange(b, dtype=i64), 2)
+    row_of_pair = np.repeat(np.arange(nrows, dtype=i64), np.diff(rows))
+    row_base = csum[rows[:-1]][row_of_pair]  # (B,) flat index of each pair's row start
+    sc_pair = np.repeat(pair_of, clen)
+    sc_row = row_of_pair[sc_pair]
+    score_index = np.stack([sc_row, logit_flat - row_base[sc_pair]])
+
+    cu = np.concatenate([[0], np.cumsum(seqlen)]).astype(np.int32)
+    if shared:
+        spair, sside, span = np.arange(b, dtype=i64), np.full(b, -1, dtype=np.int8), np.stack([p, seqlen], 1)
     else:
-        seqlen = np.stack([p + c, p + r], 1).reshape(-1)
-        spair = np.repeat(np.arange(b, dtype=i64), 2)
+        spair = pair_of
         sside = np.tile(np.array([0, 1], dtype=np.int8), b)
         span = np.stack([np.repeat(p, 2), seqlen], 1)
-    cu = np.concatenate([[0], np.cumsum(seqlen)]).astype(np.int32)
-
-    # scoring map: the logit before each completion token; shared rejected starts at the last prompt position
-    comp = np.flatnonzero(part != PROMPT)  # segment slots of chosen, rejected within a pair
-    cseg = (np.arange(b, dtype=i64)[:, None] * k + comp[None, :]).reshape(-1)  # (2B,) pair-major
-    clen = ln[cseg]
-    flat_logit = _ranges(dst0[cseg] - 1, clen)
-    if shared:  # the first rejected token is predicted by the last prompt position, not the last chosen
-        off = np.concatenate([[0], np.cumsum(clen)[:-1]])[1::2]
-        has = r > 0
-        flat_logit[off[has]] = (dst0[0::3] + p - 1)[has]
-    labels = ids[_ranges(dst0[cseg], clen)]
-    side = np.tile(np.array([0, 1], dtype=np.int8), b)
     f = torch.from_numpy
-    tensors = dict(
-        input_ids=f(ids.reshape(nrows, t)), position_ids=f(posn.reshape(nrows, t)),
-        attention_mask=f((seq_ids >= 0).reshape(nrows, t)), sequence_ids=f(seq_ids.reshape(nrows, t)),
-        token_part=f(parts.reshape(nrows, t)), cu_seqlens=f(cu),
-        sequence_pair=f(spair), sequence_side=f(sside), completion_span=f(np.ascontiguousarray(span, dtype=i64)),
-        score_index=f(np.stack([flat_logit // max(t, 1), flat_logit % max(t, 1)])), score_labels=f(labels),
-        score_pair=f(np.repeat(np.repeat(np.arange(b, dtype=i64), 2), clen)),
-        score_side=f(np.repeat(side, clen)),
+    return PackedBatch(
+        layout=options.layout, input_ids=f(ids), position_ids=f(posn), attention_mask=f(am),
+        sequence_ids=f(seq_ids), token_part=f(parts), cu_seqlens=f(cu),
+        max_seqlen=int(seqlen.max()) if b else 0, sequence_pair=f(spair), sequence_side=f(sside),
+        completion_span=f(np.ascontiguousarray(span, dtype=i64)), score_index=f(score_index),
+        score_labels=f(flat_ids[tok_flat].astype(i64, copy=False)), score_pair=f(sc_pair),
+        score_side=f(np.repeat(np.tile(np.array([0, 1], dtype=np.int8), b), clen)),
         indices=f(np.arange(b, dtype=i64) if plan.indices is None else np.asarray(plan.indices, dtype=i64)),
-        prompt_lengths=f(p.copy()), chosen_lengths=f(c.copy()), rejected_lengths=f(r.copy()))
-    cols = {name: f(np.ascontiguousarray(v)) for name, v in (plan.columns or {}).items()}
-    return PackedBatch(layout=layout, max_seqlen=int(seqlen.max()) if b else 0, columns=cols, **tensors)
+        prompt_lengths=f(p.copy()), chosen_lengths=f(c.copy()), rejected_lengths=f(r.copy()),
+        columns={name: f(np.ascontiguousarray(v)) for name, v in (plan.columns or {}).items()})
 
 
-def _gather(plan: "BatchPlan", out: np.ndarray, dst: np.ndarray, src_start: np.ndarray, ln: np.ndarray,
-            pair_seg: np.ndarray) -> None:
-    """``out[dst] = tokens[src]`` for the segments ``(src_start, ln)``, one fancy-index gather per
-    token array (shard) the batch touches."""
+_SHARED_PARTS = np.array([PROMPT, CHOSEN, REJECTED], dtype=np.int8)
+_PACKED_PARTS = np.array([PROMPT, CHOSEN, PROMPT, REJECTED], dtype=np.int8)
+_COMPLETION_SLOTS = {3: np.array([1, 2]), 4: np.array([1, 3])}
+
+
+def _gather(plan: "BatchPlan", src: np.ndarray, k: int, ln: np.ndarray) -> np.ndarray:
+    """The tokens at ``src`` (positions in each pair's token array; ``k`` segments of lengths ``ln``
+    per pair), one fancy-index gather per token array (shard) the batch touches; storage dtype."""
     tokens = plan.tokens
     if not len(tokens):
-        return
-    src = _ranges(src_start, ln)
+        return np.zeros(0, dtype=np.int64)
     if plan.shards is not None:
         shards, shard_of = plan.shards, plan.shard_of
     else:
-        from .triplets import shards_of
-
         shards, shard_of = shards_of(tokens)
     if shard_of is None or len(shards) == 1:
-        out[dst] = shards[0][src]
-        return
-    tok_shard = np.repeat(np.asarray(shard_of)[pair_seg], ln)
+        return shards[0][src]
+    out = np.empty(len(src), dtype=shards[0].dtype)
+    tok_shard = np.repeat(np.repeat(np.asarray(shard_of), k), ln)
     for s, arr in enumerate(shards):
         sel = tok_shard == s
         if sel.any():
-            out[dst[sel]] = arr[src[sel]]
+            out[sel] = arr[src[sel]]
+    return out

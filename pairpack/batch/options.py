@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ArgumentError, PairpackError
+from ..errors import ArgumentError, OversizeError
 from ..format.spec import round_up
 
 __all__ = ["TRUNCATION_MODES", "OVERSIZE_MODES", "LAYOUTS", "Truncation", "PlanOptions", "OversizeError",
@@ -28,10 +28,6 @@ __all__ = ["TRUNCATION_MODES", "OVERSIZE_MODES", "LAYOUTS", "Truncation", "PlanO
 TRUNCATION_MODES = ("keep_end", "keep_start")
 OVERSIZE_MODES = ("truncate", "skip", "error")
 LAYOUTS = ("padded", "packed", "prefix_shared")
-
-
-class OversizeError(PairpackError, ValueError):
-    """A pair needs more tokens than the budget (``max_tokens``/``max_row_tokens``) allows alone."""
 
 
 def _int_or_none(name: str, v: Any, lo: int) -> None:

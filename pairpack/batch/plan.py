@@ -22,6 +22,7 @@ from ..errors import ArgumentError
 from ..format.spec import round_up
 from ..read.dataset import Pair
 from .options import NO_TRUNCATION, OVERSIZE_MODES, TRUNCATION_MODES, OversizeError, PlanOptions, Truncation, options_from
+from .packing import first_fit_order, pack_rows
 from .sampling import equalize
 
 if TYPE_CHECKING:  # torch is imported only where a batch is assembled
@@ -191,36 +192,6 @@ def _greedy_bounds(cost_len: np.ndarray, max_tokens: int, rows: int = 2) -> np.n
     return np.asarray(bounds, dtype=np.int64)
 
 
-def pack_rows(need: np.ndarray, cap: int | None) -> np.ndarray:
-    """Row boundaries (int64 ``(R + 1,)``) of the units ``need`` (tokens each, in order) packed
-    next-fit into rows of at most ``cap`` tokens (None: one row; 0: one unit per row).
-
-    Next-fit over a fixed order is the fewest rows any order-keeping split can use, and a row
-    boundary restarts it, so the planner and the batch builder (which re-packs one batch) agree.
-    One ``searchsorted`` per row.
-    """
-    n = len(need)
-    if n == 0:
-        return np.zeros(1, dtype=np.int64)
-    if cap is None:
-        return np.array([0, n], dtype=np.int64)
-    if cap == 0:
-        return np.arange(n + 1, dtype=np.int64)
-    csum = np.concatenate([[0], np.cumsum(need)])
-    if int(need.max()) > cap:
-        j = int(np.argmax(need > cap))
-        raise OversizeError(f"pair at position {j} needs {int(need[j])} tokens > the row bound of {cap}")
-    if int(csum[-1]) <= cap:
-        return np.array([0, n], dtype=np.int64)
-    bounds = [0]
-    i = 0
-    ss = csum.searchsorted
-    while i < n:
-        i = int(ss(csum[i] + cap, side="right")) - 1
-        bounds.append(i)
-    return np.asarray(bounds, dtype=np.int64)
-
-
 def _split_to_multiple(bounds: np.ndarray, world_size: int) -> np.ndarray:
     """Split the largest batches in two until the batch count divides ``world_size`` (when possible).
 
@@ -241,22 +212,29 @@ def _split_to_multiple(bounds: np.ndarray, world_size: int) -> np.ndarray:
 
 
 def _budget_bounds(lengths: np.ndarray, seq: np.ndarray, opts: PlanOptions, trunc: Truncation,
-                   world_size: int) -> np.ndarray:
+                   world_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pair boundaries of the batches of ``seq`` under ``opts.max_tokens``, split to a multiple of
-    ``world_size`` where possible. Packed layouts: pairs go next-fit into rows (:func:`pack_rows`),
+    ``world_size`` where possible, and ``seq`` (reordered when rows are bounded). Packed layouts:
+    pairs go into rows next-fit (:func:`pack_rows`), or first-fit over a few open rows when
+    ``max_row_tokens`` bounds them (:func:`first_fit_order`),
     rows into batches of ``R * T <= max_tokens``; a batch is split at a row boundary (or, one row
     left, between pairs), so no split ever raises a batch's rows or row length."""
     assert opts.max_tokens is not None  # internal invariant: check_plan requires one of the two
     m = opts.pad_to_multiple_of
     if not opts.packed:
         cost = round_up(trunc.row_lengths(lengths[:, seq]), m)
-        return _split_to_multiple(_greedy_bounds(cost, opts.max_tokens), world_size)
+        return seq, _split_to_multiple(_greedy_bounds(cost, opts.max_tokens), world_size)
     need = pair_need(lengths[:, seq], opts, trunc)
-    rows = pack_rows(need, opts.row_bound())
+    bound = opts.row_bound()
+    if opts.max_row_tokens and len(seq):  # bounded rows: first-fit tops them up (reordering seq)
+        perm, rows = first_fit_order(need, bound)
+        seq, need = seq[perm], need[perm]
+    else:
+        rows = pack_rows(need, bound)
     csum = np.concatenate([[0], np.cumsum(need)])
     row_len = round_up(csum[rows[1:]] - csum[rows[:-1]], m)
     per_batch = _split_to_multiple(_greedy_bounds(row_len, opts.max_tokens, rows=1), world_size)
-    return _split_to_multiple(rows[per_batch], world_size)
+    return seq, _split_to_multiple(rows[per_batch], world_size)
 
 
 def _global_plan(lengths: np.ndarray, order: np.ndarray, opts: PlanOptions, trunc: Truncation,
@@ -298,7 +276,7 @@ def _global_plan(lengths: np.ndarray, order: np.ndarray, opts: PlanOptions, trun
             mean = float(trunc.row_lengths(lengths[:, seq[:4096]]).mean())
             window = DEFAULT_GROUP_BATCHES * w * max(1, int(opts.max_tokens // (2 * max(mean, 1.0))))
         seq = _group(seq, trunc.row_lengths(lengths[:, seq]), window)
-    bounds = _budget_bounds(lengths, seq, opts, trunc, w)
+    seq, bounds = _budget_bounds(lengths, seq, opts, trunc, w)
     starts, ends = bounds[:-1], bounds[1:]
     nb = len(starts)
     if nb % w:  # fewer pairs than ranks: trim, or repeat batches from the start (DistributedSampler)

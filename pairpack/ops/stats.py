@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..batch.options import Truncation
-from ..batch.plan import padding_ceiling, padding_efficiency
+from ..batch.options import LAYOUTS as LAYOUT_NAMES
+from ..batch.plan import padding_ceiling, padding_efficiency, tokens_processed
 from ..errors import import_optional
 from ..tables import text_table
 
@@ -192,6 +193,43 @@ def padding_row(ds: Any, max_length: int | None, *, batch_size: int | None, max_
     return out
 
 
+def layout_rows(ds: Any, max_length: int | None, *, batch_size: int | None, max_tokens: int | None,
+                seed: int = 0, min_completion_tokens: int = 1, max_row_tokens: int | None = None) -> dict[str, Any]:
+    """Tokens the model processes per pair in each layout (padded, packed, prefix_shared) for epoch 0
+    of a one-rank :class:`~pairpack.Loader` with these options, random and length-grouped order
+    (:func:`pairpack.batch.plan.tokens_processed` over the planner's batches, padding included),
+    the fill (real / processed tokens), and the saving of each layout over grouped padded batches.
+    ``ideal`` is the mean ``P + C + R`` after truncation (what prefix sharing needs without padding).
+    """
+    from ..batch.loader import Loader
+
+    lengths = np.asarray(ds.lengths, dtype=np.int64)
+    out: dict[str, Any] = {"max_length": max_length, "max_row_tokens": max_row_tokens, "layouts": {}}
+    for layout in LAYOUT_NAMES:
+        row: dict[str, Any] = {}
+        for name, grouped in (("random", False), ("grouped", True)):
+            ld = Loader(ds, batch_size=batch_size, max_tokens=max_tokens, seed=seed, group_by_length=grouped,
+                        max_length=max_length, min_completion_tokens=min_completion_tokens, layout=layout,
+                        max_row_tokens=None if layout == "padded" else max_row_tokens, rank=0, world_size=1)
+            batches = ld.batches()
+            pairs = int(sum(len(b) for b in batches))
+            done = tokens_processed(lengths, batches, ld.options, ld.effective_truncation)
+            row[name] = done / max(pairs, 1)
+            if grouped:
+                row["fill"] = float(padding_efficiency(lengths, batches, options=ld.options,
+                                                       truncation=ld.effective_truncation))
+                row["pairs"] = pairs
+                if layout == "padded":
+                    used = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+                    p, c, r = ld.effective_truncation.lengths(lengths[:, used])
+                    out["ideal"] = float((p + c + r).mean()) if used.size else 0.0
+        out["layouts"][layout] = row
+    base = out["layouts"]["padded"]["grouped"]
+    for row in out["layouts"].values():
+        row["saving"] = base / row["grouped"] if row["grouped"] else 1.0
+    return out
+
+
 def _delta_summary(lengths: np.ndarray, bins: int = 17) -> dict[str, Any]:
     """Chosen-minus-rejected length ``d = C - R`` (tokens): shares longer/equal/shorter, mean,
     percentiles, and a histogram of about ``bins`` bins over a range symmetric around 0 (``d`` clipped
@@ -280,6 +318,7 @@ class DatasetStats:
     truncation: list[dict[str, Any]]
     padding: list[dict[str, Any]]
     batching: dict[str, Any]
+    layouts: dict[str, Any]
     delta: dict[str, Any]
     sharing: dict[str, Any]
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -294,7 +333,7 @@ class DatasetStats:
 
 def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_size: int | None = None,
                   max_tokens: int | None = None, seed: int = 0, min_completion_tokens: int = 1,
-                  padding: bool = True) -> DatasetStats:
+                  padding: bool = True, max_row_tokens: int | None = None) -> DatasetStats:
     """Compute the ``pairpack stats`` report for an open :class:`~pairpack.Dataset`.
 
     Args:
@@ -304,7 +343,9 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
         batch_size / max_tokens: how the loader would batch (per rank); default ``batch_size=32``.
         seed: the loader seed whose epoch-0 order is used for random batching.
         min_completion_tokens: the loader's floor when cutting completions (default 1).
-        padding: False skips the padding section.
+        padding: False skips the padding and layout sections.
+        max_row_tokens: the row bound of the packed layouts in the layout section (None: a batch
+            may be one row; 0: one pair per row).
     """
     if batch_size is None and max_tokens is None:
         batch_size = DEFAULT_BATCH_SIZE
@@ -317,7 +358,10 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
     suggestion = suggest_max_length(pair)
     trunc = [_truncation_row(ln, lcp, L, min_completion_tokens=min_completion_tokens) for L in cands]
     pad_rows: list[dict[str, Any]] = []
+    lay: dict[str, Any] = {}
     if padding and len(ds):
+        lay = layout_rows(ds, None, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
+                          min_completion_tokens=min_completion_tokens, max_row_tokens=max_row_tokens)
         pad_lengths = [None] + (list(cands) if max_lengths else [suggestion])
         pad_rows = [padding_row(ds, L, batch_size=batch_size, max_tokens=max_tokens, seed=seed,
                                 min_completion_tokens=min_completion_tokens) for L in pad_lengths]
@@ -325,7 +369,7 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
         path=str(ds.path), num_pairs=len(ds), min_completion_tokens=min_completion_tokens,
         lengths={k: _length_summary(v) for k, v in rows.items()},
         identical_before=int(((c == r) & (lcp >= c)).sum()),
-        suggested_max_length=suggestion, truncation=trunc, padding=pad_rows,
+        suggested_max_length=suggestion, truncation=trunc, padding=pad_rows, layouts=lay,
         batching={"batch_size": batch_size, "max_tokens": max_tokens, "seed": seed, "epoch": 0},
         delta=_delta_summary(ln), sharing=_sharing_summary(key, p),
         _arrays={"lengths": ln, "lcp": lcp},
@@ -384,6 +428,20 @@ def _render(s: DatasetStats) -> str:
                          f"{100 * pr['grouped'] / pr['ceiling']:.1f}%",
                          f"{pr['random_batches']:,} / {pr['grouped_batches']:,}"])
         out += _table(rows) + [""]
+
+    if s.layouts:
+        lay = s.layouts
+        bound = lay["max_row_tokens"]
+        rows_txt = "rows up to the budget" if bound is None else ("one pair per row" if bound == 0 else
+                                                                  f"rows of at most {bound:,} tokens")
+        out.append(f"layouts (tokens the model processes per pair, padding included; {how}, {rows_txt}; "
+                   f"mean P+C+R {lay['ideal']:,.1f})")
+        rows = [["layout", "random", "grouped", "fill (grouped)", "saving vs grouped padded", "x mean P+C+R"]]
+        for name, row in lay["layouts"].items():
+            rows.append([name.replace("_", " "), f"{row['random']:,.1f}", f"{row['grouped']:,.1f}",
+                         f"{100 * row['fill']:.1f}%", f"{row['saving']:.2f}x",
+                         f"{row['grouped'] / lay['ideal']:.2f}" if lay["ideal"] else "-"])
+        out += _table(rows, "lrrrrr") + [""]
 
     d = s.delta
     out.append("chosen - rejected length (tokens; a systematic gap is a known source of length bias)")
