@@ -21,6 +21,7 @@ __all__ = [
     "StateError",
     "DeviceError",
     "ModelError",
+    "LossConfigError",
 ]
 
 
@@ -126,3 +127,9 @@ class DeviceError(PairpackError, RuntimeError):
 class ModelError(PairpackError, TypeError):
     """A model cannot be called as asked: a batch layout it cannot take (e.g. ``prefix_shared`` for a
     model that accepts no attention mask), or an output without logits."""
+
+
+class LossConfigError(PairpackError, ValueError):
+    """A preference-loss configuration is invalid: an unknown loss type, a bad ``beta``, ``gamma``,
+    ``label_smoothing`` or ``loss_weights``, or inputs a loss type needs but did not get (reference
+    log-probs, token counts)."""
