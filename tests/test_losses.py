@@ -1,4 +1,4 @@
-"""Tests for pairpack.losses: every loss type against hand-computed values, its constant at
+"""Tests for pairpack.train.losses: every loss type against hand-computed values, its constant at
 policy = reference, weighted mixes, reference-free training, WPO weights, and argument errors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pairpack.dpo import DPO, sequence_logprobs, wpo_weights
 from pairpack.errors import LossConfigError, PairpackError
-from pairpack.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, loss_config
+from pairpack.train.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, loss_config
 from tests.test_dpo import FAST, VOCAB, TinyCausalLM, make_batch, pairs_st, perturbed
 
 # The vector of ../shared/notes/dpo.md §2.3 (float64): h = [1.5, -1.0], dc = [1, -0.5], dr = [-0.5, 0.5].

@@ -44,7 +44,8 @@ from ..tokenization import (
     tokenizer_from_manifest,
 )
 from ..write.writer import Writer, check_ids
-from .shapes import HH_MARKER, FieldSpec, ShapeOptions, detect_shape, make_extractor
+from .multi import SCORE_COLUMNS, MultiOptions, MultiSpec, PairRule, extract_multi, is_multi
+from .shapes import HH_MARKER, FieldSpec, PromptTemplate, ShapeOptions, detect_shape, make_extractor
 from .sources import (
     Block,
     JsonlSource,
@@ -86,6 +87,12 @@ class BuildReport:
     part: str | None = None
     skipped: bool = False
     tasks: int = 0  # Ray write tasks (pairpack.ray); 0 for a build
+    pair_rule: str | None = None  # multi-completion input: the rule that made the pairs
+    ties: int = 0  # candidate pairs skipped for equal scores
+    below_margin: int = 0  # candidate pairs skipped for a score gap under the margin
+    records_without_pairs: int = 0
+    completion_tokens_shared: int = 0  # completion tokens not stored again thanks to sharing
+    max_gap: float = 0.0  # the largest score gap within any record (for the no-pair error)
 
     def summary(self) -> str:
         """A short multi-line human summary."""
@@ -100,6 +107,15 @@ class BuildReport:
             f"  unique prompts   {self.unique_prompts:,}",
             f"  tokens stored    {self.tokens:,} ({self.prompt_tokens_saved:,} prompt tokens saved by de-duplication)",
             f"  dataset size     {self.dataset_bytes / 1e6:,.2f} MB",
+        ]
+        if self.pair_rule:
+            lines += [
+                f"  pairs by rule    {self.pair_rule}: {self.ties:,} tied pair(s) skipped"
+                + (f", {self.below_margin:,} under the margin" if self.below_margin else "")
+                + f", {self.records_without_pairs:,} record(s) gave no pair",
+                f"  shared           {self.completion_tokens_shared:,} completion tokens stored once for several pairs",
+            ]
+        lines += [
             f"  identical pairs  {self.identical:,}" + (f" ({self.identical_dropped:,} dropped)" if self.identical_dropped else " (kept; --drop-identical drops them)" if self.identical else ""),
             f"  rejected records {sum(self.rejected.values()):,}" + (
                 " (" + ", ".join(f"{k}: {v:,}" for k, v in sorted(self.rejected.items())) + ")" if self.rejected else ""),
@@ -163,6 +179,7 @@ class _Job:
     bos: int | None  # prepended to prompts when not already first (None: never)
     eos: int | None  # appended to completions when not already last (None: never)
     drop_identical: bool
+    multi: MultiOptions | None = None  # multi-completion records (pairs made by a rule)
 
 
 @dataclass
@@ -180,6 +197,23 @@ class BlockResult:
     identical: int = 0
     identical_dropped: int = 0
     records: int = 0
+    groups: list[Group] | None = None  # multi-completion input: pairs per record, tokens not in ``tokens``
+    ties: int = 0
+    below_margin: int = 0
+    records_without_pairs: int = 0
+    max_gap: float = 0.0  # the largest score gap among the block's candidate pairs
+
+
+@dataclass
+class Group:
+    """One multi-completion record's pairs: its prompt ids, distinct completion ids (int64), the
+    ``(chosen, rejected)`` indices of each pair and the pair's scores."""
+
+    prompt: np.ndarray
+    completions: list[np.ndarray]
+    pairs: list[tuple[int, int]]
+    score_chosen: list[float]
+    score_rejected: list[float]
 
 
 def _seg_ids(seg: Any, name: str, job: _Job) -> list[int]:
@@ -200,6 +234,8 @@ def _seg_ids(seg: Any, name: str, job: _Job) -> list[int]:
 def process_block(job: _Job, extractor: Callable[[Any], tuple], block: Block) -> BlockResult:
     """Parse, shape, tokenize and check one block. Pure: the result depends on ``job`` and the
     block only (never on which process runs it)."""
+    if job.multi is not None:
+        return _process_multi(job, block_records(block), block.path)
     if _plain_ids(job):
         return _process_ids_fast(job, extractor, block)
     return _process_records(job, extractor, block_records(block), block.path)
@@ -209,7 +245,7 @@ def _plain_ids(job: _Job) -> bool:
     """Pre-tokenized ``fields`` records under plain (undotted) names, no BOS/EOS to add: the
     inputs :func:`_process_ids_fast` (and its C reader) take."""
     spec = job.opts.spec
-    return (job.mode == "ids" and job.opts.shape == "fields" and job.bos is None and job.eos is None
+    return (job.multi is None and job.mode == "ids" and job.opts.shape == "fields" and job.bos is None and job.eos is None
             and not any("." in n for n in (spec.prompt, spec.chosen, spec.rejected)))
 
 
@@ -285,13 +321,16 @@ def _scan_native(nat: Any, job: _Job, block: Block, names: tuple[str, str, str])
     return BlockResult(block.path, tokens[:ntok].copy(), lengths[:, :npairs].copy(), [], identical, dropped, nrec)
 
 
-def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any, path: str) -> BlockResult:
-    """The general path of :func:`process_block` over an iterable of RawRecords."""
-    spec = job.opts.spec
-    names = (spec.prompt, spec.chosen, spec.rejected)
-    errors: list[tuple[int, str | None, str, str, str]] = []
-    segs: list[tuple[Any, Any, Any]] = []
-    recs = []
+def _check_mode(job: _Job, text: bool) -> None:
+    if text != (job.mode == "text"):
+        raise SourceError(f"record has {'text' if job.mode == 'ids' else 'token ids'} but this build reads "
+                          f"{job.mode} (fixed by the first records of the input)", reason="mixed_types")
+
+
+def _valid_records(records: Any, shaped: Callable[[Any], tuple], errors: list) -> tuple[list[tuple[Any, tuple]], int]:
+    """``([(record, shaped(record.data)), ...], records seen)``; unparsable records and those
+    ``shaped`` refuses (SourceError) go to ``errors`` as ``(line, field, reason, message, text)``."""
+    out = []
     nrec = 0
     for rec in records:
         nrec += 1
@@ -299,18 +338,29 @@ def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any,
             errors.append((rec.line, None, rec.error.reason, rec.error.detail, record_text(rec)))
             continue
         try:
-            s = extractor(rec.data)
-            kinds = {isinstance(x, str) for x in s}
-            if len(kinds) != 1:
-                raise SourceError("mixes text and token ids between prompt/chosen/rejected", reason="mixed_types")
-            if kinds.pop() != (job.mode == "text"):
-                raise SourceError(f"record has {'text' if job.mode == 'ids' else 'token ids'} but this build reads "
-                                  f"{job.mode} (fixed by the first records of the input)", reason="mixed_types")
+            out.append((rec, shaped(rec.data)))
         except SourceError as e:
             errors.append((rec.line, e.field, e.reason, e.detail, record_text(rec)))
-            continue
-        segs.append(s)
-        recs.append(rec)
+    return out, nrec
+
+
+def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any, path: str) -> BlockResult:
+    """The general path of :func:`process_block` over an iterable of RawRecords."""
+    spec = job.opts.spec
+    names = (spec.prompt, spec.chosen, spec.rejected)
+    errors: list[tuple[int, str | None, str, str, str]] = []
+
+    def shaped(data: Any) -> tuple:
+        s = extractor(data)
+        kinds = {isinstance(x, str) for x in s}
+        if len(kinds) != 1:
+            raise SourceError("mixes text and token ids between prompt/chosen/rejected", reason="mixed_types")
+        _check_mode(job, kinds.pop())
+        return s
+
+    valid, nrec = _valid_records(records, shaped, errors)
+    recs = [r for r, _ in valid]
+    segs = [s for _, s in valid]
     ids: list[list[list[int]]] | None = None
     if job.mode == "text" and segs:
         texts = [t for s in segs for t in s]
@@ -382,6 +432,78 @@ def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any,
     errors.sort(key=lambda e: e[0])
     lengths = np.asarray(lens, dtype=np.int64).reshape(-1, 3).T.copy()
     return BlockResult(path, tokens.astype(np.uint32), lengths, errors, identical, dropped, nrec)
+
+
+def _process_multi(job: _Job, records: Any, path: str) -> BlockResult:
+    """The block's multi-completion records as :class:`Group` s (see :mod:`pairpack.ingest.multi`)."""
+    assert job.multi is not None  # internal invariant: process_block dispatches here only then
+    spec, rule = job.multi.spec, job.multi.rule
+    tmpl = PromptTemplate(job.multi.prompt_template) if job.multi.prompt_template else None
+    errors: list[tuple[int, str | None, str, str, str]] = []
+
+    def shaped(data: Any) -> tuple:
+        got = extract_multi(data, spec, tmpl.render(data) if tmpl else None)
+        _check_mode(job, isinstance(got[0], str))
+        return got
+
+    valid, nrec = _valid_records(records, shaped, errors)
+    items = [(rec, *got) for rec, got in valid]
+    encoded: list[Any] | None = None
+    if job.mode == "text" and items:
+        try:  # one tokenizer call for the block; a failure is located record by record below
+            encoded = job.tokenizer.encode_batch([t for _, p, c, _ in items for t in [p, *c]])
+        except Exception:  # noqa: BLE001 - the Rust tokenizer raises plain exceptions
+            encoded = None
+    out = BlockResult(path, np.zeros(0, np.uint32), np.zeros((3, 0), np.int64), errors, records=nrec, groups=[])
+    at = 0
+    comp_field = spec.completions
+    for rec, p, comps, scores in items:
+        segs = [p, *comps]
+        names = ["prompt"] + [f"{comp_field}.{i}" for i in range(len(comps))]
+        first, at = at, at + len(segs)
+        try:
+            if encoded is not None:
+                ids = [check_ids(x, f, job.limit) for x, f in zip(encoded[first:at], names)]
+            else:
+                ids = [np.asarray(_seg_ids(x, f, job), dtype=np.int64) for x, f in zip(segs, names)]
+        except SourceError as e:
+            errors.append((rec.line, e.field, e.reason, e.detail, record_text(rec)))
+            continue
+        prompt = ids[0]
+        if job.bos is not None and prompt[0] != job.bos:
+            prompt = np.concatenate([[job.bos], prompt])
+        distinct: dict[bytes, int] = {}
+        stored: list[np.ndarray] = []
+        index = []  # completion -> its distinct completion
+        for c in ids[1:]:
+            if job.eos is not None and c[-1] != job.eos:
+                c = np.concatenate([c, [job.eos]])
+            key = c.tobytes()
+            if key not in distinct:
+                distinct[key] = len(stored)
+                stored.append(c)
+            index.append(distinct[key])
+        pairs, ties, below = rule.pairs(scores)
+        out.ties += ties
+        out.below_margin += below
+        if len(scores) > 1:
+            out.max_gap = max(out.max_gap, max(scores) - min(scores))
+        group = Group(prompt, stored, [], [], [])
+        for ci, ri in pairs:
+            if index[ci] == index[ri]:
+                out.identical += 1
+                if job.drop_identical:
+                    out.identical_dropped += 1
+                    continue
+            group.pairs.append((index[ci], index[ri]))
+            group.score_chosen.append(scores[ci])
+            group.score_rejected.append(scores[ri])
+        if group.pairs:
+            out.groups.append(group)  # type: ignore[union-attr]
+        else:
+            out.records_without_pairs += 1
+    errors.sort(key=lambda e: e[0])
+    return out
 
 
 _WORKER: tuple[_Job, Callable[[Any], tuple]] | None = None
@@ -469,9 +591,10 @@ class BuildPlan:
 def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool | None = None,
                add_eos: bool | None = None, skip_invalid: bool = False, drop_identical: bool = False,
                vocab_size: int | None = None, pad_id: int | None = None, shard_bytes: int | None = None,
-               dedup_window: int | None = None) -> BuildPlan:
+               dedup_window: int | None = None, multi: MultiOptions | None = None) -> BuildPlan:
     """The plan of a build whose shape (``opts``) and mode were detected (:func:`_detect`); ``mode``
-    None (nothing detected) means text with a tokenizer, ids without."""
+    None (nothing detected) means text with a tokenizer, ids without. ``multi``: the input is
+    multi-completion records (pairs by a rule, score columns)."""
     shard_bytes = 1 << 30 if shard_bytes is None else shard_bytes
     dedup_window = 1 << 16 if dedup_window is None else dedup_window
     mode = mode or ("text" if tok is not None else "ids")
@@ -486,12 +609,17 @@ def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool 
             (pad_id if pad_id is not None else 0), None, None, None
     want_eos = add_eos if add_eos is not None else mode == "text"
     job = _Job(opts=opts, tokenizer=tok if mode == "text" else None, mode=mode, limit=limit,
-               bos=bos_id if add_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical)
+               bos=bos_id if add_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical,
+               multi=multi)
     options = {"add_bos": add_bos, "add_eos": add_eos, "skip_invalid": skip_invalid, "drop_identical": drop_identical,
                "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes, "dedup_window": dedup_window,
-               **opts.to_json()}
+               **(multi.to_json() if multi is not None else opts.to_json())}
     writer = {"vocab_size": vocab_size if tok is None else limit, "pad_id": pad, "bos_id": bos_id, "eos_id": eos_id,
               "tokenizer": ident, "shard_bytes": shard_bytes, "dedup_window": dedup_window}
+    if multi is not None:
+        writer["columns"] = SCORE_COLUMNS
+        writer["column_info"] = {k: {"description": f"the {k[6:]} completion's score in the input record",
+                                     "attrs": {"pairs": str(multi.rule)}} for k in SCORE_COLUMNS}
     return BuildPlan(job, mode, tok, options, writer)
 
 
@@ -515,6 +643,8 @@ def add_result(writer: Writer, res: BlockResult, report: BuildReport, rejects: R
         rejects.add({"file": res.path, "line": line, "field": fld, "reason": reason, "message": msg, "record": text})
     report.identical += res.identical
     report.identical_dropped += res.identical_dropped
+    if res.groups is not None:
+        _write_groups(writer, res, report)
     if res.lengths.shape[1]:
         writer.add_batch(res.tokens, res.lengths)
         report.tokens += len(res.tokens)
@@ -549,6 +679,8 @@ def build(
     progress: bool | None = None,
     on_record: Callable[[int], None] | None = None,
     max_record_bytes: int | None = None,
+    pairs: str | None = None,
+    score_key: str | None = None,
 ) -> BuildReport:
     """Build a dataset at ``output`` from preference records.
 
@@ -585,6 +717,14 @@ def build(
         progress: show a progress line (None: when stderr is a terminal).
         max_record_bytes: JSONL lines longer than this are rejected as ``too_long`` without
             being read into memory (default :data:`pairpack.ingest.sources.MAX_RECORD_BYTES`, 64 MiB).
+        pairs: for multi-completion records (one prompt, N rated completions; see
+            :mod:`pairpack.ingest.multi`), the rule that makes pairs: ``"best-worst"``, ``"best-rest"`` or
+            ``"margin:X"``. Such records are detected from the first records when no ``shape`` is
+            forced, with ``"best-worst"`` as the default rule. Each distinct completion of a record
+            is stored once (FORMAT.md §7.6) and the pairs get float32 columns ``score_chosen`` and
+            ``score_rejected``. A build whose rule makes no pair at all raises SourceError.
+        score_key: the score's key inside UltraFeedback-style completion objects (default: the
+            first of ``overall_score``, ``score``, ``rating`` present).
 
     Returns:
         A :class:`BuildReport`. Raises SourceError (file, line, field) on the first bad record
@@ -615,10 +755,22 @@ def build(
     if not resume:  # before reading any input (--resume compares an existing dataset first)
         check_output(out, force=force)
 
-    opts, mode = _detect(sources, opts, tok)
+    rule = PairRule.parse(pairs) if pairs is not None else None
+    if rule is not None and shape is not None:
+        raise ValueError(f"pairs={pairs!r} reads multi-completion records; it cannot be combined with shape={shape!r}")
+    mspec = MultiSpec(prompt=None if prompt == "prompt" else prompt, score_key=score_key)
+    multi_mode = _detect_multi(sources, mspec, prompt_template) if shape is None else None
+    multi = None
+    if rule is not None or multi_mode is not None:
+        multi = MultiOptions(mspec, rule or PairRule("best-worst"), prompt_template)
+        opts, mode = ShapeOptions(shape=None, spec=opts.spec, prompt_template=prompt_template), multi_mode
+        if prompt_template:
+            PromptTemplate(prompt_template)
+    else:
+        opts, mode = _detect(sources, opts, tok)
     bp = plan_build(opts, mode, tok, add_bos=add_bos, add_eos=add_eos, skip_invalid=skip_invalid,
                     drop_identical=drop_identical, vocab_size=vocab_size, pad_id=pad_id, shard_bytes=shard_bytes,
-                    dedup_window=dedup_window)
+                    dedup_window=dedup_window, multi=multi)
     opts, mode, tok, job, options = bp.job.opts, bp.mode, bp.tokenizer, bp.job, bp.options
     if out.exists() or out.is_symlink():
         ident_now = tok.identity() if tok is not None else None
@@ -629,8 +781,9 @@ def build(
             raise DatasetExistsError(f"{out}: already exists and was built differently; pass --force to replace it")
 
     plan, unit_info = _part_ranges(sources, num_shards, shard_index)
-    report = BuildReport(output=str(out), shape=opts.shape or "", mode=mode,
-                         part=f"{shard_index}/{num_shards}" if part else None)
+    report = BuildReport(output=str(out), shape="multi" if multi else opts.shape or "", mode=mode,
+                         part=f"{shard_index}/{num_shards}" if part else None,
+                         pair_rule=str(multi.rule) if multi else None)
     total_bytes = sum(s.size for s in sources)
     report.input_bytes = total_bytes
     n_workers = _choose_workers(workers, sources, total_bytes)
@@ -682,6 +835,8 @@ def build(
         if pool is not None:
             pool.shutdown()
             pool = None
+        if multi is not None and writer.num_pairs == 0:
+            raise _no_pairs_error(multi, report, sources)
         writer.provenance = {
             "pairpack_version": __version__,
             "inputs": [s.provenance() for s in sources],
@@ -716,11 +871,57 @@ def finish_report(report: BuildReport, manifest: fmt.Manifest) -> None:
     report.pairs = manifest.num_pairs
     report.unique_prompts = sum(s.num_prompts for s in manifest.shards)
     stored = sum(s.num_tokens for s in manifest.shards)
-    report.prompt_tokens_saved = report.tokens - stored
+    report.prompt_tokens_saved = report.tokens - stored - report.completion_tokens_shared
     report.tokens = stored
     report.token_dtype = manifest.token_dtype
     report.shards = len(manifest.shards)
     report.dataset_bytes = sum(e.bytes for e in manifest.files()) + len(manifest.dumps())
+
+
+def _detect_multi(sources: list[Source], spec: MultiSpec, prompt_template: str | None) -> str | None:
+    """``"text"``/``"ids"`` when the first multi-completion record among the first records is text
+    or ids, else None (the input is not multi-completion)."""
+    seen = 0
+    tmpl = PromptTemplate(prompt_template) if prompt_template else None
+    for s in sources:
+        for rec in s.first_records(DETECT_RECORDS - seen):
+            seen += 1
+            if not is_multi(rec, spec):
+                continue
+            try:
+                p, _, _ = extract_multi(rec, spec, tmpl.render(rec) if tmpl else None)
+            except SourceError:
+                continue
+            return "text" if isinstance(p, str) else "ids"
+        if seen >= DETECT_RECORDS:
+            break
+    return None
+
+
+def _write_groups(writer: Writer, res: BlockResult, report: BuildReport) -> None:
+    """Hand a block's multi-completion groups to the writer; count what sharing saved."""
+    for g in res.groups or ():
+        writer.add_group(g.prompt, g.completions, g.pairs,
+                         {"score_chosen": g.score_chosen, "score_rejected": g.score_rejected})
+        per_pair = sum(len(g.completions[c]) + len(g.completions[r]) for c, r in g.pairs)
+        once = sum(len(g.completions[k]) for k in {k for pr in g.pairs for k in pr})
+        report.tokens += len(g.prompt) * len(g.pairs) + per_pair
+        report.completion_tokens_shared += per_pair - once
+    report.ties += res.ties
+    report.below_margin += res.below_margin
+    report.records_without_pairs += res.records_without_pairs
+    report.max_gap = max(report.max_gap, res.max_gap)
+
+
+def _no_pairs_error(multi: MultiOptions, report: BuildReport, sources: list[Source]) -> SourceError:
+    rule = multi.rule
+    why = (f"the largest score gap in any record is {report.max_gap:g}; lower the margin (--pairs margin:X)"
+           if rule.kind == "margin" else "every record's completions are tied or fewer than two")
+    return SourceError(f"pair rule {rule} made no pair ({report.ties:,} tied, {report.below_margin:,} under the "
+                       f"margin, {report.records_without_pairs:,} record(s) without a pair): {why}",
+                       path=sources[0].path if len(sources) == 1 else None,
+                       field=multi.spec.score_key or f"{multi.spec.completions}.*.score / {multi.spec.scores}",
+                       reason="no_pairs")
 
 
 def _sidecar_tokenizer(side: dict[str, Any], where: Path) -> Any:

@@ -128,6 +128,31 @@ def _tokenizer_file_problems(root: Path, m: fmt.Manifest) -> list[str]:
 _CHUNK = 1 << 22  # pairs per vectorised step in verify: bounded temporaries (~100 MiB)
 
 
+def _tiles_with_shared_completions(starts: np.ndarray, lengths: np.ndarray, t: int) -> bool:
+    """R17 for a shard whose pairs may share completions (FORMAT.md §7.6), in one vectorised pass.
+
+    Each distinct prompt start and each distinct completion start (chosen and rejected together) is
+    stored at its first use; every later use has the same length. Taken in pair order (prompt, chosen,
+    rejected), the first uses must tile ``[0, t)`` exactly. A start shared by a prompt and a
+    completion, or a reuse pointing at a segment of the other kind, breaks the tiling.
+    """
+    st, ln = np.asarray(starts), np.asarray(lengths)
+    if st.shape[1] == 0:
+        return t == 0
+    ps, pl = st[0], ln[0]
+    cs = st[1:].T.reshape(-1)  # c0 r0 c1 r1 ...: the storage order of completions
+    cl = ln[1:].T.reshape(-1)
+    up, pfirst = np.unique(ps, return_index=True)
+    uc, cfirst = np.unique(cs, return_index=True)
+    if (pl != pl[pfirst][np.searchsorted(up, ps)]).any() or (cl != cl[cfirst][np.searchsorted(uc, cs)]).any():
+        return False
+    key = np.concatenate([3 * pfirst, 3 * (cfirst // 2) + 1 + cfirst % 2])
+    order = np.argsort(key, kind="stable")
+    seg_s = np.concatenate([up, uc])[order]
+    seg_e = seg_s + np.concatenate([pl[pfirst], cl[cfirst]])[order]
+    return bool(seg_s[0] == 0 and (seg_s[1:] == seg_e[:-1]).all() and seg_e[-1] == t)
+
+
 def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None = None) -> list[str]:
     """Invariants of one mapped shard (FORMAT.md §8 R13-R17), chunked over pairs.
 
@@ -140,6 +165,7 @@ def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None
     r13 = r10 = r11 = 0
     first13 = first10 = first11 = ""
     prev_end = 0  # where the previous pair's rejected segment ends (R17)
+    shared = False  # the shard shares completions between pairs (§7.6)
     new_starts: list[np.ndarray] = []  # starts and lengths of first-stored prompts (R17)
     new_lens: list[np.ndarray] = []
     for a in range(0, n, _CHUNK):
@@ -190,6 +216,10 @@ def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None
     if r13:
         out.append(str(FormatError(f"{r13} segment(s) outside tokens [0, {t}) or empty; first: {first13}",
                                    path=where, field=f"shards[{i}].starts/lengths", section="§8 R13")))
+    elif (r10 or r11 or prev_end != t) and _tiles_with_shared_completions(sh.starts, sh.lengths, t):
+        r10 = r11 = 0  # the multi-completion layout (§7.6): R17 holds
+        prev_end = t
+        shared = True
     if r10 or prev_end != t:
         detail = (f"{r10} pair(s) out of order; first: {first10}" if r10 else
                   f"the last segment ends at {prev_end}, tokens hold {t}")
@@ -200,7 +230,7 @@ def _verify_shard(sh: _Shard, i: int, vocab_size: int, *, tokens_max: int | None
                                    path=where, field=f"shards[{i}].starts[0]", section="§8 R17")))
     if n:
         # distinct prompt starts: the first-stored prompts when R17 holds (no sort needed)
-        distinct = (sum(len(x) for x in new_starts) if not (r10 or r11)
+        distinct = (sum(len(x) for x in new_starts) if not (r10 or r11 or shared)
                     else len(np.unique(sh.starts[0])))
         if distinct != sh.info.num_prompts:
             out.append(str(FormatError("num_prompts differs from the distinct prompt starts", path=where,

@@ -247,11 +247,11 @@ class DPO(nn.Module):
             differently, roughly by the completion length; tune it per reduction.
         reduction: ``"mean"`` (default, per-token mean as in x-transformers) or ``"sum"``
             (per-sequence sum as in the DPO paper and TRL).
-        loss_type: a name of :data:`pairpack.losses.LOSS_TYPES`, or several to train on their
-            weighted sum (``("sigmoid", "sft")``); see :mod:`pairpack.losses`.
+        loss_type: a name of :data:`pairpack.train.losses.LOSS_TYPES`, or several to train on their
+            weighted sum (``("sigmoid", "sft")``); see :mod:`pairpack.train.losses`.
         loss_weights: one weight per loss type (default 1.0 each); see
-            :func:`pairpack.losses.loss_config`.
-        label_smoothing, gamma, discopop_tau: see :func:`pairpack.losses.loss_config`.
+            :func:`pairpack.train.losses.loss_config`.
+        label_smoothing, gamma, discopop_tau: see :func:`pairpack.train.losses.loss_config`.
         use_weighting: multiply each pair's loss by its WPO weight (:func:`wpo_weights`).
         ref_model: ``None`` (default) takes a deep copy of ``model`` now, before training
             changes it, unless every loss type is reference-free (``simpo``, ``cpo``, ``orpo``,
