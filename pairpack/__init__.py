@@ -19,6 +19,7 @@ from .errors import (
     DatasetExistsError,
     DeviceError,
     FormatError,
+    LossConfigError,
     ModelError,
     NotReplaceableError,
     PairpackError,
@@ -54,6 +55,7 @@ __all__ = [
     "StateError",
     "DeviceError",
     "ModelError",
+    "LossConfigError",
     "backend",
 ]
 
