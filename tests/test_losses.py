@@ -3,6 +3,7 @@ policy = reference, weighted mixes, reference-free training, WPO weights, and ar
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 from pairpack.dpo import DPO, sequence_logprobs, wpo_weights
 from pairpack.errors import LossConfigError, PairpackError
 from pairpack.train.losses import LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, dpo_loss, loss_config
+from pairpack.train.tinylm import TinyLM
+from tests import layout_ref
 from tests.test_dpo import FAST, VOCAB, TinyCausalLM, make_batch, pairs_st, perturbed
 
 # The vector of ../shared/notes/dpo.md §2.3 (float64): h = [1.5, -1.0], dc = [1, -0.5], dr = [-0.5, 0.5].
@@ -328,3 +331,29 @@ def test_missing_inputs():
         DPO(TinyCausalLM(), loss_type=("sigmoid", "aot_unpaired"), use_weighting=True)
     with pytest.raises(ValueError, match="must all have shape"):
         dpo_loss(**VEC, loss_type="sft", chosen_tokens=torch.ones(3), rejected_tokens=torch.ones(2))
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_per_token_and_reference_free_losses_equal_across_layouts(layout):
+    """The token counts of packed and prefix-shared batches (from their scoring map) are the padded
+    layout's: length-normalised, reference-free and mixed losses agree."""
+    torch.manual_seed(0)
+    policy = TinyLM(37, max_len=96, d_model=16, n_layers=2, n_heads=2).double()
+    ref = perturbed_tiny(policy)
+    pairs = [([1, 2, 3], [4, 5, 6, 7, 8], [4, 5, 9]), ([9], [3], [3, 3, 10, 11])]
+    for types, r in ((("simpo",), None), (("orpo", "cpo"), None), (("sigmoid_norm", "sft"), ref)):
+        dpo = DPO(policy, reduction="sum", loss_type=types, ref_model=r, attention="dense")
+        want = dpo(layout_ref.triplets(pairs))
+        got = dpo(layout_ref.build(pairs, layout, per_row=2))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(LossConfigError, match="padded batches only"):
+        DPO(policy, use_weighting=True, ref_model=ref)(layout_ref.build(pairs, layout, per_row=2))
+
+
+def perturbed_tiny(model):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    return other
