@@ -23,6 +23,7 @@ from .errors import (
     DeviceError,
     FormatError,
     MissingDependencyError,
+    LossConfigError,
     ModelError,
     NotReplaceableError,
     PairIndexError,
@@ -69,6 +70,7 @@ __all__ = [
     "ColumnNotFoundError",
     "PairIndexError",
     "MissingDependencyError",
+    "LossConfigError",
 ]
 
 

@@ -135,6 +135,15 @@ def main(debug: bool) -> None:
               help="Keep OUTPUT if it was already built from the same inputs and options (re-run a split safely).")
 @click.option("--max-record-bytes", default="64MiB", show_default=True, metavar="SIZE",
               help="Reject JSONL lines longer than this (reason too_long) without reading them into memory.")
+@click.option("--pairs", "pair_rule", default=None, metavar="RULE",
+              help="Multi-completion records (one prompt, N rated completions: UltraFeedback `completions` "
+                   "objects or `responses` + `scores`): best-worst (one pair: highest vs lowest score), "
+                   "best-rest (highest vs each other), or margin:X (every two whose scores differ by >= X). "
+                   "Equal scores never pair (counted as ties); each distinct completion is stored once and "
+                   "the pairs get score_chosen/score_rejected columns. Default when such records are "
+                   "detected: best-worst.")
+@click.option("--score-key", default=None, metavar="KEY",
+              help="Score key inside completion objects (default: overall_score, score or rating).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, rejected: str,
@@ -144,7 +153,8 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
           shape: str | None, prompt_template: str | None, chat_template: str | None, strict_chat_template: bool,
           template_args: tuple[str, ...], columns: tuple[str, ...], allow_empty: bool,
           hh_marker: str, workers: int | None, num_shards: int, shard_index: int, resume: bool,
-          max_record_bytes: str, progress: bool | None, as_json: bool) -> None:
+          max_record_bytes: str, pair_rule: str | None, score_key: str | None, progress: bool | None,
+          as_json: bool) -> None:
     """Convert preference records into a pairpack dataset.
 
     Inputs: .jsonl (.gz, .zst), .json arrays, .parquet, or directories of them. Shapes: prompt/
@@ -152,8 +162,9 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
     chat message lists (role/content or ShareGPT from/value), or a --prompt-template over fields
     (Alpaca records with an `instruction` field get the Alpaca template by default). Prompt and
     completions are tokenized separately and concatenated as ids, so the prompt is an exact prefix
-    of both rows. By default the first bad record stops the build with its file, line and field,
-    and nothing is written.
+    of both rows. Records with one prompt and several rated completions become pairs by --pairs.
+    By default the first bad record stops the build with its file, line and field, and nothing is
+    written.
 
     \b
     Examples:
@@ -164,6 +175,7 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
       pairpack build uf.jsonl -o data/uf --columns score_chosen,score_rejected
       pairpack build ids.jsonl.zst -o data/ids --vocab-size 151669 --pad-id 151643
       pairpack build big/ -o parts/p3 --num-shards 8 --shard-index 3 --resume
+      pairpack build ultrafeedback.jsonl -o data/uf --pairs margin:1 --tokenizer gpt2.tokenizer.json
     """
     from .ingest.build import build as run_build
 
@@ -189,7 +201,7 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
                            drop_identical=drop_identical,
                            shard_bytes=None if shard_size is None else _parse_size(shard_size),
                            workers=workers, num_shards=num_shards, shard_index=shard_index, resume=resume,
-                           progress=progress,
+                           progress=progress, pairs=pair_rule, score_key=score_key,
                            max_record_bytes=_parse_size(max_record_bytes, "--max-record-bytes"))
     except ValueError as e:
         if isinstance(e, PairpackError) and not isinstance(e, ArgumentError):

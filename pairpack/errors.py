@@ -28,6 +28,8 @@ __all__ = [
     "ColumnNotFoundError",
     "PairIndexError",
     "MissingDependencyError",
+    "OversizeError",
+    "LossConfigError",
 ]
 
 
@@ -252,3 +254,9 @@ class ModelError(PairpackError, TypeError):
 class OversizeError(PairpackError, ValueError):
     """A pair needs more tokens than the batch budget (``max_tokens``) or the row bound
     (``max_row_tokens``) allows it alone."""
+
+
+class LossConfigError(ArgumentError):
+    """A preference-loss configuration is invalid: an unknown loss type, a bad ``beta``, ``gamma``,
+    ``label_smoothing`` or ``loss_weights``, or inputs a loss type needs but did not get (reference
+    log-probs, token counts)."""

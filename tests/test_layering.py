@@ -42,8 +42,8 @@ LAZY_ALLOWED = {
     ("ops", "batch"), ("batch", "batch"), ("cli", "*"), ("_accel", "_native"),
 }
 # train/dpo.py is the loss alone: torch, pairpack.errors and the other torch-only modules of train/
-# (models.py: how each model family is called with a batch layout)
-TORCH_ONLY = {"train/dpo.py", "train/tinylm.py", "train/models.py"}
+# (models.py: how each model family is called with a batch layout; losses.py: the loss formulas)
+TORCH_ONLY = {"train/dpo.py", "train/tinylm.py", "train/models.py", "train/losses.py"}
 
 
 def _unit(rel: Path) -> str:

@@ -49,11 +49,13 @@ from ..tokenization import (
     tokenizer_from_manifest,
 )
 from ..write.writer import Writer, check_ids
+from .multi import SCORE_COLUMNS, MultiOptions, MultiSpec, PairRule, extract_multi, is_multi
 from .shapes import (
     CHAT_SPLIT_NOTE,
     HH_MARKER,
     MISSING,
     FieldSpec,
+    PromptTemplate,
     ShapeOptions,
     detect_shape,
     get_path,
@@ -115,6 +117,12 @@ class BuildReport:
     notes: Counter = field(default_factory=Counter)
     vocab_note: str | None = None
     tasks: int = 0  # Ray write tasks (pairpack.ray); 0 for a build
+    pair_rule: str | None = None  # multi-completion input: the rule that made the pairs
+    ties: int = 0  # candidate pairs skipped for equal scores
+    below_margin: int = 0  # candidate pairs skipped for a score gap under the margin
+    records_without_pairs: int = 0
+    completion_tokens_shared: int = 0  # completion tokens not stored again thanks to sharing
+    max_gap: float = 0.0  # the largest score gap within any record (for the no-pair error)
 
     def summary(self) -> str:
         """A short multi-line human summary."""
@@ -142,6 +150,15 @@ class BuildReport:
             f"  unique prompts   {self.unique_prompts:,}",
             f"  tokens stored    {self.tokens:,} ({self.prompt_tokens_saved:,} prompt tokens saved by de-duplication)",
             f"  dataset size     {size_text(self.dataset_bytes)}",
+        ]
+        if self.pair_rule:
+            lines += [
+                f"  pairs by rule    {self.pair_rule}: {self.ties:,} tied pair(s) skipped"
+                + (f", {self.below_margin:,} under the margin" if self.below_margin else "")
+                + f", {self.records_without_pairs:,} record(s) gave no pair",
+                f"  shared           {self.completion_tokens_shared:,} completion tokens stored once for several pairs",
+            ]
+        lines += [
             f"  identical pairs  {self.identical:,}" + (f" ({self.identical_dropped:,} dropped)" if self.identical_dropped else " (kept; --drop-identical drops them)" if self.identical else ""),
             f"  rejected records {sum(self.rejected.values()):,}" + (
                 " (" + ", ".join(f"{k}: {v:,}" for k, v in sorted(self.rejected.items())) + ")" if self.rejected else ""),
@@ -211,6 +228,7 @@ class _Job:
     eos: int | None  # appended to completions when not already last (None: never)
     drop_identical: bool
     columns: tuple[ColumnSpec, ...] = ()  # record fields kept as per-pair columns
+    multi: MultiOptions | None = None  # multi-completion records (pairs made by a rule)
 
 
 @dataclass(frozen=True)
@@ -260,6 +278,23 @@ class BlockResult:
     records: int = 0
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     notes: Counter = field(default_factory=Counter)
+    groups: list[Group] | None = None  # multi-completion input: pairs per record, tokens not in ``tokens``
+    ties: int = 0
+    below_margin: int = 0
+    records_without_pairs: int = 0
+    max_gap: float = 0.0  # the largest score gap among the block's candidate pairs
+
+
+@dataclass
+class Group:
+    """One multi-completion record's pairs: its prompt ids, distinct completion ids (int64), the
+    ``(chosen, rejected)`` indices of each pair and the pair's scores."""
+
+    prompt: np.ndarray
+    completions: list[np.ndarray]
+    pairs: list[tuple[int, int]]
+    score_chosen: list[float]
+    score_rejected: list[float]
 
 
 def _seg_ids(seg: Any, name: str, job: _Job, after: int | None = None) -> list[int]:
@@ -282,6 +317,8 @@ def _seg_ids(seg: Any, name: str, job: _Job, after: int | None = None) -> list[i
 def process_block(job: _Job, extractor: Callable[[Any], tuple], block: Block) -> BlockResult:
     """Parse, shape, tokenize and check one block. Pure: the result depends on ``job`` and the
     block only (never on which process runs it)."""
+    if job.multi is not None:
+        return _process_multi(job, block_records(block), block.path)
     if _plain_ids(job):
         return _process_ids_fast(job, extractor, block)
     return _process_records(job, extractor, block_records(block), block.path)
@@ -530,6 +567,92 @@ def _pack(job: _Job, kept: _Ids, bad: dict[int, tuple[str | None, str, str]]
     return np.fromiter(flat_ids, dtype=np.int64, count=len(flat_ids)), lens, kept2
 
 
+def _process_multi(job: _Job, records: Any, path: str) -> BlockResult:
+    """The block's multi-completion records as :class:`Group` s (see :mod:`pairpack.ingest.multi`).
+    Text is encoded as in :func:`_tokenize`: prompts in one batch, completions as continuations of
+    their prompt in another, retried record by record when a batch fails."""
+    assert job.multi is not None  # internal invariant: process_block dispatches here only then
+    spec, rule = job.multi.spec, job.multi.rule
+    tmpl = PromptTemplate(job.multi.prompt_template) if job.multi.prompt_template else None
+    errors: list[_Error] = []
+    items = []  # (record, prompt, completions, scores)
+    nrec = 0
+    for rec in records:
+        nrec += 1
+        if rec.error is not None:
+            errors.append((rec.line, None, rec.error.reason, rec.error.detail, record_text(rec)))
+            continue
+        try:
+            p, comps, scores = extract_multi(rec.data, spec, tmpl.render(rec.data) if tmpl else None)
+            if isinstance(p, str) != (job.mode == "text"):
+                raise SourceError(f"record has {'text' if job.mode == 'ids' else 'token ids'} but this build reads "
+                                  f"{job.mode} (fixed by the first records of the input)", reason="mixed_types")
+        except SourceError as e:
+            errors.append((rec.line, e.field, e.reason, e.detail, record_text(rec)))
+            continue
+        items.append((rec, p, comps, scores))
+    encoded: list[list[Any]] | None = None
+    if job.mode == "text" and items and all(t for _, p, c, _ in items for t in [p, *c]):
+        try:  # two tokenizer calls for the block; a failure is located record by record below
+            ps = job.tokenizer.encode_batch([p for _, p, _, _ in items])
+            texts = [t for _, _, c, _ in items for t in c]
+            after = [int(pi[-1]) if len(pi) else None for pi, (_, _, c, _) in zip(ps, items) for _ in c]
+            cs = iter(encode_continuations(job.tokenizer, texts, after))
+            encoded = [[pi, *[next(cs) for _ in c]] for pi, (_, _, c, _) in zip(ps, items)]
+        except Exception:  # noqa: BLE001 - the Rust tokenizer raises plain exceptions
+            encoded = None
+    out = BlockResult(path, np.zeros(0, np.uint32), np.zeros((3, 0), np.int64), errors, records=nrec, groups=[])
+    comp_field = spec.completions
+    for k, (rec, p, comps, scores) in enumerate(items):
+        names = ["prompt"] + [f"{comp_field}.{i}" for i in range(len(comps))]
+        try:
+            if encoded is not None:
+                ids = [check_ids(x, f, job.limit) for x, f in zip(encoded[k], names)]
+            else:
+                prompt_ids = _seg_ids(p, names[0], job)
+                ids = [np.asarray(prompt_ids, dtype=np.int64)] + [
+                    np.asarray(_seg_ids(x, f, job, prompt_ids[-1]), dtype=np.int64) for x, f in zip(comps, names[1:])]
+        except SourceError as e:
+            errors.append((rec.line, e.field, e.reason, e.detail, record_text(rec)))
+            continue
+        prompt = np.asarray(ids[0], dtype=np.int64)
+        if job.bos is not None and prompt[0] != job.bos:
+            prompt = np.concatenate([[job.bos], prompt])
+        distinct: dict[bytes, int] = {}
+        stored: list[np.ndarray] = []
+        index = []  # completion -> its distinct completion
+        for c in ids[1:]:
+            c = np.asarray(c, dtype=np.int64)
+            if job.eos is not None and c[-1] != job.eos:
+                c = np.concatenate([c, [job.eos]])
+            key = c.tobytes()
+            if key not in distinct:
+                distinct[key] = len(stored)
+                stored.append(c)
+            index.append(distinct[key])
+        pairs, ties, below = rule.pairs(scores)
+        out.ties += ties
+        out.below_margin += below
+        if len(scores) > 1:
+            out.max_gap = max(out.max_gap, max(scores) - min(scores))
+        group = Group(prompt, stored, [], [], [])
+        for ci, ri in pairs:
+            if index[ci] == index[ri]:
+                out.identical += 1
+                if job.drop_identical:
+                    out.identical_dropped += 1
+                    continue
+            group.pairs.append((index[ci], index[ri]))
+            group.score_chosen.append(scores[ci])
+            group.score_rejected.append(scores[ri])
+        if group.pairs:
+            out.groups.append(group)  # type: ignore[union-attr]
+        else:
+            out.records_without_pairs += 1
+    errors.sort(key=lambda e: e[0])
+    return out
+
+
 _WORKER: tuple[_Job, Callable[[Any], tuple]] | None = None
 
 
@@ -620,10 +743,15 @@ class BuildPlan:
 def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool | None = None,
                add_eos: bool | None = None, skip_invalid: bool = False, drop_identical: bool = False,
                vocab_size: int | None = None, pad_id: int | None = None, shard_bytes: int | None = None,
-               dedup_window: int | None = None, columns: tuple[ColumnSpec, ...] = ()) -> BuildPlan:
+               dedup_window: int | None = None, columns: tuple[ColumnSpec, ...] = (),
+               multi: MultiOptions | None = None) -> BuildPlan:
     """The plan of a build whose shape (``opts``) and mode were detected (:func:`_detect`); ``mode``
     None (nothing detected) means text with a tokenizer, ids without. ``add_bos`` None: the
-    tokenizer config's ``add_bos_token`` for text, else off."""
+    tokenizer config's ``add_bos_token`` for text, else off. ``multi``: the input is
+    multi-completion records (pairs by a rule, score columns; no other columns)."""
+    if multi is not None and columns:
+        raise ArgumentError("columns cannot be kept from multi-completion records (their pairs get "
+                            f"{', '.join(SCORE_COLUMNS)}); drop --columns or --pairs")
     shard_bytes = 1 << 30 if shard_bytes is None else shard_bytes
     dedup_window = 1 << 16 if dedup_window is None else dedup_window
     mode = mode or ("text" if tok is not None else "ids")
@@ -641,17 +769,21 @@ def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool 
     want_eos = add_eos if add_eos is not None else mode == "text"
     job = _Job(opts=opts, tokenizer=tok if mode == "text" else None, mode=mode, limit=limit,
                bos=bos_id if want_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical,
-               columns=columns)
+               columns=columns, multi=multi)
     options = {"add_bos": add_bos, "add_eos": add_eos, "skip_invalid": skip_invalid, "drop_identical": drop_identical,
                "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes, "dedup_window": dedup_window}
     if columns:
         options["columns"] = [dataclasses.asdict(c) for c in columns]
-    options.update(opts.to_json())
+    options.update(multi.to_json() if multi is not None else opts.to_json())
     writer = {"vocab_size": vocab_size if tok is None else limit, "pad_id": pad, "bos_id": bos_id, "eos_id": eos_id,
               "tokenizer": ident, "shard_bytes": shard_bytes, "dedup_window": dedup_window,
               "columns": {c.name: c.dtype for c in columns},
               "column_info": {c.name: {"description": f"record field {c.path!r} (pairpack build --columns)",
                                        "attrs": {"field": c.path}} for c in columns}}
+    if multi is not None:
+        writer["columns"] = SCORE_COLUMNS
+        writer["column_info"] = {k: {"description": f"the {k[6:]} completion's score in the input record",
+                                     "attrs": {"pairs": str(multi.rule)}} for k in SCORE_COLUMNS}
     return BuildPlan(job, mode, tok, options, writer)
 
 
@@ -676,6 +808,8 @@ def add_result(writer: Writer, res: BlockResult, report: BuildReport, rejects: R
     report.identical += res.identical
     report.identical_dropped += res.identical_dropped
     report.notes.update(res.notes)
+    if res.groups is not None:
+        _write_groups(writer, res, report)
     if res.lengths.shape[1]:
         writer.add_batch(res.tokens, res.lengths, res.columns)
         report.tokens += len(res.tokens)
@@ -687,7 +821,7 @@ def finish_report(report: BuildReport, manifest: fmt.Manifest) -> None:
     report.pairs = manifest.num_pairs
     report.unique_prompts = sum(s.num_prompts for s in manifest.shards)
     stored = sum(s.num_tokens for s in manifest.shards)
-    report.prompt_tokens_saved = report.tokens - stored
+    report.prompt_tokens_saved = report.tokens - stored - report.completion_tokens_shared
     report.tokens = stored
     report.token_dtype = manifest.token_dtype
     report.shards = len(manifest.shards)
@@ -769,6 +903,14 @@ class BuildOptions:
         progress: show a progress line (None: when stderr is a terminal).
         max_record_bytes: JSONL lines longer than this are rejected as ``too_long`` without
             being read into memory (default :data:`pairpack.ingest.sources.MAX_RECORD_BYTES`, 64 MiB).
+        pairs: for multi-completion records (one prompt, N rated completions; see
+            :mod:`pairpack.ingest.multi`), the rule that makes pairs: ``"best-worst"``, ``"best-rest"`` or
+            ``"margin:X"``. Such records are detected from the first records when no ``shape`` is
+            forced, with ``"best-worst"`` as the default rule. Each distinct completion of a record
+            is stored once (FORMAT.md §7.6) and the pairs get float32 columns ``score_chosen`` and
+            ``score_rejected``. A build whose rule makes no pair at all raises SourceError.
+        score_key: the score's key inside UltraFeedback-style completion objects (default: the
+            first of ``overall_score``, ``score``, ``rating`` present).
     """
 
     prompt: str | None = None
@@ -798,6 +940,8 @@ class BuildOptions:
     resume: bool = False
     progress: bool | None = None
     max_record_bytes: int | None = None
+    pairs: str | None = None
+    score_key: str | None = None
 
     def shape_options(self) -> ShapeOptions:
         """The record-reading part, with the field names the user gave marked explicit."""
@@ -870,13 +1014,17 @@ class _Build:
         self._apply_sidecars()
         if not o.resume:  # before reading any input (--resume compares an existing dataset first)
             check_output(self.out, force=o.force)
-        shape_opts = resolve_chat_template(shape_opts, self.tok, o.chat_template)
-        opts, mode = _detect(self.sources, shape_opts, self.tok)
-        check_chat_template(opts, self.tok, o.chat_template)
+        self.multi, multi_mode = self._detect_multi()
+        if self.multi is not None:
+            opts, mode = ShapeOptions(shape=None, spec=shape_opts.spec, prompt_template=o.prompt_template), multi_mode
+        else:
+            shape_opts = resolve_chat_template(shape_opts, self.tok, o.chat_template)
+            opts, mode = _detect(self.sources, shape_opts, self.tok)
+            check_chat_template(opts, self.tok, o.chat_template)
         self.plan = plan_build(opts, mode, self.tok, add_bos=o.add_bos, add_eos=o.add_eos,
                                skip_invalid=o.skip_invalid, drop_identical=o.drop_identical,
                                vocab_size=self.vocab_size, pad_id=self.pad_id, shard_bytes=self.shard_bytes,
-                               dedup_window=self.dedup_window, columns=self.columns)
+                               dedup_window=self.dedup_window, columns=self.columns, multi=self.multi)
         self.opts, self.mode, self.tok = opts, self.plan.mode, self.plan.tokenizer
         if self.out.exists() or self.out.is_symlink():
             ident_now = self.tok.identity() if self.tok is not None else None
@@ -892,6 +1040,22 @@ class _Build:
         return report
 
     # -- settings --------------------------------------------------------------------------------
+    def _detect_multi(self) -> tuple[MultiOptions | None, str | None]:
+        """Multi-completion input (``pairs`` given, or such records among the first ones without a
+        forced ``shape``): its options and mode (``"text"``/``"ids"``), else ``(None, None)``."""
+        o = self.o
+        rule = PairRule.parse(o.pairs) if o.pairs is not None else None
+        if rule is not None and o.shape is not None:
+            raise ArgumentError(f"pairs={o.pairs!r} reads multi-completion records; it cannot be combined with "
+                                f"shape={o.shape!r}")
+        mspec = MultiSpec(prompt=o.prompt, score_key=o.score_key)
+        mode = _detect_multi(self.sources, mspec, o.prompt_template) if o.shape is None else None
+        if rule is None and mode is None:
+            return None, None
+        if o.prompt_template:
+            PromptTemplate(o.prompt_template)  # a bad template fails here, before any block
+        return MultiOptions(mspec, rule or PairRule("best-worst"), o.prompt_template), mode
+
     def _apply_sidecars(self) -> None:
         """Exports of datasets (``pairpack export``) carry their settings in a sidecar: rebuilding
         them takes vocabulary, special ids, tokenizer, shard size and columns from it. Several
@@ -935,8 +1099,11 @@ class _Build:
     def _new_report(self) -> BuildReport:
         tok, job = self.tok, self.plan.job
         bos_id, eos_id = self.plan.writer["bos_id"], self.plan.writer["eos_id"]
-        report = BuildReport(output=str(self.out), shape=self.opts.shape or "", mode=self.mode, part=self._part_text(),
-                             shape_reason=self.opts.why, columns=[f"{c.name} ({c.path}, {c.dtype})" for c in self.columns])
+        multi = self.multi
+        report = BuildReport(output=str(self.out), shape="multi" if multi else self.opts.shape or "", mode=self.mode,
+                             part=self._part_text(), pair_rule=str(multi.rule) if multi else None,
+                             shape_reason="multi-completion records" if multi else self.opts.why,
+                             columns=[f"{c.name} ({c.path}, {c.dtype})" for c in self.columns])
         if tok is None:
             report.tokenizer = "none: token ids stored as given"
         elif isinstance(tok, HFTokenizer):
@@ -986,6 +1153,8 @@ class _Build:
                 pool = None
             # a part of a split may cover no records (more parts than records): merge needs it anyway
             if writer.num_pairs == 0 and not o.allow_empty and (records or not self.part):
+                if self.multi is not None and report.records_without_pairs:
+                    raise _no_pairs_error(self.multi, report, self.sources)
                 raise self._no_pairs(records, report, rejects)
             if self.tok is None and self.vocab_size is None:
                 report.vocab_note = (f"no tokenizer and no --vocab-size: vocab_size guessed as the largest id + 1 "
@@ -1059,6 +1228,53 @@ def _start(job: _Job, blocks: Iterator[tuple[int, Block]], n_workers: int
         return pool, _ordered(lambda b, p=pool: p.submit(_work, b), blocks, 2 * n_workers)
     extractor = make_extractor(job.opts, job.tokenizer)
     return None, (((base_b, process_block(job, extractor, b)), b.done_bytes) for base_b, b in blocks)
+
+
+def _detect_multi(sources: list[Source], spec: MultiSpec, prompt_template: str | None) -> str | None:
+    """``"text"``/``"ids"`` when the first multi-completion record among the first records is text
+    or ids, else None (the input is not multi-completion)."""
+    seen = 0
+    tmpl = PromptTemplate(prompt_template) if prompt_template else None
+    for s in sources:
+        for rec in s.first_records(DETECT_RECORDS - seen):
+            seen += 1
+            if not is_multi(rec, spec):
+                continue
+            try:
+                p, _, _ = extract_multi(rec, spec, tmpl.render(rec) if tmpl else None)
+            except SourceError:
+                continue
+            return "text" if isinstance(p, str) else "ids"
+        if seen >= DETECT_RECORDS:
+            break
+    return None
+
+
+def _write_groups(writer: Writer, res: BlockResult, report: BuildReport) -> None:
+    """Hand a block's multi-completion groups to the writer; count what sharing saved."""
+    for g in res.groups or ():
+        writer.add_group(g.prompt, g.completions, g.pairs,
+                         {"score_chosen": g.score_chosen, "score_rejected": g.score_rejected})
+        per_pair = sum(len(g.completions[c]) + len(g.completions[r]) for c, r in g.pairs)
+        once = sum(len(g.completions[k]) for k in {k for pr in g.pairs for k in pr})
+        report.tokens += len(g.prompt) * len(g.pairs) + per_pair
+        report.completion_tokens_shared += per_pair - once
+    report.ties += res.ties
+    report.below_margin += res.below_margin
+    report.records_without_pairs += res.records_without_pairs
+    report.max_gap = max(report.max_gap, res.max_gap)
+
+
+def _no_pairs_error(multi: MultiOptions, report: BuildReport, sources: list[Source]) -> SourceError:
+    """The error of a multi-completion build whose pair rule made no pair."""
+    rule = multi.rule
+    why = (f"the largest score gap in any record is {report.max_gap:g}; lower the margin (--pairs margin:X)"
+           if rule.kind == "margin" else "every record's completions are tied or fewer than two")
+    return SourceError(f"pair rule {rule} made no pair ({report.ties:,} tied, {report.below_margin:,} under the "
+                       f"margin, {report.records_without_pairs:,} record(s) without a pair): {why}",
+                       path=sources[0].path if len(sources) == 1 else None,
+                       field=multi.spec.score_key or f"{multi.spec.completions}.*.score / {multi.spec.scores}",
+                       reason="no_pairs")
 
 
 def _sidecar_tokenizer(side: dict[str, Any], where: Path) -> Any:

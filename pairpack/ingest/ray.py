@@ -76,8 +76,9 @@ RAY_INPUT = "<ray dataset>"  # the "file" of records that come from a Ray datase
 _STEP_PAIRS = 1 << 16  # pairs re-laid out per writer call (byte_identical)
 
 # build() options that make no sense for a Ray dataset (the engine reads and schedules)
+# multi-completion records (pairs, score_key) are not read by the Ray sink: build them with pairpack.build
 _NOT_HERE = ("inputs", "output", "workers", "num_shards", "shard_index", "resume", "progress", "on_record",
-             "max_record_bytes", "allow_empty")
+             "max_record_bytes", "allow_empty", "pairs", "score_key")
 
 
 # --- per worker process -----------------------------------------------------------------------

@@ -165,6 +165,32 @@ class _SegmentScan:
     unknown_prompt: _Faults = field(default_factory=_Faults)  # R17: reused prompt that no earlier pair stored
     end: int = 0  # where the last pair's rejected segment ends
     stored_prompts: int = 0  # pairs that store their prompt (the rest reuse an earlier one)
+    shared: bool = False  # pairs share completions (§7.6): R17 checked by _tiles_with_shared_completions
+
+
+def _tiles_with_shared_completions(starts: np.ndarray, lengths: np.ndarray, t: int) -> bool:
+    """R17 for a shard whose pairs may share completions (FORMAT.md §7.6), in one vectorised pass.
+
+    Each distinct prompt start and each distinct completion start (chosen and rejected together) is
+    stored at its first use; every later use has the same length. Taken in pair order (prompt, chosen,
+    rejected), the first uses must tile ``[0, t)`` exactly. A start shared by a prompt and a
+    completion, or a reuse pointing at a segment of the other kind, breaks the tiling.
+    """
+    st, ln = np.asarray(starts), np.asarray(lengths)
+    if st.shape[1] == 0:
+        return t == 0
+    ps, pl = st[0], ln[0]
+    cs = st[1:].T.reshape(-1)  # c0 r0 c1 r1 ...: the storage order of completions
+    cl = ln[1:].T.reshape(-1)
+    up, pfirst = np.unique(ps, return_index=True)
+    uc, cfirst = np.unique(cs, return_index=True)
+    if (pl != pl[pfirst][np.searchsorted(up, ps)]).any() or (cl != cl[cfirst][np.searchsorted(uc, cs)]).any():
+        return False
+    key = np.concatenate([3 * pfirst, 3 * (cfirst // 2) + 1 + cfirst % 2])
+    order = np.argsort(key, kind="stable")
+    seg_s = np.concatenate([up, uc])[order]
+    seg_e = seg_s + np.concatenate([pl[pfirst], cl[cfirst]])[order]
+    return bool(seg_s[0] == 0 and (seg_s[1:] == seg_e[:-1]).all() and seg_e[-1] == t)
 
 
 def _scan_segments(sh: _Shard) -> _SegmentScan:
@@ -181,6 +207,10 @@ def _scan_segments(sh: _Shard) -> _SegmentScan:
         new_lens.append(ln[0][new])
         _check_reused(st[0], ln[0], new, new_starts, new_lens, a, scan.unknown_prompt)
     scan.stored_prompts = sum(len(x) for x in new_starts)
+    faults = scan.out_of_order.count or scan.unknown_prompt.count or scan.end != t
+    if not scan.outside.count and faults and _tiles_with_shared_completions(sh.starts, sh.lengths, t):
+        # the multi-completion layout (§7.6): R17 holds in its general form
+        scan.out_of_order, scan.unknown_prompt, scan.end, scan.shared = _Faults(), _Faults(), t, True
     return scan
 
 
@@ -262,7 +292,7 @@ def _prompt_count_problems(scan: _SegmentScan, sh: _Shard, i: int) -> list[str]:
     if not sh.info.num_pairs:
         return []
     # the first-stored prompts when R17 holds (no sort needed)
-    distinct = (scan.stored_prompts if not (scan.out_of_order.count or scan.unknown_prompt.count)
+    distinct = (scan.stored_prompts if not (scan.out_of_order.count or scan.unknown_prompt.count or scan.shared)
                 else len(np.unique(sh.starts[0])))
     if distinct == sh.info.num_prompts:
         return []

@@ -17,20 +17,21 @@ Conventions (each is tested in tests/test_dpo.py):
       carry their own scoring map; :func:`sequence_logprobs_from` reads it, and
       :mod:`pairpack.train.models` calls the model with the positions and mask the layout needs.
       The log-probs equal the padded layout's (tests/test_layouts_model.py).
+
+The loss formulas live in :mod:`pairpack.train.losses` (re-exported here).
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterator
-from typing import Any, Literal, NamedTuple
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ArgumentError, ArgumentTypeError, StateError
+from ..errors import ArgumentError, ArgumentTypeError, LossConfigError, StateError
+from .losses import LOSS_TYPES, DPOOutput, dpo_loss, loss_config
 from .models import Attention, as_logits, layout_logits, layout_of
 
 __all__ = [
@@ -43,16 +44,13 @@ __all__ = [
     "pair_rows",
     "sequence_logprobs",
     "sequence_logprobs_from",
+    "wpo_weights",
     "xtransformers_inputs",
 ]
 
-LossType = Literal["sigmoid", "robust", "hinge", "ipo"]
 Reduction = Literal["sum", "mean"]
 
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "robust", "hinge", "ipo")
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
-# Loss types whose formula has a label-smoothing term; the others reject a nonzero epsilon.
-_SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
 _SEQ_MASK_NAMES = ("preferred_seq_mask", "unpreferred_seq_mask")
 # pairpack.train.reference.REFERENCE_COLUMNS (reference imports this module)
 _REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -94,22 +92,6 @@ def _check_pair_inputs(preferred_seq: Tensor, unpreferred_seq: Tensor, prompt_ma
 def _check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ArgumentError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def _check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ArgumentError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    # `not beta > 0` also rejects NaN.
-    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
-        raise ArgumentError(f"beta must be a finite number > 0, got {beta!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing < 0.5):
-        # At 0.5 the sigmoid loss is constant and the robust loss divides by zero.
-        raise ArgumentError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing != 0.0 and loss_type not in _SMOOTHED_LOSS_TYPES:
-        raise ArgumentError(
-            f"label_smoothing={label_smoothing!r} has no effect with loss_type={loss_type!r}; "
-            f"it applies only to {_SMOOTHED_LOSS_TYPES}; pass label_smoothing=0.0"
-        )
 
 
 def sequence_logprobs(
@@ -266,107 +248,6 @@ def batch_logprobs(
     return sequence_logprobs_from(batch, logits, reduction=reduction, score_index=index)
 
 
-class DPOOutput(NamedTuple):
-    """Result of :func:`dpo_loss`.
-
-    Attributes:
-        losses: float ``(B,)``, per-pair loss; differentiable. Reduce it yourself (``.mean()``).
-        chosen_rewards: float ``(B,)``, ``beta * (policy_chosen - ref_chosen)``, detached.
-        rejected_rewards: float ``(B,)``, ``beta * (policy_rejected - ref_rejected)``, detached.
-        metrics: 0-dim detached tensors, each a mean over pairs: ``"rewards/chosen"``,
-            ``"rewards/rejected"``, ``"rewards/margins"`` (chosen minus rejected reward),
-            ``"rewards/accuracies"`` (fraction with chosen reward strictly greater, so 0 when
-            policy equals reference), ``"logps/chosen"``, ``"logps/rejected"`` (policy
-            log-probs in whatever reduction they were computed with). Tensors rather than
-            floats so that no device sync happens until the caller logs them.
-    """
-
-    losses: Tensor
-    chosen_rewards: Tensor
-    rejected_rewards: Tensor
-    metrics: dict[str, Tensor]
-
-
-def dpo_loss(
-    policy_chosen: Tensor,
-    policy_rejected: Tensor,
-    ref_chosen: Tensor,
-    ref_rejected: Tensor,
-    *,
-    beta: float = 0.1,
-    loss_type: LossType = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> DPOOutput:
-    """Pairwise DPO loss from sequence log-probabilities.
-
-    With ``h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)``,
-    ``b = beta`` and ``e = label_smoothing``, the per-pair losses are:
-
-    * ``"sigmoid"``: ``-(1 - e) * logsigmoid(b*h) - e * logsigmoid(-b*h)``. With ``e = 0``
-      this is DPO; with ``e > 0`` it is conservative DPO (cDPO).
-    * ``"robust"``: ``(-(1 - e) * logsigmoid(b*h) + e * logsigmoid(-b*h)) / (1 - 2e)`` (rDPO).
-    * ``"hinge"``: ``relu(1 - b*h)`` (SLiC / RSO; ``1/beta`` is the margin).
-    * ``"ipo"``: ``(h - 1/(2b))**2``. ``h`` is built from whatever reduction the inputs used:
-      summed log-probs give the IPO of the reference code and OpenRLHF, per-token means
-      give a length-normalised IPO.
-
-    When policy equals reference (``h = 0``): sigmoid and robust give ``ln 2``, hinge 1,
-    ipo ``1 / (4 b**2)``.
-
-    Args:
-        policy_chosen: float ``(B,)``, policy log-prob of each chosen completion (nats).
-        policy_rejected: float ``(B,)``, policy log-prob of each rejected completion.
-        ref_chosen: float ``(B,)``, reference log-prob of each chosen completion.
-        ref_rejected: float ``(B,)``, reference log-prob of each rejected completion.
-        beta: inverse temperature, > 0. Its scale depends on the reduction of the inputs.
-        loss_type: one of ``"sigmoid"``, ``"robust"``, ``"hinge"``, ``"ipo"``.
-        label_smoothing: assumed probability that a preference label is flipped, in
-            ``[0, 0.5)``; only for ``"sigmoid"`` and ``"robust"``.
-
-    Returns:
-        :class:`DPOOutput` with per-pair ``losses`` ``(B,)``, rewards and metrics.
-
-    Raises:
-        ArgumentError (a ValueError): unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` outside
-            ``[0, 0.5)`` or nonzero for hinge/ipo, or inputs that are not four ``(B,)``
-            tensors of one shape.
-    """
-    _check_loss_args(beta, loss_type, label_smoothing)
-    inputs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    shapes = {tuple(t.shape) for t in inputs}
-    if len(shapes) != 1 or policy_chosen.ndim != 1:
-        raise ArgumentError(
-            "policy_chosen, policy_rejected, ref_chosen and ref_rejected must all have shape (B,), "
-            f"got {[tuple(t.shape) for t in inputs]}"
-        )
-
-    chosen_logratio = policy_chosen - ref_chosen
-    rejected_logratio = policy_rejected - ref_rejected
-    h = chosen_logratio - rejected_logratio
-    eps = label_smoothing
-
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        losses = F.relu(1 - beta * h)
-    else:  # "ipo"
-        losses = (h - 1 / (2 * beta)) ** 2
-
-    chosen_rewards = (beta * chosen_logratio).detach()
-    rejected_rewards = (beta * rejected_logratio).detach()
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
-        "logps/chosen": policy_chosen.detach().mean(),
-        "logps/rejected": policy_rejected.detach().mean(),
-    }
-    return DPOOutput(losses, chosen_rewards, rejected_rewards, metrics)
-
-
 class DPO(nn.Module):
     """Direct Preference Optimization around a causal language model.
 
@@ -390,19 +271,29 @@ class DPO(nn.Module):
             differently, roughly by the completion length; tune it per reduction.
         reduction: ``"mean"`` (default, per-token mean as in x-transformers) or ``"sum"``
             (per-sequence sum as in the DPO paper and TRL).
-        loss_type: see :func:`dpo_loss`.
-        label_smoothing: see :func:`dpo_loss`.
+        loss_type: a name of :data:`pairpack.train.losses.LOSS_TYPES`, or several to train on their
+            weighted sum (``("sigmoid", "sft")``); see :mod:`pairpack.train.losses`.
+        loss_weights: one weight per loss type (default 1.0 each); see
+            :func:`pairpack.train.losses.loss_config`.
+        label_smoothing, gamma, discopop_tau: see :func:`pairpack.train.losses.loss_config`.
+        use_weighting: multiply each pair's loss by its WPO weight (:func:`wpo_weights`).
         ref_model: ``None`` (default) takes a deep copy of ``model`` now, before training
-            changes it. A module uses that module as the reference and freezes it in place.
-            ``False`` holds no reference at all: every :meth:`forward` call must then pass
-            ``ref_chosen_logp`` and ``ref_rejected_logp`` (computed beforehand with the same
-            reduction), which saves the memory and compute of a second model.
+            changes it, unless every loss type is reference-free (``simpo``, ``cpo``, ``orpo``,
+            ``sft``): then no reference is held and none is ever needed. A module uses that
+            module as the reference and freezes it in place. ``False`` holds no reference at
+            all: every :meth:`forward` call must then pass ``ref_chosen_logp`` and
+            ``ref_rejected_logp`` (computed beforehand with the same reduction), which saves
+            the memory and compute of a second model.
+
         attention: how batches of the ``packed``/``prefix_shared`` layouts reach the model
             (:func:`pairpack.train.models.layout_logits`): ``"auto"`` (default), ``"dense"`` or
             ``"flex"`` (CUDA). Padded batches ignore it.
 
     Raises:
-        ArgumentError (a ValueError): invalid ``beta``, ``reduction``, ``loss_type`` or ``label_smoothing``.
+        LossConfigError: invalid ``beta``, ``loss_type``, ``loss_weights``, ``label_smoothing``,
+            ``gamma`` or ``discopop_tau``; a reference module given to reference-free losses; WPO
+            weighting with a batch-sorted loss type (``aot``, ``aot_unpaired``).
+        ArgumentError (a ValueError): invalid ``reduction`` or ``attention``.
     """
 
     def __init__(
@@ -411,8 +302,12 @@ class DPO(nn.Module):
         *,
         beta: float = 0.1,
         reduction: Reduction = "mean",
-        loss_type: LossType = "sigmoid",
+        loss_type: str | Sequence[str] = "sigmoid",
+        loss_weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
+        gamma: float = 0.5,
+        discopop_tau: float = 0.05,
+        use_weighting: bool = False,
         ref_model: nn.Module | Literal[False] | None = None,
         attention: Attention = "auto",
     ) -> None:
@@ -420,13 +315,19 @@ class DPO(nn.Module):
         _check_reduction(reduction)
         if attention not in ("auto", "dense", "flex"):
             raise ArgumentError(f"attention must be one of ('auto', 'dense', 'flex'), got {attention!r}")
-        _check_loss_args(beta, loss_type, label_smoothing)
+        self.loss = loss_config(beta, loss_type, loss_weights, label_smoothing, gamma, discopop_tau)
+        if use_weighting and {"aot", "aot_unpaired"} & set(self.loss.loss_types):
+            raise LossConfigError("use_weighting (WPO) cannot be combined with 'aot'/'aot_unpaired': they sort the "
+                                  "batch, so a pair's weight would land on another pair's term")
         if ref_model is not None and ref_model is not False and not isinstance(ref_model, nn.Module):
             raise ArgumentTypeError(f"ref_model must be None, False or an nn.Module, got {type(ref_model).__name__}")
+        if not self.loss.needs_reference and ref_model is not None:
+            raise LossConfigError(f"loss_type {self.loss.loss_types} is reference-free; leave ref_model=None "
+                                  "(no reference model and no cached reference log-probs are used)")
         self.policy_model = model
-        if ref_model is None:
+        if ref_model is None and self.loss.needs_reference:
             ref_model = copy.deepcopy(model)
-        if ref_model is False:
+        if ref_model is None or ref_model is False:
             self.ref_model: nn.Module | None = None
         else:
             ref_model.requires_grad_(False)
@@ -434,8 +335,9 @@ class DPO(nn.Module):
             self.ref_model = ref_model
         self.beta = beta
         self.reduction: Reduction = reduction
-        self.loss_type: LossType = loss_type
+        self.loss_type = loss_type
         self.label_smoothing = label_smoothing
+        self.use_weighting = use_weighting
         self.attention: Attention = attention
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
@@ -530,49 +432,74 @@ class DPO(nn.Module):
         b = preferred_seq.shape[0]
         if (ref_chosen_logp is None) != (ref_rejected_logp is None):
             raise ArgumentError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
-        if ref_chosen_logp is None and self.ref_model is None:
-            raise ArgumentError(
-                "this DPO holds no reference model (ref_model=False); pass ref_chosen_logp and "
-                "ref_rejected_logp"
-            )
+        self._check_reference_args(ref_chosen_logp)
 
         seq, completion_mask = pair_rows(preferred_seq, unpreferred_seq, prompt_mask, *seq_masks)
 
-        policy_logp = self.completion_logprobs(self.policy_model, seq, completion_mask)
+        logits = as_logits(self.policy_model(seq[:, :-1]), self.policy_model)
+        policy_logp = sequence_logprobs(logits, seq, completion_mask, reduction=self.reduction)
         policy_chosen, policy_rejected = policy_logp.split(b)
+        pair_weights = None
+        if self.use_weighting:
+            w = wpo_weights(logits, seq, completion_mask)
+            pair_weights = w[:b] * w[b:]
+        del logits
 
+        ref_chosen = ref_rejected = None
         if ref_chosen_logp is not None:
             ref_chosen, ref_rejected = ref_chosen_logp, ref_rejected_logp
-        else:
+        elif self.loss.needs_reference:
+            assert self.ref_model is not None  # checked above
             self.ref_model.eval()  # in case the caller switched it back
             with torch.no_grad():
                 ref_logp = self.completion_logprobs(self.ref_model, seq, completion_mask)
             ref_chosen, ref_rejected = ref_logp.split(b)
 
-        return self._loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, return_metrics)
+        tokens = completion_mask[:, 1:].sum(dim=-1)  # scored targets per row (see sequence_logprobs)
+        return self._loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, return_metrics,
+                          tokens[:b], tokens[b:], pair_weights)
 
-    def _loss(self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-              return_metrics: bool) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def _check_reference_args(self, ref_chosen_logp: Tensor | None) -> None:
+        if not self.loss.needs_reference and ref_chosen_logp is not None:
+            raise LossConfigError(f"loss_type {self.loss.loss_types} is reference-free: do not pass ref_chosen_logp "
+                                  "and ref_rejected_logp")
+        if self.loss.needs_reference and ref_chosen_logp is None and self.ref_model is None:
+            raise ArgumentError(
+                "this DPO holds no reference model (ref_model=False); pass ref_chosen_logp and "
+                "ref_rejected_logp"
+            )
+
+    def _loss(self, policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor | None,
+              ref_rejected: Tensor | None, return_metrics: bool, chosen_tokens: Tensor, rejected_tokens: Tensor,
+              pair_weights: Tensor | None = None) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        loss = self.loss
         out = dpo_loss(
             policy_chosen,
             policy_rejected,
             ref_chosen,
             ref_rejected,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
+            beta=loss.beta,
+            loss_type=loss.loss_types,
+            loss_weights=loss.loss_weights,
+            label_smoothing=loss.label_smoothing,
+            gamma=loss.gamma,
+            discopop_tau=loss.discopop_tau,
+            reduction=self.reduction,
+            chosen_tokens=chosen_tokens,
+            rejected_tokens=rejected_tokens,
+            pair_weights=pair_weights,
         )
-        loss = out.losses.mean()
+        mean_loss = out.losses.mean()
         if return_metrics:
-            return loss, out.metrics
-        return loss
+            return mean_loss, out.metrics
+        return mean_loss
 
     def _forward_batch(self, batch: Any, ref_chosen_logp: Tensor | None, ref_rejected_logp: Tensor | None,
                        return_metrics: bool) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """:meth:`forward` on a batch object of any layout."""
         if (ref_chosen_logp is None) != (ref_rejected_logp is None):
             raise ArgumentError("pass both ref_chosen_logp and ref_rejected_logp, or neither")
-        if ref_chosen_logp is None and self.ref_model is None:
+        if ref_chosen_logp is None and self.ref_model is None and self.loss.needs_reference:
             cols = getattr(batch, "columns", {})
             if _REF_COLUMNS[0] not in cols or _REF_COLUMNS[1] not in cols:
                 raise StateError(
@@ -583,16 +510,52 @@ class DPO(nn.Module):
         if layout_of(batch) == "padded":
             return self.forward(**batch.as_kwargs(), ref_chosen_logp=ref_chosen_logp,
                                 ref_rejected_logp=ref_rejected_logp, return_metrics=return_metrics)
+        if self.use_weighting:
+            raise LossConfigError("use_weighting (WPO) is implemented for padded batches only; build the batches "
+                                  "with layout='padded'")
+        self._check_reference_args(ref_chosen_logp)
         policy_chosen, policy_rejected = batch_logprobs(self.policy_model, batch, reduction=self.reduction,
                                                         attention=self.attention)
+        ref_chosen = ref_rejected = None
         if ref_chosen_logp is not None:
             ref_chosen, ref_rejected = ref_chosen_logp, ref_rejected_logp
-        else:
+        elif self.loss.needs_reference:
+            assert self.ref_model is not None  # checked above
             self.ref_model.eval()
             with torch.no_grad():
                 ref_chosen, ref_rejected = batch_logprobs(self.ref_model, batch, reduction=self.reduction,
                                                           attention=self.attention)
-        return self._loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, return_metrics)
+        # scored tokens per (pair, side), from the batch's scoring map (see sequence_logprobs_from)
+        slot = batch.score_pair.long() * 2 + batch.score_side.long()
+        tokens = torch.bincount(slot, minlength=2 * len(batch)).view(-1, 2)
+        return self._loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, return_metrics,
+                          tokens[:, 0], tokens[:, 1])
+
+
+def wpo_weights(logits: Tensor, seq: Tensor, completion_mask: Tensor) -> Tensor:
+    """WPO weight of each row (Zhou et al. 2024, arXiv 2406.11827, Eq. 3, as TRL's ``use_weighting``).
+
+    ``exp(mean over scored targets t of [log p(y_t) - log sum_v p(v)^2])``: the policy's
+    length-normalised probability of the completion, each token's probability divided by
+    ``sum_v p(v)^2``, the chance that two samples from that position agree, so that tokens from
+    peaked distributions are not over-weighted. Computed without gradient. A pair's
+    weight is the product of its two rows' weights. Not clamped (TRL 1.16 does not clamp either).
+
+    Args:
+        logits: float ``(R, N, V)`` or ``(R, N - 1, V)``, as for :func:`sequence_logprobs`.
+        seq: int ``(R, N)``.
+        completion_mask: bool ``(R, N)``.
+
+    Returns:
+        float ``(R,)``, detached; 1.0 for a row with no scored target.
+    """
+    with torch.no_grad():
+        mean_logp = sequence_logprobs(logits, seq, completion_mask, reduction="mean")
+        n = seq.shape[1]
+        scored = completion_mask[:, 1:]
+        lp = logits[:, : n - 1].log_softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        log_sum_sq = torch.where(scored, torch.logsumexp(2 * lp, dim=-1), 0.0)
+        return torch.exp(mean_logp - log_sum_sq.sum(dim=-1) / scored.sum(dim=-1).clamp(min=1))
 
 
 def pair_rows(

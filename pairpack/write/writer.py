@@ -190,6 +190,22 @@ class _ShardWriter:
         for k, spill in self.extra.items():
             spill.append(columns[k])
 
+    def add_group(self, prompt: np.ndarray, completions: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]],
+                  columns: Mapping[str, Sequence[Any]]) -> None:
+        """Pairs over one prompt whose completions they share: each completion is stored once, at the
+        first pair that uses it (W5 with shared completions, FORMAT.md §7.6)."""
+        ps = self.prompt_start(prompt)
+        stored: dict[int, int] = {}
+        for ci, ri in pairs:
+            for k in (ci, ri):
+                if k not in stored:
+                    stored[k] = self._append_tokens(completions[k])
+            for spill, v in zip(self.cols, (ps, stored[ci], stored[ri], len(prompt), len(completions[ci]),
+                                            len(completions[ri]))):
+                spill.append(v)
+        for k, spill in self.extra.items():
+            spill.extend(np.asarray(columns[k], dtype=spill.dtype))
+
     def add_batch(self, tokens: np.ndarray, off: np.ndarray, lens: list[list[int]], i0: int, n: int,
                   shard_bytes: int, columns: Mapping[str, np.ndarray]) -> int:
         """Append pairs ``i0, i0+1, ...`` of a batch until the shard is full; returns the next pair.
@@ -467,7 +483,14 @@ class Writer:
     def add_checked(self, p: np.ndarray, c: np.ndarray, r: np.ndarray,
                     columns: Mapping[str, Any] = {}) -> int:
         """Append a pair whose segments already passed :func:`check_ids` (int64, non-empty)."""
-        hi = max(int(p.max()), int(c.max()), int(r.max()))
+        self._see_max(max(int(p.max()), int(c.max()), int(r.max())))
+        sw = self._shard_for(len(p) + len(c) + len(r))
+        sw.add(p, c, r, columns)
+        self.num_pairs += 1
+        return self.num_pairs - 1
+
+    def _see_max(self, hi: int) -> None:
+        """Record the largest id so far; widen uint16 to uint32 when an id needs it."""
         if hi > self.max_id:
             self.max_id = hi
             if self.vocab_size is None and hi >= fmt.UINT16_MAX_VOCAB and self.dtype == "uint16":
@@ -475,10 +498,34 @@ class Writer:
                 if self.current is not None:
                     self.current.widen()
                 self.shards = [_widen_closed(self.tmp, s) for s in self.shards]
-        sw = self._shard_for(len(p) + len(c) + len(r))
-        sw.add(p, c, r, columns)
-        self.num_pairs += 1
-        return self.num_pairs - 1
+
+    def add_group(self, prompt: np.ndarray, completions: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]],
+                  columns: Mapping[str, Sequence[Any]] | None = None) -> None:
+        """Append pairs that share one prompt and a set of completions, each completion stored once.
+
+        The multi-completion layout (FORMAT.md §7.6): pair ``k`` is ``(prompt, completions[i],
+        completions[j])`` for ``(i, j) = pairs[k]``; a completion is written at the first pair that
+        uses it and later pairs point at it. All the group's pairs go into one shard.
+
+        Args:
+            prompt: int64 ids, checked (:func:`check_ids`), non-empty.
+            completions: int64 id arrays, checked, non-empty; the distinct completions.
+            pairs: ``(chosen index, rejected index)`` per pair.
+            columns: per declared column, one value per pair.
+        """
+        if self._closed:
+            raise ValueError("writer is closed")
+        if not pairs:
+            return
+        columns = dict(columns or {})
+        if set(columns) != set(self.columns):
+            raise ValueError(f"columns given {sorted(columns)} differ from declared {sorted(self.columns)}")
+        used = sorted({k for pr in pairs for k in pr})
+        self._see_max(max([int(prompt.max())] + [int(completions[k].max()) for k in used]))
+        _check_finite(self.columns, {k: np.asarray(v) for k, v in columns.items()}, self.num_pairs)
+        sw = self._shard_for(len(prompt) + sum(len(completions[k]) for k in used))
+        sw.add_group(prompt, completions, pairs, columns)
+        self.num_pairs += len(pairs)
 
     def add_batch(self, tokens: np.ndarray, lengths: np.ndarray,
                   columns: Mapping[str, np.ndarray] | None = None) -> None:
