@@ -1,7 +1,8 @@
-/* pairpack._native: the three hot loops of pairpack, in C.
+/* pairpack._native: the four hot loops of pairpack, in C.
  *
  *   take      locate a batch's pairs and bounds-check every segment (twin: read/dataset.py, Dataset.take)
  *   assemble  write a batch's int64 rows and masks in one pass, GIL released (twin: batch/triplets.py)
+ *   layout    write a batch in the packed or prefix_shared layout in one pass (twin: batch/layouts.py)
  *   scan_ids  a strict JSONL reader for pre-tokenized records that hands any line it is not sure of
  *             to the exact Python path (twin: ingest/build.py)
  *
@@ -109,6 +110,97 @@ static inline void fill64(int64_t *dst, int64_t value, int64_t len) {
     for (int64_t j = 0; j < len; j++) dst[j] = value;
 }
 
+/* The coordinates both batch writers (assemble, layout) take: B pairs, each with a shard, a
+ * prompt segment and two completion segments. Parsed and released in one place; coords_check
+ * bounds-checks one pair before anything is written. */
+typedef struct {
+    Lazy sh;
+    Py_buffer ps, pl, cs, cl, sof;
+    Py_ssize_t B, nshards, itemsize;
+    const int64_t *P0, *PL, *C0, *CL, *SOF;
+} Coords;
+
+static int coords_init(Coords *k, PyObject *shard_seq, PyObject *shard_of_obj, PyObject *ps_obj, PyObject *pl_obj,
+                       PyObject *cs_obj, PyObject *cl_obj) {
+    memset(k, 0, sizeof(*k));
+    if (!PyTuple_Check(shard_seq) || PyTuple_GET_SIZE(shard_seq) < 1) {
+        PyErr_SetString(PyExc_TypeError, "shards must be a non-empty tuple of token buffers");
+        return -1;
+    }
+    k->nshards = PyTuple_GET_SIZE(shard_seq);
+    /* only the shards the batch uses are acquired (a dataset may have hundreds) */
+    if (lazy_init(&k->sh, shard_seq, "shards") < 0) return -1;
+    /* B comes from prompt_start's size; every other buffer is checked against it */
+    if (get_exact(ps_obj, &k->ps, -1, 8, 0, "prompt_start") < 0) return -1;
+    Py_ssize_t B = k->B = k->ps.len / 8;
+    if (get_exact(pl_obj, &k->pl, 8 * B, 8, 0, "prompt_len") < 0) return -1;
+    if (get_exact(cs_obj, &k->cs, 16 * B, 8, 0, "completion_start") < 0) return -1;
+    if (get_exact(cl_obj, &k->cl, 16 * B, 8, 0, "completion_len") < 0) return -1;
+    if (shard_of_obj != Py_None) {
+        if (get_exact(shard_of_obj, &k->sof, 8 * B, 8, 0, "shard_of") < 0) return -1;
+        k->SOF = k->sof.buf;
+    } else if (k->nshards != 1) {
+        PyErr_SetString(PyExc_ValueError, "shard_of is required with more than one shard");
+        return -1;
+    }
+    k->P0 = k->ps.buf;
+    k->PL = k->pl.buf;
+    k->C0 = k->cs.buf;
+    k->CL = k->cl.buf;
+    return 0;
+}
+
+/* Pair i: its shard in range and of the batch's item width, its three segments inside it. */
+static int coords_check(Coords *k, Py_ssize_t i) {
+    int64_t s = k->SOF ? k->SOF[i] : 0;
+    if (s < 0 || s >= k->nshards) {
+        PyErr_Format(PyExc_ValueError, "pair %zd: shard %lld out of range", i, (long long)s);
+        return -1;
+    }
+    Py_buffer *v = lazy_get(&k->sh, s);
+    if (v == NULL) return -1;
+    if ((v->itemsize != 2 && v->itemsize != 4) || (k->itemsize && v->itemsize != k->itemsize)) {
+        PyErr_Format(PyExc_ValueError, "shards[%lld]: itemsize %zd (all shards must be uint16 or all uint32)",
+                     (long long)s, v->itemsize);
+        return -1;
+    }
+    k->itemsize = v->itemsize;
+    int64_t len = v->len / v->itemsize, B = k->B;
+    int64_t segs[3][2] = {{k->P0[i], k->PL[i]}, {k->C0[i], k->CL[i]}, {k->C0[B + i], k->CL[B + i]}};
+    for (int g = 0; g < 3; g++) {
+        int64_t a = segs[g][0], l = segs[g][1];
+        if (a < 0 || l < 0 || a > len || l > len - a) {
+            PyErr_Format(PyExc_ValueError, "pair %zd: segment %d [%lld, +%lld) outside shard of %lld tokens", i, g,
+                         (long long)a, (long long)l, (long long)len);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The token buffer of pair i (after coords_check). */
+static inline const char *coords_src(const Coords *k, Py_ssize_t i) {
+    return k->sh.views[k->SOF ? k->SOF[i] : 0].buf;
+}
+
+/* Ask early for pair i's segments in `mask` (bit 0 prompt, 1 chosen, 2 rejected): they start at
+ * random places in the shard. */
+static inline void coords_prefetch(const Coords *k, Py_ssize_t i, int mask) {
+    const char *src = coords_src(k, i);
+    Py_ssize_t w = k->itemsize, B = k->B;
+    int64_t a[3] = {k->P0[i], k->C0[i], k->C0[B + i]}, l[3] = {k->PL[i], k->CL[i], k->CL[B + i]};
+    for (int g = 0; g < 3; g++)
+        if (mask & (1 << g))
+            for (int64_t q = 0; q < l[g] * w; q += 64) PREFETCH(src + a[g] * w + q);
+}
+
+static void coords_release(Coords *k) {
+    lazy_release(&k->sh);
+    Py_buffer *v[5] = {&k->ps, &k->pl, &k->cs, &k->cl, &k->sof};
+    for (int j = 0; j < 5; j++)
+        if (v[j]->obj) PyBuffer_Release(v[j]);
+}
+
 PyDoc_STRVAR(assemble_doc,
 "assemble(shards, shard_of, prompt_start, prompt_len, completion_start, completion_len, n, pad_id, out, masks)\n"
 "\n"
@@ -129,36 +221,17 @@ static PyObject *native_assemble(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOOOnLOO", &shard_seq, &shard_of_obj, &ps_obj, &pl_obj, &cs_obj, &cl_obj, &n,
                           &pad, &out_obj, &masks_obj))
         return NULL;
-    if (!PyTuple_Check(shard_seq) || PyTuple_GET_SIZE(shard_seq) < 1) {
-        PyErr_SetString(PyExc_TypeError, "shards must be a non-empty tuple of token buffers");
-        return NULL;
-    }
     if (n < 0) {
         PyErr_SetString(PyExc_ValueError, "n must be >= 0");
         return NULL;
     }
-    Lazy sh = {0};
-    Py_buffer ps = {0}, pl = {0}, cs = {0}, cl = {0}, sof = {0}, out = {0}, masks = {0};
-    int have_sof = 0, have_masks = 0, ok = 0;
-    Py_ssize_t nshards = PyTuple_GET_SIZE(shard_seq);
-    Py_ssize_t itemsize = 0;
-    /* only the shards the batch uses are acquired (a dataset may have hundreds) */
-    if (lazy_init(&sh, shard_seq, "shards") < 0) goto done;
-    /* B comes from prompt_start's size; every other buffer is checked against it */
-    if (get_exact(ps_obj, &ps, -1, 8, 0, "prompt_start") < 0) goto done;
-    Py_ssize_t B = ps.len / 8;
+    Coords k;
+    Py_buffer out = {0}, masks = {0};
+    int have_masks = 0, ok = 0;
+    if (coords_init(&k, shard_seq, shard_of_obj, ps_obj, pl_obj, cs_obj, cl_obj) < 0) goto done;
+    Py_ssize_t B = k.B;
     if (n > 0 && B > PY_SSIZE_T_MAX / 16 / n) {
         PyErr_SetString(PyExc_OverflowError, "batch too large");
-        goto done;
-    }
-    if (get_exact(pl_obj, &pl, 8 * B, 8, 0, "prompt_len") < 0) goto done;
-    if (get_exact(cs_obj, &cs, 16 * B, 8, 0, "completion_start") < 0) goto done;
-    if (get_exact(cl_obj, &cl, 16 * B, 8, 0, "completion_len") < 0) goto done;
-    if (shard_of_obj != Py_None) {
-        if (get_exact(shard_of_obj, &sof, 8 * B, 8, 0, "shard_of") < 0) goto done;
-        have_sof = 1;
-    } else if (nshards != 1) {
-        PyErr_SetString(PyExc_ValueError, "shard_of is required with more than one shard");
         goto done;
     }
     if (get_exact(out_obj, &out, 16 * B * n, 8, 1, "out") < 0) goto done;
@@ -166,34 +239,10 @@ static PyObject *native_assemble(PyObject *self, PyObject *args) {
         if (get_exact(masks_obj, &masks, 3 * B * n, 1, 1, "masks") < 0) goto done;
         have_masks = 1;
     }
-
-    const int64_t *P0 = ps.buf, *PL = pl.buf, *C0 = cs.buf, *CL = cl.buf;
-    const int64_t *SOF = have_sof ? sof.buf : NULL;
+    const int64_t *P0 = k.P0, *PL = k.PL, *C0 = k.C0, *CL = k.CL;
     /* every coordinate checked before any byte is written */
     for (Py_ssize_t i = 0; i < B; i++) {
-        int64_t k = SOF ? SOF[i] : 0;
-        if (k < 0 || k >= nshards) {
-            PyErr_Format(PyExc_ValueError, "pair %zd: shard %lld out of range", i, (long long)k);
-            goto done;
-        }
-        Py_buffer *v = lazy_get(&sh, k);
-        if (v == NULL) goto done;
-        if ((v->itemsize != 2 && v->itemsize != 4) || (itemsize && v->itemsize != itemsize)) {
-            PyErr_Format(PyExc_ValueError, "shards[%lld]: itemsize %zd (all shards must be uint16 or all uint32)",
-                         (long long)k, v->itemsize);
-            goto done;
-        }
-        itemsize = v->itemsize;
-        int64_t len = v->len / itemsize;
-        int64_t segs[3][2] = {{P0[i], PL[i]}, {C0[i], CL[i]}, {C0[B + i], CL[B + i]}};
-        for (int g = 0; g < 3; g++) {
-            int64_t a = segs[g][0], l = segs[g][1];
-            if (a < 0 || l < 0 || a > len || l > len - a) {
-                PyErr_Format(PyExc_ValueError, "pair %zd: segment %d [%lld, +%lld) outside shard of %lld tokens", i,
-                             g, (long long)a, (long long)l, (long long)len);
-                goto done;
-            }
-        }
+        if (coords_check(&k, i) < 0) goto done;
         if (PL[i] > n - CL[i] || PL[i] > n - CL[B + i]) {
             PyErr_Format(PyExc_ValueError, "pair %zd: row longer than n = %zd", i, n);
             goto done;
@@ -204,17 +253,11 @@ static PyObject *native_assemble(PyObject *self, PyObject *args) {
     int64_t *o = out.buf;
     for (int s = 0; s < 2; s++) {
         for (Py_ssize_t i = 0; i < B; i++) {
-            const void *src = sh.views[SOF ? SOF[i] : 0].buf;
+            const void *src = coords_src(&k, i);
             int64_t *row = o + ((int64_t)s * B + i) * n;
-            if (i + 1 < B) { /* the next row's segments start at random places: ask for them early */
-                const char *nsrc = sh.views[SOF ? SOF[i + 1] : 0].buf;
-                const char *a = nsrc + P0[i + 1] * itemsize, *c = nsrc + C0[s * B + i + 1] * itemsize;
-                int64_t la = PL[i + 1] * itemsize, lc = CL[s * B + i + 1] * itemsize;
-                if (s == 0) for (int64_t q = 0; q < la; q += 64) PREFETCH(a + q);
-                for (int64_t q = 0; q < lc; q += 64) PREFETCH(c + q);
-            }
+            if (i + 1 < B) coords_prefetch(&k, i + 1, s == 0 ? 3 : 4); /* the prompt is read with chosen */
             int64_t p = PL[i], c = CL[s * B + i];
-            if (itemsize == 2) {
+            if (k.itemsize == 2) {
                 widen_u16(row, src, P0[i], p);
                 widen_u16(row + p, src, C0[s * B + i], c);
             } else {
@@ -239,16 +282,219 @@ static PyObject *native_assemble(PyObject *self, PyObject *args) {
     ok = 1;
 
 done:
-    lazy_release(&sh);
-    if (ps.obj) PyBuffer_Release(&ps);
-    if (pl.obj) PyBuffer_Release(&pl);
-    if (cs.obj) PyBuffer_Release(&cs);
-    if (cl.obj) PyBuffer_Release(&cl);
-    if (sof.obj) PyBuffer_Release(&sof);
+    coords_release(&k);
     if (out.obj) PyBuffer_Release(&out);
     if (masks.obj) PyBuffer_Release(&masks);
     if (!ok) return NULL;
     Py_RETURN_NONE;
+}
+
+
+/* The layout kernel's per-token stores, each on its own restrict pointers so the compiler
+ * vectorises them (one int64 output could otherwise alias another). */
+static inline void iota64(int64_t *restrict d, int64_t v0, int64_t n) {
+    for (int64_t j = 0; j < n; j++) d[j] = v0 + j;
+}
+static inline void fill32(int32_t *restrict d, int32_t v, int64_t n) {
+    for (int64_t j = 0; j < n; j++) d[j] = v;
+}
+static inline void copy64(int64_t *restrict d, const int64_t *restrict s, int64_t n) {
+    memcpy(d, s, (size_t)n * 8);
+}
+
+PyDoc_STRVAR(layout_doc,
+"layout(shards, shard_of, prompt_start, prompt_len, completion_start, completion_len, rows, shared, pad_id, outs)\n"
+"    -> int\n"
+"\n"
+"Write a batch of B pairs in the packed (shared = 0) or prefix_shared (shared = 1) layout (twin:\n"
+"batch/layouts.py, build). Inputs as for assemble; rows: int64 (R + 1,) pair boundaries of the rows\n"
+"(0 = rows[0] <= ... <= rows[R] = B). outs: tuple of 13 writable C-contiguous buffers, in order:\n"
+"input_ids int64 (R, T), position_ids int64 (R, T), sequence_ids int32 (R, T), token_part int8 (R, T),\n"
+"attention_mask 1-byte (R, T), score_index int64 (2, N), score_labels int64 (N,), score_pair int64 (N,),\n"
+"score_side int8 (N,), cu_seqlens int32 (S + 1,), sequence_pair int64 (S,), sequence_side int8 (S,),\n"
+"completion_span int64 (S, 2); N = sum(C + R), S = B (shared) or 2 B, T from input_ids' size.\n"
+"Returns the longest sequence (max_seqlen). Raises ValueError (nothing written) if a segment lies\n"
+"outside its buffer, the rows are not boundaries of the B pairs, a row is longer than T, or a buffer\n"
+"has the wrong size.");
+
+#define LAYOUT_OUTS 13
+
+static PyObject *native_layout(PyObject *self, PyObject *args) {
+    PyObject *shard_seq, *shard_of_obj, *ps_obj, *pl_obj, *cs_obj, *cl_obj, *rows_obj, *outs_obj;
+    int shared;
+    long long pad;
+    if (!PyArg_ParseTuple(args, "OOOOOOOpLO", &shard_seq, &shard_of_obj, &ps_obj, &pl_obj, &cs_obj, &cl_obj,
+                          &rows_obj, &shared, &pad, &outs_obj))
+        return NULL;
+    if (!PyTuple_Check(outs_obj) || PyTuple_GET_SIZE(outs_obj) != LAYOUT_OUTS) {
+        PyErr_SetString(PyExc_TypeError, "outs must be a tuple of 13 buffers");
+        return NULL;
+    }
+    Coords k;
+    Py_buffer rw = {0};
+    Py_buffer o[LAYOUT_OUTS];
+    memset(o, 0, sizeof(o));
+    int ok = 0;
+    long long longest = 0;
+    if (coords_init(&k, shard_seq, shard_of_obj, ps_obj, pl_obj, cs_obj, cl_obj) < 0) goto done;
+    Py_ssize_t B = k.B;
+    if (get_exact(rows_obj, &rw, -1, 8, 0, "rows") < 0) goto done;
+    Py_ssize_t R = rw.len / 8 - 1;
+    const int64_t *P0 = k.P0, *PL = k.PL, *C0 = k.C0, *CL = k.CL, *RW = rw.buf;
+    if (R < 0 || RW[0] != 0 || RW[R] != B) {
+        PyErr_SetString(PyExc_ValueError, "rows must run from 0 to the pair count");
+        goto done;
+    }
+    for (Py_ssize_t r = 0; r < R; r++)
+        if (RW[r + 1] < RW[r]) {
+            PyErr_Format(PyExc_ValueError, "rows decrease at row %zd", r);
+            goto done;
+        }
+    /* every coordinate checked, and every sum formed, before any byte is written */
+    int64_t nscore = 0, longest_row = 0;
+    for (Py_ssize_t r = 0; r < R; r++) {
+        int64_t row = 0;
+        for (int64_t i = RW[r]; i < RW[r + 1]; i++) {
+            if (coords_check(&k, i) < 0) goto done;
+            /* each length is below 2^62 (inside a buffer), so these sums cannot overflow */
+            int64_t p = PL[i], c = CL[i], q = CL[B + i];
+            int64_t need = shared ? p + c + q : 2 * p + c + q;
+            int64_t seq = shared ? p + c + q : (c > q ? p + c : p + q);
+            if (seq > longest) longest = seq;
+            if (need > INT64_MAX / 4 - row || c + q > INT64_MAX / 4 - nscore) {
+                PyErr_SetString(PyExc_OverflowError, "batch too large");
+                goto done;
+            }
+            row += need;
+            nscore += c + q;
+        }
+        if (row > longest_row) longest_row = row;
+    }
+    if (nscore > PY_SSIZE_T_MAX / 16) {
+        PyErr_SetString(PyExc_OverflowError, "batch too large");
+        goto done;
+    }
+    Py_ssize_t S = shared ? B : 2 * B;
+    Py_ssize_t sizes[LAYOUT_OUTS] = {-1, -1, -1, -1, -1, 16 * nscore, 8 * nscore, 8 * nscore, nscore,
+                                     4 * (S + 1), 8 * S, S, 16 * S};
+    Py_ssize_t items[LAYOUT_OUTS] = {8, 8, 4, 1, 1, 8, 8, 8, 1, 4, 8, 1, 8};
+    static const char *names[LAYOUT_OUTS] = {"input_ids", "position_ids", "sequence_ids", "token_part",
+                                             "attention_mask", "score_index", "score_labels", "score_pair",
+                                             "score_side", "cu_seqlens", "sequence_pair", "sequence_side",
+                                             "completion_span"};
+    if (get_exact(PyTuple_GET_ITEM(outs_obj, 0), &o[0], -1, 8, 1, names[0]) < 0) goto done;
+    if (R == 0 ? o[0].len != 0 : (o[0].len / 8) % R != 0) {
+        PyErr_SetString(PyExc_ValueError, "input_ids: size is not a multiple of the row count");
+        goto done;
+    }
+    int64_t T = R ? (int64_t)(o[0].len / 8 / R) : 0;
+    if (longest_row > T) {
+        PyErr_Format(PyExc_ValueError, "a row of %lld tokens is longer than T = %lld", (long long)longest_row,
+                     (long long)T);
+        goto done;
+    }
+    int64_t RT = (int64_t)R * T;
+    sizes[0] = 8 * RT;
+    sizes[1] = 8 * RT;
+    sizes[2] = 4 * RT;
+    sizes[3] = RT;
+    sizes[4] = RT;
+    for (int j = 1; j < LAYOUT_OUTS; j++)
+        if (get_exact(PyTuple_GET_ITEM(outs_obj, j), &o[j], sizes[j], items[j], 1, names[j]) < 0) goto done;
+
+    Py_BEGIN_ALLOW_THREADS
+    int64_t *ids = o[0].buf, *pos = o[1].buf, *sidx = o[5].buf, *slab = o[6].buf, *spr = o[7].buf;
+    int32_t *sq = o[2].buf, *cu = o[9].buf;
+    int8_t *part = o[3].buf, *sside = o[8].buf, *qside = o[11].buf;
+    uint8_t *am = o[4].buf;
+    int64_t *qpair = o[10].buf, *span = o[12].buf;
+    int64_t n = 0, cum = 0; /* score entries written; cumulative sequence length */
+    cu[0] = 0;
+    for (Py_ssize_t r = 0; r < R; r++) {
+        int64_t base = (int64_t)r * T, col = 0;
+        for (int64_t i = RW[r]; i < RW[r + 1]; i++) {
+            const void *src = coords_src(&k, i);
+            if (i + 1 < B) coords_prefetch(&k, i + 1, 7);
+            int64_t p = PL[i], lens[2] = {CL[i], CL[B + i]}, starts[2] = {C0[i], C0[B + i]};
+            /* segments: shared [prompt][chosen][rejected]; packed [prompt][chosen][prompt][rejected] */
+            int nseg = shared ? 3 : 4;
+            int64_t sa[4], sl[4], sp0[4];
+            int32_t sid[4];
+            int8_t spart[4];
+            if (shared) {
+                int64_t a[3] = {P0[i], starts[0], starts[1]}, l[3] = {p, lens[0], lens[1]}, z[3] = {0, p, p};
+                int8_t t[3] = {0, 1, 2};
+                for (int g = 0; g < 3; g++) { sa[g] = a[g]; sl[g] = l[g]; sp0[g] = z[g]; spart[g] = t[g]; sid[g] = (int32_t)i; }
+            } else {
+                int64_t a[4] = {P0[i], starts[0], P0[i], starts[1]}, l[4] = {p, lens[0], p, lens[1]};
+                int64_t z[4] = {0, p, 0, p};
+                int8_t t[4] = {0, 1, 0, 2};
+                for (int g = 0; g < 4; g++) {
+                    sa[g] = a[g]; sl[g] = l[g]; sp0[g] = z[g]; spart[g] = t[g]; sid[g] = (int32_t)(2 * i + g / 2);
+                }
+            }
+            int64_t segcol[4];
+            for (int g = 0; g < nseg; g++) {
+                int64_t at = base + col, l = sl[g];
+                segcol[g] = col;
+                if (k.itemsize == 2) widen_u16(ids + at, src, sa[g], l);
+                else widen_u32(ids + at, src, sa[g], l);
+                iota64(pos + at, sp0[g], l);
+                fill32(sq + at, sid[g], l);
+                memset(part + at, spart[g], (size_t)l);
+                memset(am + at, 1, (size_t)l);
+                col += l;
+            }
+            /* scores, ordered (pair, side, token): the logit one column before each completion token;
+             * shared: the first rejected token is predicted by the last prompt column */
+            for (int s = 0; s < 2; s++) {
+                int g = shared ? 1 + s : 1 + 2 * s;
+                int64_t l = sl[g], c0 = segcol[g];
+                fill64(sidx + n, r, l);
+                iota64(sidx + nscore + n, c0 - 1, l);
+                copy64(slab + n, ids + base + c0, l);
+                fill64(spr + n, i, l);
+                memset(sside + n, s, (size_t)(l > 0 ? l : 0));
+                if (shared && s == 1 && l > 0) sidx[nscore + n] = segcol[0] + p - 1;
+                n += l;
+            }
+            if (shared) {
+                int64_t len = p + lens[0] + lens[1];
+                cum += len;
+                cu[i + 1] = (int32_t)cum;
+                qpair[i] = i;
+                qside[i] = -1;
+                span[2 * i] = p;
+                span[2 * i + 1] = len;
+            } else {
+                for (int s = 0; s < 2; s++) {
+                    int64_t len = p + lens[s];
+                    cum += len;
+                    cu[2 * i + s + 1] = (int32_t)cum;
+                    qpair[2 * i + s] = i;
+                    qside[2 * i + s] = (int8_t)s;
+                    span[4 * i + 2 * s] = p;
+                    span[4 * i + 2 * s + 1] = len;
+                }
+            }
+        }
+        int64_t rest = T - col, at = base + col;
+        fill64(ids + at, (int64_t)pad, rest);
+        fill64(pos + at, 0, rest);
+        fill32(sq + at, -1, rest);
+        memset(part + at, 0xFF, (size_t)rest);
+        memset(am + at, 0, (size_t)rest);
+    }
+    Py_END_ALLOW_THREADS
+    ok = 1;
+
+done:
+    coords_release(&k);
+    if (rw.obj) PyBuffer_Release(&rw);
+    for (int j = 0; j < LAYOUT_OUTS; j++)
+        if (o[j].obj) PyBuffer_Release(&o[j]);
+    if (!ok) return NULL;
+    return PyLong_FromLongLong(longest);
 }
 
 
@@ -729,6 +975,7 @@ static PyMethodDef methods[] = {
     {"scan_ids", native_scan_ids, METH_VARARGS, scan_ids_doc},
     {"take", native_take, METH_VARARGS, take_doc},
     {"assemble", native_assemble, METH_VARARGS, assemble_doc},
+    {"layout", native_layout, METH_VARARGS, layout_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -243,6 +243,130 @@ def test_kernel_take_checks_every_pair(t: int, n_pairs: int, cells: list[int], r
     assert longest == (int(max((l_[0] + l_[1]).max(), (l_[0] + l_[2]).max())) if len(g) else 0)
 
 
+# --- layouts: the packed / prefix_shared builder (batch/layouts.py) ------------------------------
+def assert_same_packed(a, b) -> None:
+    """Every field of two PackedBatches equal: tensors in dtype, shape and value; the rest exactly."""
+    from dataclasses import fields as dc_fields
+
+    for f in dc_fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), f.name
+            assert x.is_contiguous(), f.name
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f.name
+        else:
+            assert x == y, f.name
+
+
+@needs_native
+@given(plan=plans(), layout=st.sampled_from(["packed", "prefix_shared"]),
+       row=st.sampled_from([None, 0, 40, 80, 160, 1000]))
+@example(plan=dict(tokens=[np.arange(6, dtype=np.uint16)] * 2, prompt_starts=np.array([0, 1]),
+                   prompt_lengths=np.array([2, 1]), completion_starts=np.array([[2, 3], [4, 0]]),
+                   completion_lengths=np.array([[1, 0], [0, 2]]), pad_id=65535, pad_to_multiple_of=8,
+                   indices=np.array([3, 4]), columns={}), layout="prefix_shared", row=4)  # empty completions
+def test_layout_paths_agree(plan: dict, layout: str, row: int | None) -> None:
+    """The C builder (``_native.layout``) and its numpy twin give the same PackedBatch, field for
+    field, over any coordinates, dtypes, pad ids, row bounds and multiples (or the same error:
+    a pair over the row bound, a pad_id the dtype cannot hold)."""
+    from pairpack.batch.layouts import build
+    from pairpack.batch.options import PlanOptions
+    from pairpack.batch.plan import BatchPlan
+
+    bp = BatchPlan(plan["tokens"], plan["prompt_starts"], plan["prompt_lengths"], plan["completion_starts"],
+                   plan["completion_lengths"], plan["indices"], plan["columns"])
+    opts = PlanOptions(layout=layout, max_row_tokens=row, pad_to_multiple_of=plan["pad_to_multiple_of"])
+    got = _result_or_error(build, plan=bp, pad_id=plan["pad_id"], options=opts)
+    with numpy_path():
+        ref = _result_or_error(build, plan=bp, pad_id=plan["pad_id"], options=opts)
+    if isinstance(ref, tuple) or isinstance(got, tuple):
+        assert type(got) is tuple and type(ref) is tuple and got[0] is ref[0], (got, ref)
+    else:
+        assert_same_packed(got, ref)
+
+
+def _layout_outs(r: int, t: int, n: int, s: int) -> tuple[np.ndarray, ...]:
+    e = np.full
+    return (e((r, t), -7, np.int64), e((r, t), -7, np.int64), e((r, t), -7, np.int32), e((r, t), -7, np.int8),
+            np.zeros((r, t), np.bool_), e((2, n), -7, np.int64), e(n, -7, np.int64), e(n, -7, np.int64),
+            e(n, -7, np.int8), e(s + 1, -7, np.int32), e(s, -7, np.int64), e(s, -7, np.int8), e((s, 2), -7, np.int64))
+
+
+@needs_native
+@given(t=st.integers(0, 30), rows=st.lists(st.tuples(*[coords] * 6), min_size=1, max_size=4),
+       shared=st.booleans(), extra=st.integers(0, 3), dtype=st.sampled_from([np.uint16, np.uint32]))
+@example(t=10, rows=[(9, 2, 0, 1, 0, 1)], shared=True, extra=0, dtype=np.uint16)  # one token past the end
+@example(t=10, rows=[(2**63 - 1, 2**63 - 1, 0, 1, 0, 1)], shared=False, extra=0, dtype=np.uint32)
+@example(t=10, rows=[(0, 2**62, 0, 2**62, 0, 2**62)], shared=True, extra=0, dtype=np.uint16)  # huge lengths
+def test_kernel_layout_never_reads_outside(t: int, rows: list, shared: bool, extra: int, dtype: type) -> None:
+    """layout() on one shard with arbitrary coordinates, all pairs in one row: a segment outside
+    the buffer is a ValueError with nothing written; otherwise the numpy twin's bytes."""
+    from pairpack.batch.layouts import build
+    from pairpack.batch.options import PlanOptions
+    from pairpack.batch.plan import BatchPlan
+
+    tok = np.arange(100, 100 + t).astype(dtype)
+    a = np.array(rows, dtype=np.int64).T
+    ps, pl, cs, cl = a[0].copy(), a[1].copy(), a[[2, 4]].copy(), a[[3, 5]].copy()
+    b = len(ps)
+    inside = all(0 <= s <= t and 0 <= ln <= t - s for s, ln in
+                 [(ps[i], pl[i]) for i in range(b)] + [(cs[k][i], cl[k][i]) for k in (0, 1) for i in range(b)])
+    if not inside:
+        # sized as if the coordinates were honest: whatever the sizes, nothing is read or written
+        outs = _layout_outs(1, 8, 4, b if shared else 2 * b)
+        before = [o.copy() for o in outs]
+        with pytest.raises((ValueError, OverflowError)):
+            native.layout((tok,), None, ps, pl, cs, cl, np.array([0, b], dtype=np.int64), shared, 0, outs)
+        assert all(np.array_equal(o, x) for o, x in zip(outs, before))
+        return
+    need = (pl + cl.sum(0)) if shared else (2 * pl + cl.sum(0))
+    width = int(need.sum()) + extra
+    outs = _layout_outs(1, width, int(cl.sum()), b if shared else 2 * b)
+    longest = native.layout((tok,), None, ps, pl, cs, cl, np.array([0, b], dtype=np.int64), shared, 3, outs)
+    with numpy_path():
+        ref = build(BatchPlan([tok] * b, ps, pl, cs, cl, np.arange(b)), 3,
+                    PlanOptions(layout="prefix_shared" if shared else "packed"))
+    names = ("input_ids", "position_ids", "sequence_ids", "token_part", "attention_mask", "score_index",
+             "score_labels", "score_pair", "score_side", "cu_seqlens", "sequence_pair", "sequence_side",
+             "completion_span")
+    for name, o in zip(names, outs):
+        r = getattr(ref, name).numpy()
+        if name in names[:5]:
+            o = o[:, :r.shape[1]]
+            assert (outs[4][:, r.shape[1]:] == 0).all()  # the extra columns are padding
+        assert np.array_equal(o, r), name
+    assert longest == ref.max_seqlen
+
+
+@needs_native
+def test_kernel_layout_rejects_malformed_arguments() -> None:
+    tok = np.arange(10, dtype=np.uint16)
+    one = np.ones(1, dtype=np.int64)
+    z2 = np.zeros((2, 1), dtype=np.int64)
+    rows = np.array([0, 1], dtype=np.int64)
+    ok = ((tok,), None, one * 0, one, z2, z2 + 1, rows, False, 0, _layout_outs(1, 4, 2, 2))
+    native.layout(*ok)
+    bad = {
+        0: ((), TypeError), 1: (np.array([1], dtype=np.int64), ValueError),  # shard 1 of 1
+        3: (np.ones(2, dtype=np.int64), ValueError),  # prompt lengths of the wrong size
+        6: (np.array([0, 2], dtype=np.int64), ValueError),  # rows past the pair count
+        9: (_layout_outs(1, 3, 2, 2), ValueError),  # a row of 4 tokens in T = 3
+    }
+    for pos, (value, err) in bad.items():
+        args = list(ok)
+        args[pos] = value
+        with pytest.raises(err):
+            native.layout(*args)
+    outs = list(_layout_outs(1, 4, 2, 2))
+    outs[6] = np.empty(3, np.int64)  # score_labels of the wrong size
+    with pytest.raises(ValueError, match="score_labels"):
+        native.layout(*ok[:9], tuple(outs))
+    with pytest.raises(ValueError, match="rows decrease"):
+        native.layout(*ok[:6], np.array([0, 2, 1, 1], dtype=np.int64), False, 0, _layout_outs(3, 4, 2, 2))
+    with pytest.raises(TypeError, match="13 buffers"):
+        native.layout(*ok[:9], ok[9][:12])
+
 # --- the C JSONL reader of `pairpack build` ------------------------------------------------------
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))

@@ -22,7 +22,8 @@ iff same row, equal ``sequence_ids >= 0``, ``k <= q``, and not (``q`` rejected a
 chosen); a padding query attends only to itself (no empty softmax row).
 
 Shape legend: ``B`` pairs, ``R`` rows, ``T`` row length, ``S`` sequences, ``N`` scored tokens.
-Built vectorised from the plan's coordinates (one gather per token array, no loop per token).
+Built in one pass of the C kernel ``_native.layout`` where it is compiled, else vectorised from the
+plan's coordinates (one gather per token array, no loop per token): same bytes either way.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from .. import _accel
+from .._accel import native_applies
 from ..errors import DeviceError
 from ..format.spec import round_up
 from .options import PlanOptions
@@ -166,15 +169,60 @@ def build(plan: "BatchPlan", pad_id: int, options: PlanOptions) -> PackedBatch:
     ``options.row_bound()`` (the planner packed the same way, so a planned batch fits its budget);
     raises :class:`~pairpack.batch.options.OversizeError` for a pair over the row bound.
 
-    Per token, a handful of whole-array passes: the source index and the position are
-    ``repeat(per-segment base, lengths) + arange``; the real tokens of the ``(R, T)`` arrays are
-    written in row-major order through one boolean mask (a plain slice when the batch is one row).
+    With the compiled kernels one C pass (``_native.layout``) writes every array; otherwise
+    :func:`_build_numpy`, its twin, gives the same bytes with a handful of whole-array passes.
     """
     shared = options.layout == "prefix_shared"
     b = len(plan)
     i64 = np.int64
     p = np.asarray(plan.prompt_lengths, dtype=i64).reshape(-1)
     cl = np.asarray(plan.completion_lengths, dtype=i64).reshape(2, b)
+    need = (p + cl[0] + cl[1]) if shared else (2 * p + cl[0] + cl[1])
+    rows = pack_rows(need, options.row_bound())
+    nrows = len(rows) - 1
+    if nrows <= 1:
+        longest_row = int(need.sum())
+    else:
+        csum = np.concatenate([[0], np.cumsum(need)])
+        longest_row = int((csum[rows[1:]] - csum[rows[:-1]]).max())
+    t = int(round_up(longest_row, options.pad_to_multiple_of))
+    nat = _accel.native
+    if nat is not None and b:
+        shards, shard_of = (plan.shards, plan.shard_of) if plan.shards is not None else shards_of(plan.tokens)
+        if native_applies(shards, pad_id):
+            return _build_native(nat, plan, shards, shard_of, p, cl, rows, t, pad_id, options)
+    return _build_numpy(plan, p, cl, need, rows, t, pad_id, options)
+
+
+def _build_native(nat: Any, plan: "BatchPlan", shards: tuple[np.ndarray, ...], shard_of: np.ndarray | None,
+                  p: np.ndarray, cl: np.ndarray, rows: np.ndarray, t: int, pad_id: int,
+                  options: PlanOptions) -> PackedBatch:
+    """:func:`build` through the C kernel (the caller checked :func:`~pairpack._accel.native_applies`):
+    every output allocated here, written in one pass there, the scoring map included."""
+    shared = options.layout == "prefix_shared"
+    b, nrows = len(p), len(rows) - 1
+    s = b if shared else 2 * b
+    n = int(cl.sum())
+    i64, e = np.int64, np.empty
+    outs = (e((nrows, t), i64), e((nrows, t), i64), e((nrows, t), np.int32), e((nrows, t), np.int8),
+            e((nrows, t), np.bool_), e((2, n), i64), e(n, i64), e(n, i64), e(n, np.int8), e(s + 1, np.int32),
+            e(s, i64), e(s, np.int8), e((s, 2), i64))
+    max_seqlen = nat.layout(shards, None if shard_of is None else np.ascontiguousarray(shard_of, dtype=i64),
+                            np.ascontiguousarray(plan.prompt_starts, dtype=i64), np.ascontiguousarray(p),
+                            np.ascontiguousarray(plan.completion_starts, dtype=i64).reshape(2, b),
+                            np.ascontiguousarray(cl), rows, shared, pad_id, outs)
+    return _batch(options.layout, outs, max_seqlen, plan, p, cl)
+
+
+def _build_numpy(plan: "BatchPlan", p: np.ndarray, cl: np.ndarray, need: np.ndarray, rows: np.ndarray, t: int,
+                 pad_id: int, options: PlanOptions) -> PackedBatch:
+    """:func:`build` in numpy (the C kernel's twin). Per token, a handful of whole-array passes: the
+    source index and the position are ``repeat(per-segment base, lengths) + arange``; the real
+    tokens of the ``(R, T)`` arrays are written in row-major order through one boolean mask (a
+    plain slice when the batch is one row)."""
+    shared = options.layout == "prefix_shared"
+    b = len(p)
+    i64 = np.int64
     c, r = cl[0], cl[1]
     ps = np.asarray(plan.prompt_starts, dtype=i64).reshape(-1)
     cs = np.asarray(plan.completion_starts, dtype=i64).reshape(2, b)
@@ -188,7 +236,6 @@ def build(plan: "BatchPlan", pad_id: int, options: PlanOptions) -> PackedBatch:
         seg_seq = np.repeat(np.arange(b, dtype=np.int32), 3)
         seg_part = np.tile(_SHARED_PARTS, b)
         seqlen = p + c + r
-        need = seqlen
     else:
         k = 4
         src0 = np.stack([ps, cs[0], ps, cs[1]], 1).reshape(-1)
@@ -197,13 +244,10 @@ def build(plan: "BatchPlan", pad_id: int, options: PlanOptions) -> PackedBatch:
         seg_seq = np.repeat(np.arange(2 * b, dtype=np.int32), 2)
         seg_part = np.tile(_PACKED_PARTS, b)
         seqlen = np.stack([p + c, p + r], 1).reshape(-1)
-        need = 2 * p + c + r
-    rows = pack_rows(need, options.row_bound())
     nrows = len(rows) - 1
     csum = np.concatenate([[0], np.cumsum(need)])
     row_len = csum[rows[1:]] - csum[rows[:-1]]
     total = int(csum[-1])
-    t = int(round_up(int(row_len.max()) if b else 0, options.pad_to_multiple_of))
 
     ends = np.cumsum(ln)
     start = ends - ln  # each segment's first token in the flat real-token order
@@ -256,16 +300,24 @@ def build(plan: "BatchPlan", pad_id: int, options: PlanOptions) -> PackedBatch:
         spair = pair_of
         sside = np.tile(np.array([0, 1], dtype=np.int8), b)
         span = np.stack([np.repeat(p, 2), seqlen], 1)
+    outs = (ids, posn, seq_ids, parts, am, score_index, flat_ids[tok_flat].astype(i64, copy=False), sc_pair,
+            np.repeat(np.tile(np.array([0, 1], dtype=np.int8), b), clen), cu, spair, sside,
+            np.ascontiguousarray(span, dtype=i64))
+    return _batch(options.layout, outs, int(seqlen.max()) if b else 0, plan, p, cl)
+
+
+def _batch(layout: str, outs: tuple[np.ndarray, ...], max_seqlen: int, plan: "BatchPlan", p: np.ndarray,
+           cl: np.ndarray) -> PackedBatch:
+    """The :class:`PackedBatch` of the 13 arrays both builders write (the C kernel's ``outs`` order)."""
     f = torch.from_numpy
+    (ids, posn, seq_ids, parts, am, score_index, labels, sc_pair, sc_side, cu, spair, sside, span) = map(f, outs)
+    b = len(p)
     return PackedBatch(
-        layout=options.layout, input_ids=f(ids), position_ids=f(posn), attention_mask=f(am),
-        sequence_ids=f(seq_ids), token_part=f(parts), cu_seqlens=f(cu),
-        max_seqlen=int(seqlen.max()) if b else 0, sequence_pair=f(spair), sequence_side=f(sside),
-        completion_span=f(np.ascontiguousarray(span, dtype=i64)), score_index=f(score_index),
-        score_labels=f(flat_ids[tok_flat].astype(i64, copy=False)), score_pair=f(sc_pair),
-        score_side=f(np.repeat(np.tile(np.array([0, 1], dtype=np.int8), b), clen)),
-        indices=f(np.arange(b, dtype=i64) if plan.indices is None else np.asarray(plan.indices, dtype=i64)),
-        prompt_lengths=f(p.copy()), chosen_lengths=f(c.copy()), rejected_lengths=f(r.copy()),
+        layout=layout, input_ids=ids, position_ids=posn, attention_mask=am, sequence_ids=seq_ids,
+        token_part=parts, cu_seqlens=cu, max_seqlen=max_seqlen, sequence_pair=spair, sequence_side=sside,
+        completion_span=span, score_index=score_index, score_labels=labels, score_pair=sc_pair, score_side=sc_side,
+        indices=f(np.arange(b, dtype=np.int64) if plan.indices is None else np.asarray(plan.indices, dtype=np.int64)),
+        prompt_lengths=f(p.copy()), chosen_lengths=f(cl[0].copy()), rejected_lengths=f(cl[1].copy()),
         columns={name: f(np.ascontiguousarray(v)) for name, v in (plan.columns or {}).items()})
 
 
