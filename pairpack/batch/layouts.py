@@ -172,46 +172,62 @@ def build(plan: "BatchPlan", pad_id: int, options: PlanOptions) -> PackedBatch:
     With the compiled kernels one C pass (``_native.layout``) writes every array; otherwise
     :func:`_build_numpy`, its twin, gives the same bytes with a handful of whole-array passes.
     """
-    shared = options.layout == "prefix_shared"
     b = len(plan)
     i64 = np.int64
     p = np.asarray(plan.prompt_lengths, dtype=i64).reshape(-1)
     cl = np.asarray(plan.completion_lengths, dtype=i64).reshape(2, b)
-    need = (p + cl[0] + cl[1]) if shared else (2 * p + cl[0] + cl[1])
-    rows = pack_rows(need, options.row_bound())
-    nrows = len(rows) - 1
-    if nrows <= 1:
-        longest_row = int(need.sum())
-    else:
-        csum = np.concatenate([[0], np.cumsum(need)])
-        longest_row = int((csum[rows[1:]] - csum[rows[:-1]]).max())
-    t = int(round_up(longest_row, options.pad_to_multiple_of))
+    need, rows, t = _rows(p, cl, options)
     nat = _accel.native
     if nat is not None and b:
         shards, shard_of = (plan.shards, plan.shard_of) if plan.shards is not None else shards_of(plan.tokens)
         if native_applies(shards, pad_id):
-            return _build_native(nat, plan, shards, shard_of, p, cl, rows, t, pad_id, options)
+            return _build_native(nat, shards, shard_of, plan.prompt_starts, p, plan.completion_starts, cl, rows, t,
+                                 pad_id, options.layout, plan.indices, plan.columns)
     return _build_numpy(plan, p, cl, need, rows, t, pad_id, options)
 
 
-def _build_native(nat: Any, plan: "BatchPlan", shards: tuple[np.ndarray, ...], shard_of: np.ndarray | None,
-                  p: np.ndarray, cl: np.ndarray, rows: np.ndarray, t: int, pad_id: int,
-                  options: PlanOptions) -> PackedBatch:
-    """:func:`build` through the C kernel (the caller checked :func:`~pairpack._accel.native_applies`):
+def build_located(nat: Any, shards: tuple[np.ndarray, ...], coords: np.ndarray, pad_id: int, options: PlanOptions,
+                  columns: dict[str, np.ndarray] | None) -> PackedBatch:
+    """The hot path of ``batch_of`` for packed layouts: the C ``take``'s coordinates (int64
+    ``(8, B)``: index, shard, 3 starts, 3 lengths; nothing to truncate) straight into the C layout
+    kernel, with no plan in between. The caller checked :func:`~pairpack._accel.native_applies`;
+    same batch as :func:`build` of the same pairs."""
+    p, cl = coords[5], coords[6:8]
+    _, rows, t = _rows(p, cl, options)
+    return _build_native(nat, shards, None if len(shards) == 1 else coords[1], coords[2], p, coords[3:5], cl, rows,
+                         t, pad_id, options.layout, coords[0], columns)
+
+
+def _rows(p: np.ndarray, cl: np.ndarray, options: PlanOptions) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens each pair needs, row boundaries, row length ``T``) of pairs with prompt lengths ``p``
+    and completion lengths ``cl`` ``(2, B)`` in ``options.layout``."""
+    need = (p + cl[0] + cl[1]) if options.layout == "prefix_shared" else (2 * p + cl[0] + cl[1])
+    rows = pack_rows(need, options.row_bound())
+    if len(rows) <= 2:
+        longest_row = int(need.sum())
+    else:
+        csum = np.concatenate([[0], np.cumsum(need)])
+        longest_row = int((csum[rows[1:]] - csum[rows[:-1]]).max())
+    return need, rows, int(round_up(longest_row, options.pad_to_multiple_of))
+
+
+def _build_native(nat: Any, shards: tuple[np.ndarray, ...], shard_of: np.ndarray | None, prompt_starts: np.ndarray,
+                  p: np.ndarray, completion_starts: np.ndarray, cl: np.ndarray, rows: np.ndarray, t: int, pad_id: int,
+                  layout: str, indices: np.ndarray | None, columns: dict[str, np.ndarray] | None) -> PackedBatch:
+    """The batch through the C kernel (the caller checked :func:`~pairpack._accel.native_applies`):
     every output allocated here, written in one pass there, the scoring map included."""
-    shared = options.layout == "prefix_shared"
+    shared = layout == "prefix_shared"
     b, nrows = len(p), len(rows) - 1
     s = b if shared else 2 * b
     n = int(cl.sum())
-    i64, e = np.int64, np.empty
+    i64, e, asc = np.int64, np.empty, np.ascontiguousarray
     outs = (e((nrows, t), i64), e((nrows, t), i64), e((nrows, t), np.int32), e((nrows, t), np.int8),
             e((nrows, t), np.bool_), e((2, n), i64), e(n, i64), e(n, i64), e(n, np.int8), e(s + 1, np.int32),
             e(s, i64), e(s, np.int8), e((s, 2), i64))
-    max_seqlen = nat.layout(shards, None if shard_of is None else np.ascontiguousarray(shard_of, dtype=i64),
-                            np.ascontiguousarray(plan.prompt_starts, dtype=i64), np.ascontiguousarray(p),
-                            np.ascontiguousarray(plan.completion_starts, dtype=i64).reshape(2, b),
-                            np.ascontiguousarray(cl), rows, shared, pad_id, outs)
-    return _batch(options.layout, outs, max_seqlen, plan, p, cl)
+    max_seqlen = nat.layout(shards, None if shard_of is None else asc(shard_of, dtype=i64), asc(prompt_starts, dtype=i64),
+                            asc(p), asc(completion_starts, dtype=i64).reshape(2, b), asc(cl), rows, shared, pad_id,
+                            outs)
+    return _batch(layout, outs, max_seqlen, indices, p, cl, columns)
 
 
 def _build_numpy(plan: "BatchPlan", p: np.ndarray, cl: np.ndarray, need: np.ndarray, rows: np.ndarray, t: int,
@@ -303,11 +319,11 @@ def _build_numpy(plan: "BatchPlan", p: np.ndarray, cl: np.ndarray, need: np.ndar
     outs = (ids, posn, seq_ids, parts, am, score_index, flat_ids[tok_flat].astype(i64, copy=False), sc_pair,
             np.repeat(np.tile(np.array([0, 1], dtype=np.int8), b), clen), cu, spair, sside,
             np.ascontiguousarray(span, dtype=i64))
-    return _batch(options.layout, outs, int(seqlen.max()) if b else 0, plan, p, cl)
+    return _batch(options.layout, outs, int(seqlen.max()) if b else 0, plan.indices, p, cl, plan.columns)
 
 
-def _batch(layout: str, outs: tuple[np.ndarray, ...], max_seqlen: int, plan: "BatchPlan", p: np.ndarray,
-           cl: np.ndarray) -> PackedBatch:
+def _batch(layout: str, outs: tuple[np.ndarray, ...], max_seqlen: int, indices: np.ndarray | None, p: np.ndarray,
+           cl: np.ndarray, columns: dict[str, np.ndarray] | None) -> PackedBatch:
     """The :class:`PackedBatch` of the 13 arrays both builders write (the C kernel's ``outs`` order)."""
     f = torch.from_numpy
     (ids, posn, seq_ids, parts, am, score_index, labels, sc_pair, sc_side, cu, spair, sside, span) = map(f, outs)
@@ -316,9 +332,9 @@ def _batch(layout: str, outs: tuple[np.ndarray, ...], max_seqlen: int, plan: "Ba
         layout=layout, input_ids=ids, position_ids=posn, attention_mask=am, sequence_ids=seq_ids,
         token_part=parts, cu_seqlens=cu, max_seqlen=max_seqlen, sequence_pair=spair, sequence_side=sside,
         completion_span=span, score_index=score_index, score_labels=labels, score_pair=sc_pair, score_side=sc_side,
-        indices=f(np.arange(b, dtype=np.int64) if plan.indices is None else np.asarray(plan.indices, dtype=np.int64)),
+        indices=f(np.arange(b, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)),
         prompt_lengths=f(p.copy()), chosen_lengths=f(cl[0].copy()), rejected_lengths=f(cl[1].copy()),
-        columns={name: f(np.ascontiguousarray(v)) for name, v in (plan.columns or {}).items()})
+        columns={name: f(np.ascontiguousarray(v)) for name, v in (columns or {}).items()})
 
 
 _SHARED_PARTS = np.array([PROMPT, CHOSEN, REJECTED], dtype=np.int8)

@@ -482,11 +482,35 @@ def batch_of(ds: "Dataset", indices: np.ndarray, *, options: PlanOptions | None 
     kernels' two-call path when no row needs cutting, else :func:`make_plan` then assemble (same bytes)."""
     opts = options or _PADDED
     trunc = truncation or NO_TRUNCATION
-    if _accel.native is not None and not opts.packed:
-        got = ds._batch_native(_accel.native, indices, opts.pad_to_multiple_of, columns, trunc.max_length)
+    nat = _accel.native
+    if nat is not None and not opts.packed:
+        got = ds._batch_native(nat, indices, opts.pad_to_multiple_of, columns, trunc.max_length)
+        if got is not None:
+            return got
+    elif nat is not None:
+        got = _packed_native(nat, ds, indices, opts, trunc, columns)
         if got is not None:
             return got
     return make_plan(ds, indices, truncation=trunc, columns=columns).assemble(ds.pad_id, options=opts)
+
+
+def _packed_native(nat: Any, ds: "Dataset", indices: np.ndarray, options: PlanOptions, truncation: Truncation,
+                   columns: Sequence[str]) -> "PackedBatch | None":
+    """A packed-layout batch in two C calls (locate, layout) with no plan in between; None where
+    that does not apply (empty batch, dtype, a bad segment, a row to truncate): the general path
+    then gives the result or the detailed error."""
+    idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+    toks, ok = (ds._native_args or ds._native_shards())[3:]
+    if not (idx.size and ok):
+        return None
+    got = ds._locate_native(nat, idx)
+    if got is None or (truncation.max_length is not None and got[1] > truncation.max_length):
+        return None
+    from .layouts import build_located
+
+    coords = got[0]
+    cols = {c: np.asarray(ds.column(c)[coords[0]]) for c in columns} if columns else None
+    return build_located(nat, toks, coords, ds.pad_id, options, cols)
 
 
 def make_plan(ds: "Dataset", indices: np.ndarray, *, truncation: Truncation | None = None,
