@@ -258,7 +258,7 @@ class Datasink(ray.data.Datasink):
     # task -----------------------------------------------------------------------------------
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, Any]:
         """One write task: its blocks become part ``part-<task>`` under the staging directory."""
-        cpu0 = time.process_time()
+        cpu0, t0 = time.process_time(), time.time()
         idx = int(ctx.task_idx)
         name = f"part-{idx:06d}"
         if not self._staging.is_dir():  # the job failed and was cleaned up: write nothing
@@ -309,7 +309,8 @@ class Datasink(ray.data.Datasink):
                 "identical_dropped": report.identical_dropped, "rejects": Path(rej).name if rej else None,
                 "detected": detected, "worker": f"{socket.gethostname()}:{os.getpid()}",
                 "tokenizer_loads": _LOADS[0],
-                "cpu_seconds": time.process_time() - cpu0}  # reads included: Ray fuses them into the task
+                "cpu_seconds": time.process_time() - cpu0,  # reads included: Ray fuses them into the task
+                "started": t0, "finished": time.time()}  # wall clock (epoch seconds): how tasks overlapped
 
     # driver: the commit -----------------------------------------------------------------------
     def _commit(self, write_result: Any) -> BuildReport:
