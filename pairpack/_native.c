@@ -298,9 +298,6 @@ static inline void iota64(int64_t *restrict d, int64_t v0, int64_t n) {
 static inline void fill32(int32_t *restrict d, int32_t v, int64_t n) {
     for (int64_t j = 0; j < n; j++) d[j] = v;
 }
-static inline void copy64(int64_t *restrict d, const int64_t *restrict s, int64_t n) {
-    memcpy(d, s, (size_t)n * 8);
-}
 
 PyDoc_STRVAR(layout_doc,
 "layout(shards, shard_of, prompt_start, prompt_len, completion_start, completion_len, rows, shared, pad_id, outs)\n"
@@ -318,6 +315,10 @@ PyDoc_STRVAR(layout_doc,
 "has the wrong size.");
 
 #define LAYOUT_OUTS 13
+
+/* A pair's segments in each layout, by part (0 prompt, 1 chosen, 2 rejected), -1 ends:
+ * [0] packed: [prompt][chosen] [prompt][rejected]; [1] prefix_shared: [prompt][chosen][rejected]. */
+static const int8_t LAYOUT_SEGS[2][4] = {{0, 1, 0, 2}, {0, 1, 2, -1}};
 
 static PyObject *native_layout(PyObject *self, PyObject *args) {
     PyObject *shard_seq, *shard_of_obj, *ps_obj, *pl_obj, *cs_obj, *cl_obj, *rows_obj, *outs_obj;
@@ -374,31 +375,26 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_OverflowError, "batch too large");
         goto done;
     }
-    Py_ssize_t S = shared ? B : 2 * B;
-    Py_ssize_t sizes[LAYOUT_OUTS] = {-1, -1, -1, -1, -1, 16 * nscore, 8 * nscore, 8 * nscore, nscore,
-                                     4 * (S + 1), 8 * S, S, 16 * S};
-    Py_ssize_t items[LAYOUT_OUTS] = {8, 8, 4, 1, 1, 8, 8, 8, 1, 4, 8, 1, 8};
     static const char *names[LAYOUT_OUTS] = {"input_ids", "position_ids", "sequence_ids", "token_part",
                                              "attention_mask", "score_index", "score_labels", "score_pair",
                                              "score_side", "cu_seqlens", "sequence_pair", "sequence_side",
                                              "completion_span"};
+    /* T comes from input_ids' size; every other output is checked against it, N and S */
     if (get_exact(PyTuple_GET_ITEM(outs_obj, 0), &o[0], -1, 8, 1, names[0]) < 0) goto done;
     if (R == 0 ? o[0].len != 0 : (o[0].len / 8) % R != 0) {
         PyErr_SetString(PyExc_ValueError, "input_ids: size is not a multiple of the row count");
         goto done;
     }
-    int64_t T = R ? (int64_t)(o[0].len / 8 / R) : 0;
+    int64_t T = R ? (int64_t)(o[0].len / 8 / R) : 0, RT = (int64_t)R * T;
     if (longest_row > T) {
         PyErr_Format(PyExc_ValueError, "a row of %lld tokens is longer than T = %lld", (long long)longest_row,
                      (long long)T);
         goto done;
     }
-    int64_t RT = (int64_t)R * T;
-    sizes[0] = 8 * RT;
-    sizes[1] = 8 * RT;
-    sizes[2] = 4 * RT;
-    sizes[3] = RT;
-    sizes[4] = RT;
+    Py_ssize_t S = shared ? B : 2 * B;
+    Py_ssize_t sizes[LAYOUT_OUTS] = {8 * RT, 8 * RT, 4 * RT, RT, RT, 16 * nscore, 8 * nscore, 8 * nscore, nscore,
+                                     4 * (S + 1), 8 * S, S, 16 * S};
+    Py_ssize_t items[LAYOUT_OUTS] = {8, 8, 4, 1, 1, 8, 8, 8, 1, 4, 8, 1, 8};
     for (int j = 1; j < LAYOUT_OUTS; j++)
         if (get_exact(PyTuple_GET_ITEM(outs_obj, j), &o[j], sizes[j], items[j], 1, names[j]) < 0) goto done;
 
@@ -415,33 +411,20 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
         for (int64_t i = RW[r]; i < RW[r + 1]; i++) {
             const void *src = coords_src(&k, i);
             if (i + 1 < B) coords_prefetch(&k, i + 1, 7);
-            int64_t p = PL[i], lens[2] = {CL[i], CL[B + i]}, starts[2] = {C0[i], C0[B + i]};
-            /* segments: shared [prompt][chosen][rejected]; packed [prompt][chosen][prompt][rejected] */
-            int nseg = shared ? 3 : 4;
-            int64_t sa[4], sl[4], sp0[4];
-            int32_t sid[4];
-            int8_t spart[4];
-            if (shared) {
-                int64_t a[3] = {P0[i], starts[0], starts[1]}, l[3] = {p, lens[0], lens[1]}, z[3] = {0, p, p};
-                int8_t t[3] = {0, 1, 2};
-                for (int g = 0; g < 3; g++) { sa[g] = a[g]; sl[g] = l[g]; sp0[g] = z[g]; spart[g] = t[g]; sid[g] = (int32_t)i; }
-            } else {
-                int64_t a[4] = {P0[i], starts[0], P0[i], starts[1]}, l[4] = {p, lens[0], p, lens[1]};
-                int64_t z[4] = {0, p, 0, p};
-                int8_t t[4] = {0, 1, 0, 2};
-                for (int g = 0; g < 4; g++) {
-                    sa[g] = a[g]; sl[g] = l[g]; sp0[g] = z[g]; spart[g] = t[g]; sid[g] = (int32_t)(2 * i + g / 2);
-                }
-            }
+            int64_t p = PL[i], lens[2] = {CL[i], CL[B + i]};
+            /* segments from LAYOUT_SEGS: their part (0 prompt, 1 chosen, 2 rejected) names the source */
+            const int8_t *segs = LAYOUT_SEGS[shared];
+            int64_t seg_start[3] = {P0[i], C0[i], C0[B + i]}, seg_len[3] = {p, lens[0], lens[1]};
             int64_t segcol[4];
-            for (int g = 0; g < nseg; g++) {
-                int64_t at = base + col, l = sl[g];
+            for (int g = 0; g < 4 && segs[g] >= 0; g++) {
+                int8_t what = segs[g];
+                int64_t at = base + col, l = seg_len[what];
                 segcol[g] = col;
-                if (k.itemsize == 2) widen_u16(ids + at, src, sa[g], l);
-                else widen_u32(ids + at, src, sa[g], l);
-                iota64(pos + at, sp0[g], l);
-                fill32(sq + at, sid[g], l);
-                memset(part + at, spart[g], (size_t)l);
+                if (k.itemsize == 2) widen_u16(ids + at, src, seg_start[what], l);
+                else widen_u32(ids + at, src, seg_start[what], l);
+                iota64(pos + at, what ? p : 0, l);  /* completions continue from P, in both layouts */
+                fill32(sq + at, (int32_t)(shared ? i : 2 * i + g / 2), l);
+                memset(part + at, what, (size_t)l);
                 memset(am + at, 1, (size_t)l);
                 col += l;
             }
@@ -449,10 +432,10 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
              * shared: the first rejected token is predicted by the last prompt column */
             for (int s = 0; s < 2; s++) {
                 int g = shared ? 1 + s : 1 + 2 * s;
-                int64_t l = sl[g], c0 = segcol[g];
+                int64_t l = lens[s], c0 = segcol[g];
                 fill64(sidx + n, r, l);
                 iota64(sidx + nscore + n, c0 - 1, l);
-                copy64(slab + n, ids + base + c0, l);
+                memcpy(slab + n, ids + base + c0, (size_t)l * 8);
                 fill64(spr + n, i, l);
                 memset(sside + n, s, (size_t)(l > 0 ? l : 0));
                 if (shared && s == 1 && l > 0) sidx[nscore + n] = segcol[0] + p - 1;

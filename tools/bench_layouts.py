@@ -4,6 +4,7 @@ the padded, packed and prefix-shared layouts, on three datasets, as ratios measu
 
     python tools/bench_layouts.py            # ~1-2 min on 2 cores
     python tools/bench_layouts.py --quick    # smaller sets, shorter timings
+    python tools/bench_layouts.py --breakdown  # also one batch's kernel / take / Python time and bytes
 
 Datasets:
   sample        the bundled Alpaca-style sample (pairpack/data), built with the GPT-2 tokenizer from
@@ -107,6 +108,54 @@ def throughput(ds: pairpack.Dataset, seconds: float, max_row_tokens: int | None)
     return rates
 
 
+def breakdown(ds: pairpack.Dataset, name: str) -> None:
+    """Where a batch's time goes (one random batch of 32, the C kernels): ``batch_of`` in each
+    layout against its kernel and ``take``, the rest being Python; and the bytes of its tensors."""
+    import timeit
+    from dataclasses import fields
+
+    import torch
+
+    from pairpack import _accel
+    from pairpack.batch import layouts
+    from pairpack.batch.options import PlanOptions
+    from pairpack.batch.plan import batch_of
+
+    nat = _accel.native
+    if nat is None:
+        print(f"{name}: the C kernels are not built; no breakdown")
+        return
+
+    def us(fn) -> float:
+        return min(timeit.repeat(fn, number=3000, repeat=3)) / 3000 * 1e6
+
+    def nbytes(b) -> int:
+        return sum(v.nbytes for v in (getattr(b, f.name) for f in fields(b)) if isinstance(v, torch.Tensor))
+
+    idx = np.random.default_rng(0).permutation(len(ds))[:32].astype(np.int64)
+    pad = batch_of(ds, idx)
+    toks, coords, _ = ds._located(nat, idx, None)
+    loc = us(lambda: ds._located(nat, idx, None))
+    print(f"{name}: padded batch_of {us(lambda: batch_of(ds, idx)):.1f} us, {nbytes(pad):,} bytes over "
+          f"{2 * pad.preferred_seq.numel():,} token slots; take {loc:.1f} us")
+    for layout in LAYOUTS[1:]:
+        o = PlanOptions(layout=layout)
+        got = batch_of(ds, idx, options=o)
+        p, cl = coords[5], coords[6:8]
+        _, rows, t = layouts._rows(p, cl, o)
+        n, s = int(cl.sum()), len(idx) * (1 if layout == "prefix_shared" else 2)
+        e, i64 = np.empty, np.int64
+        outs = (e((len(rows) - 1, t), i64), e((len(rows) - 1, t), i64), e((len(rows) - 1, t), np.int32),
+                e((len(rows) - 1, t), np.int8), e((len(rows) - 1, t), np.bool_), e((2, n), i64), e(n, i64), e(n, i64),
+                e(n, np.int8), e(s + 1, np.int32), e(s, i64), e(s, np.int8), e((s, 2), i64))
+        kern = us(lambda: nat.layout(toks, None if len(toks) == 1 else coords[1], coords[2], p, coords[3:5], cl, rows,
+                                     layout == "prefix_shared", ds.pad_id, outs))
+        total = us(lambda: batch_of(ds, idx, options=o))
+        print(f"  {layout}: batch_of {total:.1f} us = layout kernel {kern:.1f} + take {loc:.1f} + the rest "
+              f"{total - kern - loc:.1f} (Python); {nbytes(got):,} bytes ({nbytes(got) / nbytes(pad):.2f}x padded) "
+              f"over {got.padded_tokens():,} token slots and {got.score_labels.numel():,} scored tokens")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=20000)
@@ -115,6 +164,8 @@ def main() -> None:
     ap.add_argument("--max-row-tokens", type=int, default=None,
                     help="row bound of the packed layouts (default: one row per batch budget)")
     ap.add_argument("--seconds", type=float, default=2.0, help="time per layout for the throughput rows")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time one batch's kernel, take and Python in each layout, and count its bytes")
     args = ap.parse_args()
     n = 4000 if args.quick else args.pairs
     secs = 0.5 if args.quick else args.seconds
@@ -145,6 +196,10 @@ def main() -> None:
         for name, r in thr:
             print(f"| {name} | {r['padded']:,.0f} | {r['packed']:,.0f} | {r['prefix_shared']:,.0f} | "
                   f"{r['packed'] / r['padded']:.2f}x | {r['prefix_shared'] / r['padded']:.2f}x |")
+        if args.breakdown:
+            print("\nOne batch of 32 pairs (best of 3 x 3,000 calls)\n")
+            for name, ds in sets:
+                breakdown(ds, name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

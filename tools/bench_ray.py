@@ -46,7 +46,7 @@ from bench_build import GPT2, gen_text  # noqa: E402
 from pairpack.ingest.build import build  # noqa: E402
 
 
-CPU: dict[tuple[str, int], float] = {}  # (path, N) -> CPU seconds of its last timed run
+CPU: dict[tuple[str, int], float] = {}  # (path, N) -> CPU seconds of its fastest timed run
 
 
 def _cpu_self() -> float:
@@ -69,7 +69,7 @@ def _machine_busy() -> float:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
-SPLIT: dict[int, dict[str, float]] = {}  # Ray, N CPUs -> CPU-seconds of tasks, driver, whole machine
+SPLIT: dict[int, dict[str, float]] = {}  # Ray, N CPUs -> fastest run's tasks, driver, machine, overlap
 
 
 def _load() -> float:
@@ -84,14 +84,17 @@ def _split(src: Path, out: Path, files: int) -> None:
         (out / f"part-{k:03d}.jsonl").write_bytes(b"".join(lines[k * step:(k + 1) * step]))
 
 
-def _best(fn, repeat: int) -> float:
-    """Fastest wall time of ``repeat`` runs (the least disturbed by other load)."""
-    best = float("inf")
+def _best(fn, repeat: int) -> tuple[float, dict]:
+    """Fastest wall time of ``repeat`` runs (the least disturbed by other load) and what that run's
+    ``fn()`` returned (its CPU figures: every figure printed comes from the same run)."""
+    best, figures = float("inf"), {}
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        got = fn()
+        t = time.perf_counter() - t0
+        if t < best:
+            best, figures = t, got
+    return best, figures
 
 
 def _import_fsspec() -> None:
@@ -114,44 +117,42 @@ def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int, byte_identi
         files = sorted(str(p) for p in data.iterdir())
         # warm-up: worker processes started, tokenizer loaded in each
         pray.build(ray.data.read_json(files[:cpus]).limit(200 * cpus), work / "warm", tokenizer=GPT2, force=True)
-        sink = {}
 
-        def run() -> None:
+        def run() -> dict:
             # what pairpack.ray.build does, through the sink (whose per-task figures hold the CPU time)
             ds = ray.data.read_json(files)
-            c0, m0 = _cpu_self(), _machine_busy()
-            sink["s"] = pray.Datasink(work / "ray", tokenizer=GPT2, force=True, sample=ds.take(1000),
-                                      byte_identical=byte_identical)
-            ds.write_datasink(sink["s"])
-            sink["driver"] = _cpu_self() - c0
-            sink["machine"] = _machine_busy() - m0
+            t0, c0, m0 = time.perf_counter(), _cpu_self(), _machine_busy()
+            s = pray.Datasink(work / "ray", tokenizer=GPT2, force=True, sample=ds.take(1000),
+                              byte_identical=byte_identical)
+            ds.write_datasink(s)
+            return {"sink": s, "driver": _cpu_self() - c0, "machine": _machine_busy() - m0,
+                    "wall": time.perf_counter() - t0}
 
-        t = _best(run, repeat)
-        s = sink["s"]
+        t, run_ = _best(run, repeat)
+        s = run_["sink"]
         assert s.report.pairs == n, s.report.summary()
         tasks = sum(x["cpu_seconds"] for x in s.tasks)
-        CPU[("ray-byte-identical" if byte_identical else "ray", cpus)] = tasks + sink["driver"]
-        if not byte_identical:  # of the last timed run
+        CPU[("ray-byte-identical" if byte_identical else "ray", cpus)] = tasks + run_["driver"]
+        if not byte_identical:
             busy = sum(x["finished"] - x["started"] for x in s.tasks)
             span = max(x["finished"] for x in s.tasks) - min(x["started"] for x in s.tasks)
-            SPLIT[cpus] = {"tasks": tasks, "driver": sink["driver"], "machine": sink["machine"], "wall": t,
-                           "overlap": busy / span if span > 0 else float("nan"), "span": span,
-                           "workers": len({x["worker"] for x in s.tasks}), "ntasks": len(s.tasks)}
+            SPLIT[cpus] = {"tasks": tasks, "driver": run_["driver"], "machine": run_["machine"],
+                           "wall": run_["wall"], "overlap": busy / span if span > 0 else float("nan"),
+                           "span": span, "workers": len({x["worker"] for x in s.tasks}), "ntasks": len(s.tasks)}
         return n / t
     finally:
         ray.shutdown()
 
 
 def build_rate(workers: int, data: Path, work: Path, n: int, repeat: int) -> float:
-    rep = {}
-
-    def run() -> None:
+    def run() -> dict:
         c0 = _cpu_all()
-        rep["r"] = build([data], work / "pp", tokenizer=GPT2, workers=workers, force=True)
-        CPU[("build", workers)] = _cpu_all() - c0
+        rep = build([data], work / "pp", tokenizer=GPT2, workers=workers, force=True)
+        return {"report": rep, "cpu": _cpu_all() - c0}
 
-    t = _best(run, repeat)
-    assert rep["r"].pairs == n
+    t, run_ = _best(run, repeat)
+    assert run_["report"].pairs == n
+    CPU[("build", workers)] = run_["cpu"]
     return n / t
 
 
@@ -190,7 +191,7 @@ def main() -> None:
           f"{eff['build']:.2f} | {per_cpu[('build', 1)]:,.0f} / {per_cpu[('build', 2)]:,.0f} |")
     print(f"| `pairpack.ray.build(..., byte_identical=True)` | | {rates[('ray-byte-identical', 2)]:,.0f} | | "
           f"- / {per_cpu[('ray-byte-identical', 2)]:,.0f} |")
-    print("\nCPU-seconds of the last timed Ray run: write tasks (reads included) / driver / the whole machine "
+    print("\nCPU-seconds of the fastest timed Ray run: write tasks (reads included) / driver / the whole machine "
           "(every process: Ray's raylet, GCS and workers' own threads too; other load counts here)")
     for k, v in sorted(SPLIT.items()):
         print(f"  {k} CPU{'s' if k > 1 else ''}: {v['tasks']:.1f} / {v['driver']:.1f} / {v['machine']:.1f} in "

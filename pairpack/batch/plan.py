@@ -478,8 +478,9 @@ def batch_of(ds: "Dataset", indices: np.ndarray, *, options: PlanOptions | None 
              truncation: Truncation | None = None, columns: Sequence[str] = ()) -> "Triplets | PackedBatch":
     """The batch of pairs ``indices`` of ``ds`` (the one way to ask for a batch: ``Dataset.batch``,
     ``Collate`` and the Loader call it): truncated by ``truncation``, laid out per ``options``
-    (``layout``, ``pad_to_multiple_of``, ``max_row_tokens``). The padded layout takes the C
-    kernels' two-call path when no row needs cutting, else :func:`make_plan` then assemble (same bytes)."""
+    (``layout``, ``pad_to_multiple_of``, ``max_row_tokens``). When no row needs cutting every layout
+    takes the C kernels' two calls (``take``, then ``assemble`` or ``layout``), else :func:`make_plan`
+    then assemble (same bytes)."""
     opts = options or _PADDED
     trunc = truncation or NO_TRUNCATION
     nat = _accel.native
@@ -488,29 +489,14 @@ def batch_of(ds: "Dataset", indices: np.ndarray, *, options: PlanOptions | None 
         if got is not None:
             return got
     elif nat is not None:
-        got = _packed_native(nat, ds, indices, opts, trunc, columns)
-        if got is not None:
-            return got
+        located = ds._located(nat, indices, trunc.max_length)
+        if located is not None:  # the packed layouts' two C calls: locate, then layout (no plan)
+            from .layouts import build_located
+
+            toks, coords, _ = located
+            cols = ds._columns_at(columns, coords[0]) if columns else None
+            return build_located(nat, toks, coords, ds.pad_id, opts, cols)
     return make_plan(ds, indices, truncation=trunc, columns=columns).assemble(ds.pad_id, options=opts)
-
-
-def _packed_native(nat: Any, ds: "Dataset", indices: np.ndarray, options: PlanOptions, truncation: Truncation,
-                   columns: Sequence[str]) -> "PackedBatch | None":
-    """A packed-layout batch in two C calls (locate, layout) with no plan in between; None where
-    that does not apply (empty batch, dtype, a bad segment, a row to truncate): the general path
-    then gives the result or the detailed error."""
-    idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
-    toks, ok = (ds._native_args or ds._native_shards())[3:]
-    if not (idx.size and ok):
-        return None
-    got = ds._locate_native(nat, idx)
-    if got is None or (truncation.max_length is not None and got[1] > truncation.max_length):
-        return None
-    from .layouts import build_located
-
-    coords = got[0]
-    cols = {c: np.asarray(ds.column(c)[coords[0]]) for c in columns} if columns else None
-    return build_located(nat, toks, coords, ds.pad_id, options, cols)
 
 
 def make_plan(ds: "Dataset", indices: np.ndarray, *, truncation: Truncation | None = None,

@@ -201,7 +201,7 @@ class Dataset:
             bad = idx[(idx < -n) | (idx >= n)][0]
             raise PairIndexError(f"pair index {int(bad)} out of range for {n} pairs")
         idx = np.where(idx < 0, idx + n, idx)
-        cols = {c: np.asarray(self.column(c)[idx]) for c in columns}
+        cols = self._columns_at(columns, idx)
         shards = self._live()
         if len(shards) == 1:  # the common case: no per-shard grouping (np.unique, nonzero, per-pair loop)
             sh = shards[0]
@@ -256,33 +256,47 @@ class Dataset:
         coords, longest = got
         toks = self._native_shards()[3]
         idx = coords[0]
-        cols = {c: np.asarray(self.column(c)[idx]) for c in columns}
+        cols = self._columns_at(columns, idx)
         if len(toks) == 1:
             return Taken(idx, [toks[0]] * idx.size, coords[2:5], coords[5:8], cols, toks, None, longest)
         shard_of = coords[1]
         return Taken(idx, list(map(toks.__getitem__, shard_of.tolist())), coords[2:5], coords[5:8], cols, toks,
                      shard_of, longest)
 
-    def _batch_native(self, nat: Any, indices: Sequence[int] | np.ndarray, pad_to_multiple_of: int | None,
-                      columns: Sequence[str], max_length: int | None = None) -> "Triplets | None":
-        """:meth:`batch` in two C calls (locate, assemble) and little else: the hot path of ds.batch
-        and the Loader. None when it does not apply (empty batch, dtype, a bad segment: the general
-        path then gives the result or the detailed error; rows over ``max_length``: truncation)."""
+    def _located(self, nat: Any, indices: Sequence[int] | np.ndarray, max_length: int | None
+                 ) -> tuple[tuple[np.ndarray, ...], np.ndarray, int] | None:
+        """(token arrays, coords ``(8, B)``, longest row) of pairs ``indices`` by the C ``take``,
+        when the batch kernels apply; None when they do not (empty batch, dtype or pad_id, a bad
+        segment: the general path then gives the result or the detailed error; a row over
+        ``max_length``: truncation). The first of the two C calls of every layout's hot path."""
         idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
-        b = idx.size
         toks, ok = (self._native_args or self._native_shards())[3:]
-        if not (b and ok):
+        if not (idx.size and ok):
             return None
         got = self._locate_native(nat, idx)
         if got is None or (max_length is not None and got[1] > max_length):
             return None
-        coords, longest = got
+        return toks, got[0], got[1]
+
+    def _columns_at(self, columns: Sequence[str], idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The values of ``columns`` at pair indices ``idx`` (non-negative)."""
+        return {c: np.asarray(self.column(c)[idx]) for c in columns}
+
+    def _batch_native(self, nat: Any, indices: Sequence[int] | np.ndarray, pad_to_multiple_of: int | None,
+                      columns: Sequence[str], max_length: int | None = None) -> "Triplets | None":
+        """:meth:`batch` in two C calls (locate, assemble) and little else: the hot path of ds.batch
+        and the Loader. None where :meth:`_located` does not apply."""
+        got = self._located(nat, indices, max_length)
+        if got is None:
+            return None
+        toks, coords, longest = got
+        b = coords.shape[1]
         n = round_up(longest, pad_to_multiple_of)
         seqs = np.empty((2, b, n), dtype=np.int64)
         masks = np.empty((3, b, n), dtype=np.bool_)
         nat.assemble(toks, None if len(toks) == 1 else coords[1], coords[2], coords[5], coords[3:5], coords[6:8], n,
                      self.manifest.pad_id, seqs, masks)
-        cols = {c: np.asarray(self.column(c)[coords[0]]) for c in columns} if columns else None
+        cols = self._columns_at(columns, coords[0]) if columns else None
         return _triplets().wrap(seqs, masks, coords[0], coords[5], coords[6:8], cols)
 
     def segments(self, indices: Sequence[int] | np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
