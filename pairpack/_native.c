@@ -305,16 +305,16 @@ PyDoc_STRVAR(layout_doc,
 "\n"
 "Write a batch of B pairs in the packed (shared = 0) or prefix_shared (shared = 1) layout (twin:\n"
 "batch/layouts.py, build). Inputs as for assemble; rows: int64 (R + 1,) pair boundaries of the rows\n"
-"(0 = rows[0] <= ... <= rows[R] = B). outs: tuple of 13 writable C-contiguous buffers, in order:\n"
+"(0 = rows[0] <= ... <= rows[R] = B). outs: tuple of 9 writable C-contiguous buffers, in order:\n"
 "input_ids int64 (R, T), position_ids int64 (R, T), sequence_ids int32 (R, T), token_part int8 (R, T),\n"
-"attention_mask 1-byte (R, T), score_index int64 (2, N), score_labels int64 (N,), score_pair int64 (N,),\n"
-"score_side int8 (N,), cu_seqlens int32 (S + 1,), sequence_pair int64 (S,), sequence_side int8 (S,),\n"
-"completion_span int64 (S, 2); N = sum(C + R), S = B (shared) or 2 B, T from input_ids' size.\n"
+"attention_mask 1-byte (R, T), cu_seqlens int32 (S + 1,), sequence_pair int64 (S,), sequence_side\n"
+"int8 (S,), completion_span int64 (S, 2); S = B (shared) or 2 B, T from input_ids' size. (The\n"
+"scoring map is derived from these on the batch's device: PackedBatch.score_map.)\n"
 "Returns the longest sequence (max_seqlen). Raises ValueError (nothing written) if a segment lies\n"
 "outside its buffer, the rows are not boundaries of the B pairs, a row is longer than T, or a buffer\n"
 "has the wrong size.");
 
-#define LAYOUT_OUTS 13
+#define LAYOUT_OUTS 9
 
 /* A pair's segments in each layout, by part (0 prompt, 1 chosen, 2 rejected), -1 ends:
  * [0] packed: [prompt][chosen] [prompt][rejected]; [1] prefix_shared: [prompt][chosen][rejected]. */
@@ -328,7 +328,7 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
                           &rows_obj, &shared, &pad, &outs_obj))
         return NULL;
     if (!PyTuple_Check(outs_obj) || PyTuple_GET_SIZE(outs_obj) != LAYOUT_OUTS) {
-        PyErr_SetString(PyExc_TypeError, "outs must be a tuple of 13 buffers");
+        PyErr_SetString(PyExc_TypeError, "outs must be a tuple of 9 buffers");
         return NULL;
     }
     Coords k;
@@ -352,7 +352,7 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
             goto done;
         }
     /* every coordinate checked, and every sum formed, before any byte is written */
-    int64_t nscore = 0, longest_row = 0;
+    int64_t longest_row = 0;
     for (Py_ssize_t r = 0; r < R; r++) {
         int64_t row = 0;
         for (int64_t i = RW[r]; i < RW[r + 1]; i++) {
@@ -362,22 +362,16 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
             int64_t need = shared ? p + c + q : 2 * p + c + q;
             int64_t seq = shared ? p + c + q : (c > q ? p + c : p + q);
             if (seq > longest) longest = seq;
-            if (need > INT64_MAX / 4 - row || c + q > INT64_MAX / 4 - nscore) {
+            if (need > INT64_MAX / 4 - row) {
                 PyErr_SetString(PyExc_OverflowError, "batch too large");
                 goto done;
             }
             row += need;
-            nscore += c + q;
         }
         if (row > longest_row) longest_row = row;
     }
-    if (nscore > PY_SSIZE_T_MAX / 16) {
-        PyErr_SetString(PyExc_OverflowError, "batch too large");
-        goto done;
-    }
     static const char *names[LAYOUT_OUTS] = {"input_ids", "position_ids", "sequence_ids", "token_part",
-                                             "attention_mask", "score_index", "score_labels", "score_pair",
-                                             "score_side", "cu_seqlens", "sequence_pair", "sequence_side",
+                                             "attention_mask", "cu_seqlens", "sequence_pair", "sequence_side",
                                              "completion_span"};
     /* T comes from input_ids' size; every other output is checked against it, N and S */
     if (get_exact(PyTuple_GET_ITEM(outs_obj, 0), &o[0], -1, 8, 1, names[0]) < 0) goto done;
@@ -392,19 +386,18 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t S = shared ? B : 2 * B;
-    Py_ssize_t sizes[LAYOUT_OUTS] = {8 * RT, 8 * RT, 4 * RT, RT, RT, 16 * nscore, 8 * nscore, 8 * nscore, nscore,
-                                     4 * (S + 1), 8 * S, S, 16 * S};
-    Py_ssize_t items[LAYOUT_OUTS] = {8, 8, 4, 1, 1, 8, 8, 8, 1, 4, 8, 1, 8};
+    Py_ssize_t sizes[LAYOUT_OUTS] = {8 * RT, 8 * RT, 4 * RT, RT, RT, 4 * (S + 1), 8 * S, S, 16 * S};
+    Py_ssize_t items[LAYOUT_OUTS] = {8, 8, 4, 1, 1, 4, 8, 1, 8};
     for (int j = 1; j < LAYOUT_OUTS; j++)
         if (get_exact(PyTuple_GET_ITEM(outs_obj, j), &o[j], sizes[j], items[j], 1, names[j]) < 0) goto done;
 
     Py_BEGIN_ALLOW_THREADS
-    int64_t *ids = o[0].buf, *pos = o[1].buf, *sidx = o[5].buf, *slab = o[6].buf, *spr = o[7].buf;
-    int32_t *sq = o[2].buf, *cu = o[9].buf;
-    int8_t *part = o[3].buf, *sside = o[8].buf, *qside = o[11].buf;
+    int64_t *ids = o[0].buf, *pos = o[1].buf;
+    int32_t *sq = o[2].buf, *cu = o[5].buf;
+    int8_t *part = o[3].buf, *qside = o[7].buf;
     uint8_t *am = o[4].buf;
-    int64_t *qpair = o[10].buf, *span = o[12].buf;
-    int64_t n = 0, cum = 0; /* score entries written; cumulative sequence length */
+    int64_t *qpair = o[6].buf, *span = o[8].buf;
+    int64_t cum = 0; /* cumulative sequence length */
     cu[0] = 0;
     for (Py_ssize_t r = 0; r < R; r++) {
         int64_t base = (int64_t)r * T, col = 0;
@@ -415,11 +408,9 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
             /* segments from LAYOUT_SEGS: their part (0 prompt, 1 chosen, 2 rejected) names the source */
             const int8_t *segs = LAYOUT_SEGS[shared];
             int64_t seg_start[3] = {P0[i], C0[i], C0[B + i]}, seg_len[3] = {p, lens[0], lens[1]};
-            int64_t segcol[4];
             for (int g = 0; g < 4 && segs[g] >= 0; g++) {
                 int8_t what = segs[g];
                 int64_t at = base + col, l = seg_len[what];
-                segcol[g] = col;
                 if (k.itemsize == 2) widen_u16(ids + at, src, seg_start[what], l);
                 else widen_u32(ids + at, src, seg_start[what], l);
                 iota64(pos + at, what ? p : 0, l);  /* completions continue from P, in both layouts */
@@ -427,19 +418,6 @@ static PyObject *native_layout(PyObject *self, PyObject *args) {
                 memset(part + at, what, (size_t)l);
                 memset(am + at, 1, (size_t)l);
                 col += l;
-            }
-            /* scores, ordered (pair, side, token): the logit one column before each completion token;
-             * shared: the first rejected token is predicted by the last prompt column */
-            for (int s = 0; s < 2; s++) {
-                int g = shared ? 1 + s : 1 + 2 * s;
-                int64_t l = lens[s], c0 = segcol[g];
-                fill64(sidx + n, r, l);
-                iota64(sidx + nscore + n, c0 - 1, l);
-                memcpy(slab + n, ids + base + c0, (size_t)l * 8);
-                fill64(spr + n, i, l);
-                memset(sside + n, s, (size_t)(l > 0 ? l : 0));
-                if (shared && s == 1 && l > 0) sidx[nscore + n] = segcol[0] + p - 1;
-                n += l;
             }
             if (shared) {
                 int64_t len = p + lens[0] + lens[1];

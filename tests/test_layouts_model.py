@@ -153,6 +153,27 @@ def test_real_builder_matches_the_reference_builder(pairs) -> None:
                 assert got.cu_seqlens.tolist() == want.cu_seqlens.tolist() and got.max_seqlen == want.max_seqlen
 
 
+@settings(max_examples=60)
+@given(pairs=pair_lists(), per_row=st.integers(1, 5), pad_extra=st.integers(0, 3))
+@example(pairs=[([5], [6], [7])], per_row=1, pad_extra=0)  # P = C = R = 1: every score from the prompt
+@example(pairs=[([1, 2], [3], [4, 4]), ([5], [6, 7], [8])], per_row=3, pad_extra=2)  # a pair across rows
+def test_derived_scoring_map_equals_the_reference(pairs, per_row: int, pad_extra: int) -> None:
+    """PackedBatch carries no scoring map: pairpack.batch.layouts._score_map derives it from
+    cu_seqlens, the attention mask, the lengths and the ids. On the reference builder's batches
+    (sequences split across rows anywhere, padding after each row) it equals the reference's map
+    entry for entry, in order."""
+    from pairpack.batch.layouts import _score_map
+
+    for layout in ("packed", "prefix_shared"):
+        want = layout_ref.build(pairs, layout, per_row=per_row, pad_extra=pad_extra)
+        want.num_scored = int(sum(len(c) + len(r) for _, c, r in pairs))
+        index, labels, pair, side = _score_map(want)
+        assert index.dtype == labels.dtype == pair.dtype == torch.int64 and side.dtype == torch.int8
+        assert torch.equal(index, want.score_index), layout
+        assert torch.equal(labels, want.score_labels), layout
+        assert torch.equal(pair, want.score_pair) and torch.equal(side, want.score_side), layout
+
+
 def test_reference_cache_is_the_same_from_every_layout(tmp_path: Path) -> None:
     pairs = [([1, 2, 3, 4], [5, 6], [5, 7, 8]), ([9], [10, 11, 12], [13]), ([9], [14], [15, 16]),
              ([20, 21], [22, 23, 24, 25], [22, 23, 24, 26])]

@@ -322,6 +322,7 @@ class PackedStaging:
     nbytes: int
     layout: str
     max_seqlen: int
+    num_scored: int
 
 
 def stage_packed(batch: "PackedBatch") -> PackedStaging:
@@ -333,7 +334,7 @@ def stage_packed(batch: "PackedBatch") -> PackedStaging:
     for name, t in named:
         parts.append((name, off, t.dtype, tuple(t.shape)))
         off = _align(off + t.numel() * t.element_size())
-    return PackedStaging(tuple(parts), off, batch.layout, batch.max_seqlen)
+    return PackedStaging(tuple(parts), off, batch.layout, batch.max_seqlen, batch.num_scored)
 
 
 def write_packed(batch: "PackedBatch", st: PackedStaging, buf: np.ndarray) -> None:
@@ -358,7 +359,7 @@ def unstage_packed(staged: torch.Tensor, st: PackedStaging) -> "PackedBatch":
             cols[name[4:]] = t
         else:
             kw[name] = t
-    return PackedBatch(layout=st.layout, max_seqlen=st.max_seqlen, columns=cols, **kw)
+    return PackedBatch(layout=st.layout, max_seqlen=st.max_seqlen, num_scored=st.num_scored, columns=cols, **kw)
 
 
 # --- engines: what the ring needs from a device ---------------------------------------------------

@@ -23,7 +23,11 @@ chosen); a padding query attends only to itself (no empty softmax row).
 
 Shape legend: ``B`` pairs, ``R`` rows, ``T`` row length, ``S`` sequences, ``N`` scored tokens.
 Built in one pass of the C kernel ``_native.layout`` where it is compiled, else vectorised from the
-plan's coordinates (one gather per token array, no loop per token): same bytes either way.
+plan's coordinates (one gather per token array, no loop per token): same bytes either way. The
+scoring map (which logit predicts which completion token) is not built here: it follows from the
+tensors above, and :meth:`PackedBatch.score_map` derives it on the batch's device when first read,
+so the host writes and the pinned path copies ``O(R T + B)`` values, not also 33 bytes per scored
+token.
 """
 
 from __future__ import annotations
@@ -70,12 +74,13 @@ class PackedBatch(TensorBatch):
         sequence_side: int8 ``(S,)``: 0 chosen, 1 rejected (packed); -1 both (prefix_shared).
         completion_span: int64 ``(S, 2)``: ``[start, end)`` of the completion tokens within the
             sequence (prefix_shared: chosen and rejected, ``[P, P + C + R)``).
-        score_index: int64 ``(2, N)``: (row, column) of the logit predicting each completion token.
-        score_labels: int64 ``(N,)``: the token scored there.
-        score_pair: int64 ``(N,)``: pair position; ``score_side``: int8 ``(N,)``, 0 chosen, 1 rejected.
-            Entries are ordered by (pair, side, token); every completion token appears once.
         indices: int64 ``(B,)`` dataset indices; prompt/chosen/rejected_lengths int64 ``(B,)``
             after truncation; columns: per-pair columns, name -> ``(B,)``.
+        num_scored: ``N``, the completion tokens of the batch (``sum(C + R)``).
+
+    The scoring map (``score_index``, ``score_labels``, ``score_pair``, ``score_side``, see
+    :meth:`score_map`) is not carried: it is derived from the tensors above on the batch's device
+    the first time it is read, as the padded layout's consumer derives its labels from the masks.
     """
 
     layout: str
@@ -89,18 +94,56 @@ class PackedBatch(TensorBatch):
     sequence_pair: torch.Tensor
     sequence_side: torch.Tensor
     completion_span: torch.Tensor
-    score_index: torch.Tensor
-    score_labels: torch.Tensor
-    score_pair: torch.Tensor
-    score_side: torch.Tensor
     indices: torch.Tensor
     prompt_lengths: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
+    num_scored: int
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the derived scoring map; not a constructor argument, and dropped by to()/pin_memory() (replace)
+    _scores: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
+
+    # --- the scoring map, derived ------------------------------------------------------------
+    def score_map(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(score_index, score_labels, score_pair, score_side)``, on the batch's device, computed
+        once (vectorised, no host sync) from ``cu_seqlens``, ``attention_mask``, the lengths and
+        ``input_ids``:
+
+        * ``score_index`` int64 ``(2, N)``: (row, column) of the logit that predicts each
+          completion token: the column before the token, except that in ``prefix_shared`` the first
+          rejected token is predicted by the last prompt position;
+        * ``score_labels`` int64 ``(N,)``: the token scored there;
+        * ``score_pair`` int64 ``(N,)``: its pair position; ``score_side`` int8 ``(N,)``: 0 chosen,
+          1 rejected.
+
+        Entries are ordered by (pair, side, token); every completion token appears exactly once.
+        """
+        if self._scores is None:
+            self._scores = _score_map(self)
+        return self._scores  # type: ignore[return-value]
+
+    @property
+    def score_index(self) -> torch.Tensor:
+        """int64 ``(2, N)``, see :meth:`score_map`."""
+        return self.score_map()[0]
+
+    @property
+    def score_labels(self) -> torch.Tensor:
+        """int64 ``(N,)``, see :meth:`score_map`."""
+        return self.score_map()[1]
+
+    @property
+    def score_pair(self) -> torch.Tensor:
+        """int64 ``(N,)``, see :meth:`score_map`."""
+        return self.score_map()[2]
+
+    @property
+    def score_side(self) -> torch.Tensor:
+        """int8 ``(N,)``, see :meth:`score_map`."""
+        return self.score_map()[3]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -176,14 +219,14 @@ def build(plan: "BatchPlan", pad_id: int, options: PlanOptions) -> PackedBatch:
     i64 = np.int64
     p = np.asarray(plan.prompt_lengths, dtype=i64).reshape(-1)
     cl = np.asarray(plan.completion_lengths, dtype=i64).reshape(2, b)
-    need, rows, t = _rows(p, cl, options)
+    rows, t = _rows(p, cl, options)
     nat = _accel.native
     if nat is not None and b:
         shards, shard_of = (plan.shards, plan.shard_of) if plan.shards is not None else shards_of(plan.tokens)
         if native_applies(shards, pad_id):
             return _build_native(nat, shards, shard_of, plan.prompt_starts, p, plan.completion_starts, cl, rows, t,
-                                 pad_id, options.layout, plan.indices, plan.columns)
-    return _build_numpy(plan, p, cl, need, rows, t, pad_id, options)
+                                 pad_id, options.layout, plan.indices, plan.columns, fresh=False)
+    return _build_numpy(plan, p, cl, rows, t, pad_id, options)
 
 
 def build_located(nat: Any, shards: tuple[np.ndarray, ...], coords: np.ndarray, pad_id: int, options: PlanOptions,
@@ -191,47 +234,62 @@ def build_located(nat: Any, shards: tuple[np.ndarray, ...], coords: np.ndarray, 
     """The hot path of ``batch_of`` for packed layouts: the C ``take``'s coordinates (int64
     ``(8, B)``: index, shard, 3 starts, 3 lengths; nothing to truncate) straight into the C layout
     kernel, with no plan in between. The caller checked :func:`~pairpack._accel.native_applies`;
-    same batch as :func:`build` of the same pairs."""
+    same batch as :func:`build` of the same pairs. ``coords`` is this batch's own array: the
+    batch's ``indices`` and lengths are views of it."""
     p, cl = coords[5], coords[6:8]
-    _, rows, t = _rows(p, cl, options)
+    rows, t = _rows(p, cl, options)
     return _build_native(nat, shards, None if len(shards) == 1 else coords[1], coords[2], p, coords[3:5], cl, rows,
-                         t, pad_id, options.layout, coords[0], columns)
+                         t, pad_id, options.layout, coords[0], columns, fresh=True)
 
 
-def _rows(p: np.ndarray, cl: np.ndarray, options: PlanOptions) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens each pair needs, row boundaries, row length ``T``) of pairs with prompt lengths ``p``
-    and completion lengths ``cl`` ``(2, B)`` in ``options.layout``."""
-    need = (p + cl[0] + cl[1]) if options.layout == "prefix_shared" else (2 * p + cl[0] + cl[1])
-    rows = pack_rows(need, options.row_bound())
+def _need(p: np.ndarray, cl: np.ndarray, layout: str) -> np.ndarray:
+    """Tokens each pair takes in ``layout``: ``P + C + R`` (prefix_shared) or ``2P + C + R``."""
+    return (p + cl[0] + cl[1]) if layout == "prefix_shared" else (2 * p + cl[0] + cl[1])
+
+
+def _rows(p: np.ndarray, cl: np.ndarray, options: PlanOptions) -> tuple[np.ndarray, int]:
+    """(row boundaries, row length ``T``) of pairs with prompt lengths ``p`` and completion lengths
+    ``cl`` ``(2, B)`` in ``options.layout``. One row (no row bound, the Loader's usual case) takes
+    two sums and no per-pair array: this runs once per batch on the hot path."""
+    cap = options.row_bound()
+    b = len(p)
+    if cap is None:
+        total = int(p.sum()) * (1 if options.layout == "prefix_shared" else 2) + int(cl.sum())
+        return np.array((0, b), dtype=np.int64), int(round_up(total, options.pad_to_multiple_of))
+    need = _need(p, cl, options.layout)
+    rows = pack_rows(need, cap)
     if len(rows) <= 2:
         longest_row = int(need.sum())
     else:
         csum = np.concatenate([[0], np.cumsum(need)])
         longest_row = int((csum[rows[1:]] - csum[rows[:-1]]).max())
-    return need, rows, int(round_up(longest_row, options.pad_to_multiple_of))
+    return rows, int(round_up(longest_row, options.pad_to_multiple_of))
 
 
 def _build_native(nat: Any, shards: tuple[np.ndarray, ...], shard_of: np.ndarray | None, prompt_starts: np.ndarray,
                   p: np.ndarray, completion_starts: np.ndarray, cl: np.ndarray, rows: np.ndarray, t: int, pad_id: int,
-                  layout: str, indices: np.ndarray | None, columns: dict[str, np.ndarray] | None) -> PackedBatch:
+                  layout: str, indices: np.ndarray | None, columns: dict[str, np.ndarray] | None, *,
+                  fresh: bool) -> PackedBatch:
     """The batch through the C kernel (the caller checked :func:`~pairpack._accel.native_applies`):
-    every output allocated here, written in one pass there, the scoring map included."""
+    every output allocated here, written in one pass there. ``fresh``:
+    the coordinate arrays are contiguous int64 and belong to this batch (no conversion, no copy)."""
     shared = layout == "prefix_shared"
     b, nrows = len(p), len(rows) - 1
     s = b if shared else 2 * b
-    n = int(cl.sum())
     i64, e, asc = np.int64, np.empty, np.ascontiguousarray
     outs = (e((nrows, t), i64), e((nrows, t), i64), e((nrows, t), np.int32), e((nrows, t), np.int8),
-            e((nrows, t), np.bool_), e((2, n), i64), e(n, i64), e(n, i64), e(n, np.int8), e(s + 1, np.int32),
-            e(s, i64), e(s, np.int8), e((s, 2), i64))
-    max_seqlen = nat.layout(shards, None if shard_of is None else asc(shard_of, dtype=i64), asc(prompt_starts, dtype=i64),
-                            asc(p), asc(completion_starts, dtype=i64).reshape(2, b), asc(cl), rows, shared, pad_id,
-                            outs)
-    return _batch(layout, outs, max_seqlen, indices, p, cl, columns)
+            e((nrows, t), np.bool_), e(s + 1, np.int32), e(s, i64), e(s, np.int8), e((s, 2), i64))
+    if fresh:
+        max_seqlen = nat.layout(shards, shard_of, prompt_starts, p, completion_starts, cl, rows, shared, pad_id, outs)
+    else:
+        max_seqlen = nat.layout(shards, None if shard_of is None else asc(shard_of, dtype=i64),
+                                asc(prompt_starts, dtype=i64), asc(p), asc(completion_starts, dtype=i64).reshape(2, b),
+                                asc(cl), rows, shared, pad_id, outs)
+    return _batch(layout, outs, max_seqlen, indices, p, cl, columns, copy=not fresh)
 
 
-def _build_numpy(plan: "BatchPlan", p: np.ndarray, cl: np.ndarray, need: np.ndarray, rows: np.ndarray, t: int,
-                 pad_id: int, options: PlanOptions) -> PackedBatch:
+def _build_numpy(plan: "BatchPlan", p: np.ndarray, cl: np.ndarray, rows: np.ndarray, t: int, pad_id: int,
+                 options: PlanOptions) -> PackedBatch:
     """:func:`build` in numpy (the C kernel's twin). Per token, a handful of whole-array passes: the
     source index and the position are ``repeat(per-segment base, lengths) + arange``; the real
     tokens of the ``(R, T)`` arrays are written in row-major order through one boolean mask (a
@@ -261,7 +319,7 @@ def _build_numpy(plan: "BatchPlan", p: np.ndarray, cl: np.ndarray, need: np.ndar
         seg_part = np.tile(_PACKED_PARTS, b)
         seqlen = np.stack([p + c, p + r], 1).reshape(-1)
     nrows = len(rows) - 1
-    csum = np.concatenate([[0], np.cumsum(need)])
+    csum = np.concatenate([[0], np.cumsum(_need(p, cl, options.layout))])
     row_len = csum[rows[1:]] - csum[rows[:-1]]
     total = int(csum[-1])
 
@@ -288,58 +346,69 @@ def _build_numpy(plan: "BatchPlan", p: np.ndarray, cl: np.ndarray, need: np.ndar
     seq_ids[real] = np.repeat(seg_seq, ln)
     parts[real] = np.repeat(seg_part, ln)
 
-    # scoring map: the logit before each completion token (flat real order, then (row, column));
-    # shared: the first rejected token is predicted by the last prompt position
-    comp = np.arange(b, dtype=i64)[:, None] * k + _COMPLETION_SLOTS[k][None, :]  # (B, 2) chosen, rejected
-    comp = comp.reshape(-1)
-    clen = ln[comp]
-    cstart = start[comp]
-    off = np.cumsum(clen) - clen
-    nsc = int(clen.sum())
-    car = np.arange(nsc, dtype=i64)
-    tok_flat = np.repeat(cstart - off, clen) + car
-    logit_flat = tok_flat - 1
-    if shared:
-        first = off[1::2][r > 0]
-        logit_flat[first] = (start[0::3] + p - 1)[r > 0]
-    pair_of = np.repeat(np.arange(b, dtype=i64), 2)
-    row_of_pair = np.repeat(np.arange(nrows, dtype=i64), np.diff(rows))
-    row_base = csum[rows[:-1]][row_of_pair]  # (B,) flat index of each pair's row start
-    sc_pair = np.repeat(pair_of, clen)
-    sc_row = row_of_pair[sc_pair]
-    score_index = np.stack([sc_row, logit_flat - row_base[sc_pair]])
-
     cu = np.concatenate([[0], np.cumsum(seqlen)]).astype(np.int32)
     if shared:
         spair, sside, span = np.arange(b, dtype=i64), np.full(b, -1, dtype=np.int8), np.stack([p, seqlen], 1)
     else:
-        spair = pair_of
+        spair = np.repeat(np.arange(b, dtype=i64), 2)
         sside = np.tile(np.array([0, 1], dtype=np.int8), b)
         span = np.stack([np.repeat(p, 2), seqlen], 1)
-    outs = (ids, posn, seq_ids, parts, am, score_index, flat_ids[tok_flat].astype(i64, copy=False), sc_pair,
-            np.repeat(np.tile(np.array([0, 1], dtype=np.int8), b), clen), cu, spair, sside,
-            np.ascontiguousarray(span, dtype=i64))
+    outs = (ids, posn, seq_ids, parts, am, cu, spair, sside, np.ascontiguousarray(span, dtype=i64))
     return _batch(options.layout, outs, int(seqlen.max()) if b else 0, plan.indices, p, cl, plan.columns)
 
 
 def _batch(layout: str, outs: tuple[np.ndarray, ...], max_seqlen: int, indices: np.ndarray | None, p: np.ndarray,
-           cl: np.ndarray, columns: dict[str, np.ndarray] | None) -> PackedBatch:
-    """The :class:`PackedBatch` of the 13 arrays both builders write (the C kernel's ``outs`` order)."""
+           cl: np.ndarray, columns: dict[str, np.ndarray] | None, copy: bool = True) -> PackedBatch:
+    """The :class:`PackedBatch` of the 9 arrays both builders write (the C kernel's ``outs`` order).
+    ``copy=False``: ``indices``, ``p`` and ``cl`` are the batch's own contiguous int64 arrays and
+    become tensors without a copy (the hot path: one ``torch.from_numpy`` per tensor and nothing else)."""
     f = torch.from_numpy
-    (ids, posn, seq_ids, parts, am, score_index, labels, sc_pair, sc_side, cu, spair, sside, span) = map(f, outs)
-    b = len(p)
+    ids, posn, seq_ids, parts, am, cu, spair, sside, span = map(f, outs)
+    if copy:
+        indices = np.arange(len(p), dtype=np.int64) if indices is None else np.array(indices, dtype=np.int64)
+        p, cl = p.copy(), cl.copy()
     return PackedBatch(
         layout=layout, input_ids=ids, position_ids=posn, attention_mask=am, sequence_ids=seq_ids,
         token_part=parts, cu_seqlens=cu, max_seqlen=max_seqlen, sequence_pair=spair, sequence_side=sside,
-        completion_span=span, score_index=score_index, score_labels=labels, score_pair=sc_pair, score_side=sc_side,
-        indices=f(np.arange(b, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)),
-        prompt_lengths=f(p.copy()), chosen_lengths=f(cl[0].copy()), rejected_lengths=f(cl[1].copy()),
-        columns={name: f(np.ascontiguousarray(v)) for name, v in (columns or {}).items()})
+        completion_span=span, indices=f(indices), prompt_lengths=f(p), chosen_lengths=f(cl[0]),
+        rejected_lengths=f(cl[1]), num_scored=int(cl.sum()),
+        columns={name: f(np.ascontiguousarray(v)) for name, v in columns.items()} if columns else {})
+
+
+def _score_map(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`PackedBatch.score_map` of ``batch`` (any object with its fields), vectorised in torch
+    on the batch's device. Per completion (slot ``2b + side``): its first token's flat index in
+    the real tokens (``input_ids[attention_mask]``, row-major, where ``cu_seqlens`` counts), hence
+    its row and column (a completion never spans rows); then one ``repeat_interleave`` spreads the
+    per-slot values over its tokens. ``N`` is ``num_scored``, so nothing waits for the device."""
+    ids = batch.input_ids
+    dev, i64 = ids.device, torch.int64
+    b, n = len(batch), int(batch.num_scored)
+    p, c, r = (x.to(i64) for x in (batch.prompt_lengths, batch.chosen_lengths, batch.rejected_lengths))
+    start = batch.cu_seqlens.to(i64)[:-1]  # each sequence's first flat index
+    shared = batch.layout == "prefix_shared"
+    lens = torch.stack([c, r], 1).reshape(-1)  # tokens of slot 2b + side
+    # first token of each slot: shared [prompt][chosen][rejected]; packed [prompt][chosen], [prompt][rejected]
+    first = torch.stack([start + p, start + p + c], 1).reshape(-1) if shared else start + p.repeat_interleave(2)
+    row_len = batch.attention_mask.sum(1, dtype=i64)
+    row_end = row_len.cumsum(0)
+    row = torch.searchsorted(row_end, first, right=True)
+    col = first - (row_end - row_len)[row]  # column of each slot's first token
+    ends = lens.cumsum(0)
+    slot = torch.arange(2 * b, device=dev)
+    per_slot = torch.stack([row, col - (ends - lens), slot // 2, slot % 2], 1)  # (2B, 4): rows copied whole
+    row_t, col_t, pair_t, side_t = torch.repeat_interleave(per_slot, lens, dim=0, output_size=n).unbind(1)
+    col_t = col_t + torch.arange(n, device=dev)  # column of each scored token
+    logit = torch.cat([col_t - 1, col_t.new_zeros(1)])  # the column before it; entry n: a sink
+    if shared and b:
+        # the first rejected token is predicted by the last prompt position (none written if R = 0)
+        at = torch.where(r > 0, (ends - lens)[1::2], n)
+        logit.index_put_((at,), col[1::2] - c - 1)
+    return torch.stack([row_t, logit[:n]]), ids[row_t, col_t].to(i64), pair_t, side_t.to(torch.int8)
 
 
 _SHARED_PARTS = np.array([PROMPT, CHOSEN, REJECTED], dtype=np.int8)
 _PACKED_PARTS = np.array([PROMPT, CHOSEN, PROMPT, REJECTED], dtype=np.int8)
-_COMPLETION_SLOTS = {3: np.array([1, 2]), 4: np.array([1, 3])}
 
 
 def _gather(plan: "BatchPlan", src: np.ndarray, k: int, ln: np.ndarray) -> np.ndarray:

@@ -14,7 +14,8 @@ Conventions (each is tested in tests/test_dpo.py):
     * Padding is on the right; the model is called without an attention mask, which is only
       correct for a causal model with right padding.
     * Batches of the ``packed`` and ``prefix_shared`` layouts (``PackedBatch``, README "Layouts")
-      carry their own scoring map; :func:`sequence_logprobs_from` reads it, and
+      have a scoring map (``batch.score_map()``, derived on the batch's device when first read);
+      :func:`sequence_logprobs_from` reads it, and
       :mod:`pairpack.train.models` calls the model with the positions and mask the layout needs.
       The log-probs equal the padded layout's (tests/test_layouts_model.py).
 
