@@ -125,25 +125,10 @@ class PackedBatch(TensorBatch):
             self._scores = _score_map(self)
         return self._scores  # type: ignore[return-value]
 
-    @property
-    def score_index(self) -> torch.Tensor:
-        """int64 ``(2, N)``, see :meth:`score_map`."""
-        return self.score_map()[0]
-
-    @property
-    def score_labels(self) -> torch.Tensor:
-        """int64 ``(N,)``, see :meth:`score_map`."""
-        return self.score_map()[1]
-
-    @property
-    def score_pair(self) -> torch.Tensor:
-        """int64 ``(N,)``, see :meth:`score_map`."""
-        return self.score_map()[2]
-
-    @property
-    def score_side(self) -> torch.Tensor:
-        """int8 ``(N,)``, see :meth:`score_map`."""
-        return self.score_map()[3]
+    score_index = property(lambda self: self.score_map()[0], doc="int64 ``(2, N)``, see :meth:`score_map`.")
+    score_labels = property(lambda self: self.score_map()[1], doc="int64 ``(N,)``, see :meth:`score_map`.")
+    score_pair = property(lambda self: self.score_map()[2], doc="int64 ``(N,)``, see :meth:`score_map`.")
+    score_side = property(lambda self: self.score_map()[3], doc="int8 ``(N,)``, see :meth:`score_map`.")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -242,11 +227,6 @@ def build_located(nat: Any, shards: tuple[np.ndarray, ...], coords: np.ndarray, 
                          t, pad_id, options.layout, coords[0], columns, fresh=True)
 
 
-def _need(p: np.ndarray, cl: np.ndarray, layout: str) -> np.ndarray:
-    """Tokens each pair takes in ``layout``: ``P + C + R`` (prefix_shared) or ``2P + C + R``."""
-    return (p + cl[0] + cl[1]) if layout == "prefix_shared" else (2 * p + cl[0] + cl[1])
-
-
 def _rows(p: np.ndarray, cl: np.ndarray, options: PlanOptions) -> tuple[np.ndarray, int]:
     """(row boundaries, row length ``T``) of pairs with prompt lengths ``p`` and completion lengths
     ``cl`` ``(2, B)`` in ``options.layout``. One row (no row bound, the Loader's usual case) takes
@@ -256,7 +236,7 @@ def _rows(p: np.ndarray, cl: np.ndarray, options: PlanOptions) -> tuple[np.ndarr
     if cap is None:
         total = int(p.sum()) * (1 if options.layout == "prefix_shared" else 2) + int(cl.sum())
         return np.array((0, b), dtype=np.int64), int(round_up(total, options.pad_to_multiple_of))
-    need = _need(p, cl, options.layout)
+    need = options.pair_tokens(p, cl[0], cl[1])
     rows = pack_rows(need, cap)
     if len(rows) <= 2:
         longest_row = int(need.sum())
@@ -319,7 +299,7 @@ def _build_numpy(plan: "BatchPlan", p: np.ndarray, cl: np.ndarray, rows: np.ndar
         seg_part = np.tile(_PACKED_PARTS, b)
         seqlen = np.stack([p + c, p + r], 1).reshape(-1)
     nrows = len(rows) - 1
-    csum = np.concatenate([[0], np.cumsum(_need(p, cl, options.layout))])
+    csum = np.concatenate([[0], np.cumsum(options.pair_tokens(p, cl[0], cl[1]))])
     row_len = csum[rows[1:]] - csum[rows[:-1]]
     total = int(csum[-1])
 
