@@ -3,6 +3,6 @@
 The documented import path; the implementation is :mod:`pairpack.ingest.ray`.
 """
 
-from .ingest.ray import Datasink, build
+from .ingest.ray import ROWS_PER_TASK, Datasink, build
 
-__all__ = ["Datasink", "build"]
+__all__ = ["Datasink", "build", "ROWS_PER_TASK"]

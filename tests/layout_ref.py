@@ -62,6 +62,18 @@ class RefPacked:
                                        and not (part[row][q] == 2 and part[row][k] == 1))
         return m
 
+    @property
+    def sequence_pair(self) -> torch.Tensor:
+        """Pair of each sequence: packed sequences ``2b, 2b + 1`` are pair ``b``'s, prefix_shared ``b``."""
+        s = torch.arange(len(self.cu_seqlens) - 1)
+        return s // 2 if self.layout == "packed" else s
+
+    def split_attention(self) -> Any:
+        """pairpack's by-parts attention over this batch's tensors (what the model's "auto" takes)."""
+        from pairpack.batch.attention import split_attention
+
+        return split_attention(self)  # type: ignore[arg-type]
+
     def block_mask(self) -> Any:
         raise AssertionError("the reference builder makes no block masks")
 

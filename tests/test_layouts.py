@@ -341,20 +341,41 @@ def test_stats_reports_tokens_per_pair_for_each_layout(ds):  # noqa: F811
         assert "layouts (tokens the model processes per pair" in s.render()
 
 
-@given(st.lists(st.integers(1, 60), min_size=0, max_size=200), st.integers(60, 200), st.integers(1, 8))
+@given(st.lists(st.integers(1, 60), min_size=0, max_size=200), st.integers(60, 200), st.booleans())
+@example([30, 31, 29, 2], 60, False)  # a later unit fits an earlier row's gap
 @settings(max_examples=60)
-def test_first_fit_rows_are_what_next_fit_rebuilds(sizes, cap, open_rows):
-    """The planner's first-fit rows, listed in its order, are exactly the rows the builder's next-fit
-    makes of them (and of any run of whole rows)."""
-    from pairpack.batch.packing import first_fit_order, pack_rows
+def test_best_fit_rows_are_what_next_fit_rebuilds(sizes, cap, decreasing):
+    """The planner's best-fit rows, listed in its order, are exactly the rows the builder's next-fit
+    makes of them (and of any run of whole rows); no row is over the bound and every unit is placed once."""
+    from pairpack.batch.packing import best_fit_order, pack_rows
 
-    need = np.array(sizes, dtype=np.int64)
-    order, bounds = first_fit_order(need, cap, open_rows)
+    need = np.array(sorted(sizes, reverse=True) if decreasing else sizes, dtype=np.int64)
+    order, bounds = best_fit_order(need, cap)
     assert sorted(order.tolist()) == list(range(len(need)))
     assert np.array_equal(pack_rows(need[order], cap), bounds)
+    csum = np.concatenate([[0], np.cumsum(need[order])])
+    assert (np.diff(csum[bounds]) <= cap).all()
     if len(bounds) > 2:
         a = int(bounds[1])
         assert np.array_equal(pack_rows(need[order][a:], cap), bounds[1:] - a)
+
+
+def test_bounded_rows_fill_on_grouped_half_row_pairs():
+    """Grouped pairs near half the row bound (UltraFeedback-like under 2,048-token rows): best-fit
+    decreasing fills the rows (first-fit over recent rows left them ~15% empty)."""
+    from pairpack.batch.options import PlanOptions
+    from pairpack.batch.plan import plan_batches, tokens_processed
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    p = rng.integers(20, 200, n)
+    c, r = (np.clip(rng.lognormal(np.log(400), 0.5, n), 1, 900).astype(np.int64) for _ in range(2))
+    lengths = np.stack([p, c, r]).astype(np.int64)
+    opts = PlanOptions(max_tokens=16384, max_row_tokens=2048, layout="prefix_shared", group_by_length=True)
+    batches = plan_batches(lengths, np.arange(n), options=opts)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+    per_pair = tokens_processed(lengths, batches, opts) / n
+    assert per_pair <= 1.03 * lengths.sum(0).mean()
 
 
 def test_stats_cli_layout_table_and_bad_row_bound(ds):  # noqa: F811

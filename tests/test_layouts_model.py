@@ -119,17 +119,52 @@ def test_every_layout_equals_padded(name: str, dtype: torch.dtype, pairs, row_ex
         want = dpo_loss(*want_pol, *want_ref, beta=BETA).losses
         dpo = DPO(policy, ref_model=ref, beta=BETA, reduction=reduction, attention="dense")
         want_mean = dpo(padded, ref_chosen_logp=want_ref[0], ref_rejected_logp=want_ref[1])
-        for layout, batch in batches.items():
-            at = batch.indices.long()  # the pairs in the batch's order (the padded batch holds 0..B-1)
-            got_pol = batch_logprobs(policy, batch, reduction=reduction, attention="dense")
-            got_ref = batch_logprobs(ref, batch, reduction=reduction, attention="dense")
-            for g, w in zip(got_pol + got_ref, want_pol + want_ref):
-                assert g.dtype == w.dtype
-                torch.testing.assert_close(g, w[at], **TOL[dtype])
-            got = dpo_loss(*got_pol, *got_ref, beta=BETA).losses
-            torch.testing.assert_close(got, want[at], **TOL[dtype])
-            got_mean = dpo(batch, ref_chosen_logp=got_ref[0], ref_rejected_logp=got_ref[1])
-            torch.testing.assert_close(got_mean, want_mean, **TOL[dtype])
+        # TinyLM also takes the rule by parts (split attention, its default)
+        for attention in ("dense", "split") if name == "tinylm" else ("dense",):
+            dpo.attention = attention
+            for layout, batch in batches.items():
+                at = batch.indices.long()  # the pairs in the batch's order (the padded batch holds 0..B-1)
+                got_pol = batch_logprobs(policy, batch, reduction=reduction, attention=attention)
+                got_ref = batch_logprobs(ref, batch, reduction=reduction, attention=attention)
+                for g, w in zip(got_pol + got_ref, want_pol + want_ref):
+                    assert g.dtype == w.dtype
+                    torch.testing.assert_close(g, w[at], **TOL[dtype])
+                got = dpo_loss(*got_pol, *got_ref, beta=BETA).losses
+                torch.testing.assert_close(got, want[at], **TOL[dtype])
+                got_mean = dpo(batch, ref_chosen_logp=got_ref[0], ref_rejected_logp=got_ref[1])
+                torch.testing.assert_close(got_mean, want_mean, **TOL[dtype])
+
+
+@settings(max_examples=40)
+@given(pairs=pair_lists(), row_extra=st.sampled_from([-1, 0, 7, None]), pad=st.sampled_from([None, 8]))
+@example(pairs=[([5], [6], [7])], row_extra=-1, pad=None)  # P = C = R = 1
+@example(pairs=[([1, 2, 3], [4], [5, 6, 7, 8]), ([9], [3, 4, 5], [3])], row_extra=None, pad=8)  # R longer than C
+def test_split_attention_equals_the_dense_mask(pairs, row_extra: int | None, pad: int | None) -> None:
+    """SplitAttention.attend (each sequence causal alone; rejected over [prompt][rejected]) gives
+    SDPA-with-dense_mask's output and gradients at every real token (float64), zeros at padding."""
+    import torch.nn.functional as F
+
+    need = max(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
+    row_tokens = 0 if row_extra == -1 else None if row_extra is None else need + row_extra
+    if row_tokens and pad:  # a row bound is a whole number of pad multiples
+        row_tokens = -(-row_tokens // pad) * pad
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = _dataset(pairs, tmp)
+        for layout in ("packed", "prefix_shared"):
+            batch = ds.batch(np.arange(len(pairs)), layout=layout, max_row_tokens=row_tokens, pad_to_multiple_of=pad)
+            r, t = batch.input_ids.shape
+            gen = torch.Generator().manual_seed(len(pairs) * 31 + t)
+            q, k, v = (torch.randn(r, 2, t, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+                       for _ in range(3))
+            real = batch.attention_mask[:, None, :, None].expand(r, 2, t, 3)
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.dense_mask())
+            got = batch.split_attention().attend(q, k, v)
+            torch.testing.assert_close(got[real], want[real], rtol=1e-12, atol=1e-12)
+            assert not got[~real].any(), layout
+            w = torch.randn(r, 2, t, 3, dtype=torch.float64, generator=gen) * real
+            for gg, gw in zip(torch.autograd.grad((got * w).sum(), (q, k, v)),
+                              torch.autograd.grad((want * w).sum(), (q, k, v))):
+                torch.testing.assert_close(gg, gw, rtol=1e-10, atol=1e-12)
 
 
 @settings(max_examples=25)
@@ -265,6 +300,16 @@ def test_models_that_cannot_take_a_layout() -> None:
         DPO(t5)(shared)
     assert mdl.model_layouts(_xt(0)) == mdl.LAYOUTS
     assert mdl.model_layouts(_xt(0), "flex") == ("padded",)  # x-transformers has no FlexAttention path
+
+    with pytest.raises(ModelError, match="split attention needs a model whose attention calls SplitAttention"):
+        DPO(_xt(0), attention="split")(shared)
+    assert mdl.model_layouts(_xt(0), "split") == ("padded",)
+    dense_only = _tinylm(0)
+    dense_only.pairpack_attention = ("dense",)  # a pairpack-family module without the split path
+    with pytest.raises(ModelError, match=r"attention='split'.*pairpack_attention lists \['dense'\]"):
+        DPO(dense_only, attention="split")(shared)
+    assert mdl.model_layouts(dense_only, "split") == ("padded",)
+    DPO(dense_only)(shared)  # auto: the dense mask
 
     hf = _hf(0)
     hf.config._attn_implementation = "flash_attention_2"  # refused before any kernel is needed

@@ -1,7 +1,8 @@
 """pairpack.ray: builds as a Ray Data stage, on a local Ray started here (2 CPUs, no dashboard).
 
 One Ray session serves the module (starting one takes seconds). Each job splits its records over
-several write tasks (``override_num_blocks``), so the parts path (staging, combine) is exercised.
+several write tasks (``override_num_blocks``, and ``rows_per_task=None`` by default here: a task per
+block), so the parts path (staging, combine) is exercised.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def local_ray():
     ctx.print_on_execution_start = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def task_per_block(monkeypatch):
+    """A write task per block (the sink's default bundles small jobs into one task)."""
+    monkeypatch.setitem(pray.Datasink.__init__.__kwdefaults__, "rows_per_task", None)
 
 
 def _dataset(records: list[dict], blocks: int = 4, ordered: bool = True):
@@ -205,6 +212,14 @@ def test_rows_per_task_bundles_blocks(tmp_path):
     sink = pray.Datasink(tmp_path / "out", rows_per_task=200, sample=recs[:10])
     _dataset(recs, blocks=8).write_datasink(sink)
     assert [t["rows"] for t in sink.tasks] == [200, 200] and sink.report.shards == 2
+
+
+def test_default_bundles_small_blocks_into_one_task(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the sink's own default (task_per_block changed it)
+    assert pray.Datasink.__init__.__kwdefaults__["rows_per_task"] == pray.ROWS_PER_TASK == 10_000
+    recs = _text_records(400, seed=8)
+    rep = pray.build(_dataset(recs, blocks=8), tmp_path / "out")
+    assert rep.pairs == 400 and rep.shards == 1
     build(recs, tmp_path / "one", workers=1)
     assert _pairs(tmp_path / "out") == _pairs(tmp_path / "one")
 

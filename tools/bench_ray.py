@@ -1,8 +1,8 @@
 """Benchmark ``pairpack.ray.build`` on a local Ray against ``pairpack build --workers N``, same run.
 
 Generated text pairs (``bench_build.gen_text``: English-like words, log-normal lengths, ~575
-GPT-2 tokens a pair), written as ``--files`` JSONL files (a corpus is many files; Ray reads one
-block per file and fuses the read into the write tasks), tokenized with the real GPT-2 tokenizer
+GPT-2 tokens a pair), written as ``--files`` JSONL files (a corpus is many files; Ray splits
+each into blocks of a few hundred rows, which the sink bundles into write tasks of 10,000 rows), tokenized with the real GPT-2 tokenizer
 (../shared/tokenizers/gpt2.tokenizer.json). For N in 1 and 2:
 
   * Ray: ``ray.init(num_cpus=N)``, one small warm-up job (starts the worker processes, loads the
@@ -12,11 +12,12 @@ block per file and fuses the read into the write tasks), tokenized with the real
 
 Printed: pairs/s of wall time; scaling efficiency 1 -> 2 CPUs (rate at 2 / (2 x rate at 1));
 Ray at 2 CPUs / build --workers 2. Targets (issue 14): efficiency >= 0.8, Ray >= 0.8x build.
-Also pairs per CPU-second, which other load on a shared machine disturbs far less than wall time:
-for Ray, the write tasks' own CPU time (their reads included: Ray fuses them into the tasks) plus
-the driver's, the raylet's and GCS's not counted; for the build, this process and its workers.
-A last row times ``byte_identical=True`` at 2 CPUs (the driver re-writes the parts as one
-sequential build: a copy of the tokens). The load average is printed before and after: rerun
+Also pairs per CPU-second of the whole machine while the job ran (every process: Ray's raylet,
+GCS, read and write tasks, the driver; the build and its workers), which shows the engine's cost
+apart from how well it keeps the cores busy; other load counts too. Two last rows, at 2 CPUs:
+``byte_identical=True`` (the driver re-writes the parts as one sequential build: a copy of the
+tokens) and ``rows_per_task=None`` (a write task per Ray block, a few hundred rows each, as
+before the default of 10,000 rows per task). The load average is printed before and after: rerun
 when it is quiet.
 
 Usage:
@@ -52,12 +53,6 @@ CPU: dict[tuple[str, int], float] = {}  # (path, N) -> CPU seconds of its fastes
 def _cpu_self() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def _cpu_all() -> float:
-    """This process and its waited-for children (the build's worker processes)."""
-    c = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return _cpu_self() + c.ru_utime + c.ru_stime
 
 
 def _machine_busy() -> float:
@@ -103,7 +98,10 @@ def _import_fsspec() -> None:
     import fsspec  # noqa: F401
 
 
-def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int, byte_identical: bool = False) -> float:
+def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int, byte_identical: bool = False,
+             per_block: bool = False) -> float:
+    """pairs/s of ``pairpack.ray.build`` at ``cpus`` CPUs (its default ``rows_per_task``; ``per_block``:
+    None, a task per Ray block)."""
     import ray
 
     import pairpack.ray as pray
@@ -115,15 +113,17 @@ def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int, byte_identi
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         files = sorted(str(p) for p in data.iterdir())
-        # warm-up: worker processes started, tokenizer loaded in each
-        pray.build(ray.data.read_json(files[:cpus]).limit(200 * cpus), work / "warm", tokenizer=GPT2, force=True)
+        # warm-up: worker processes started, tokenizer loaded in each (a task per block: every worker)
+        pray.build(ray.data.read_json(files[:cpus]).limit(200 * cpus), work / "warm", tokenizer=GPT2, force=True,
+                   rows_per_task=None)
 
         def run() -> dict:
             # what pairpack.ray.build does, through the sink (whose per-task figures hold the CPU time)
             ds = ray.data.read_json(files)
             t0, c0, m0 = time.perf_counter(), _cpu_self(), _machine_busy()
             s = pray.Datasink(work / "ray", tokenizer=GPT2, force=True, sample=ds.take(1000),
-                              byte_identical=byte_identical)
+                              byte_identical=byte_identical,
+                              **({"rows_per_task": None} if per_block else {}))
             ds.write_datasink(s)
             return {"sink": s, "driver": _cpu_self() - c0, "machine": _machine_busy() - m0,
                     "wall": time.perf_counter() - t0}
@@ -132,8 +132,9 @@ def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int, byte_identi
         s = run_["sink"]
         assert s.report.pairs == n, s.report.summary()
         tasks = sum(x["cpu_seconds"] for x in s.tasks)
-        CPU[("ray-byte-identical" if byte_identical else "ray", cpus)] = tasks + run_["driver"]
-        if not byte_identical:
+        key = "ray-byte-identical" if byte_identical else "ray-blocks" if per_block else "ray"
+        CPU[(key, cpus)] = run_["machine"]
+        if key == "ray":
             busy = sum(x["finished"] - x["started"] for x in s.tasks)
             span = max(x["finished"] for x in s.tasks) - min(x["started"] for x in s.tasks)
             SPLIT[cpus] = {"tasks": tasks, "driver": run_["driver"], "machine": run_["machine"],
@@ -146,9 +147,9 @@ def ray_rate(cpus: int, data: Path, work: Path, n: int, repeat: int, byte_identi
 
 def build_rate(workers: int, data: Path, work: Path, n: int, repeat: int) -> float:
     def run() -> dict:
-        c0 = _cpu_all()
+        m0 = _machine_busy()
         rep = build([data], work / "pp", tokenizer=GPT2, workers=workers, force=True)
-        return {"report": rep, "cpu": _cpu_all() - c0}
+        return {"report": rep, "cpu": _machine_busy() - m0}
 
     t, run_ = _best(run, repeat)
     assert run_["report"].pairs == n
@@ -177,13 +178,14 @@ def main() -> None:
             print(json.dumps({"cpus": n, "ray": rates[("ray", n)], "build": rates[("build", n)],
                               "ray_cpu_s": CPU[("ray", n)], "build_cpu_s": CPU[("build", n)]}), flush=True)
         rates[("ray-byte-identical", 2)] = ray_rate(2, work / "data", work, args.pairs, args.repeat, True)
+        rates[("ray-blocks", 2)] = ray_rate(2, work / "data", work, args.pairs, args.repeat, per_block=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     eff = {k: rates[(k, 2)] / (2 * rates[(k, 1)]) for k in ("ray", "build")}
     print(f"\n{args.pairs:,} text pairs (GPT-2) in {args.files} files; best of {args.repeat}; "
           f"load average {load0:.1f} before, {_load():.1f} after\n")
     per_cpu = {k: args.pairs / v for k, v in CPU.items()}
-    print("| path | 1 CPU, pairs/s | 2 CPUs, pairs/s | scaling efficiency 1 -> 2 | pairs per CPU-s (1 / 2 CPUs) |")
+    print("| path | 1 CPU, pairs/s | 2 CPUs, pairs/s | scaling efficiency 1 -> 2 | pairs per machine CPU-s (1 / 2 CPUs) |")
     print("|---|---:|---:|---:|---:|")
     print(f"| `pairpack.ray.build`, local Ray `num_cpus=N` | {rates[('ray', 1)]:,.0f} | {rates[('ray', 2)]:,.0f} | "
           f"{eff['ray']:.2f} | {per_cpu[('ray', 1)]:,.0f} / {per_cpu[('ray', 2)]:,.0f} |")
@@ -191,7 +193,10 @@ def main() -> None:
           f"{eff['build']:.2f} | {per_cpu[('build', 1)]:,.0f} / {per_cpu[('build', 2)]:,.0f} |")
     print(f"| `pairpack.ray.build(..., byte_identical=True)` | | {rates[('ray-byte-identical', 2)]:,.0f} | | "
           f"- / {per_cpu[('ray-byte-identical', 2)]:,.0f} |")
-    print("\nCPU-seconds of the fastest timed Ray run: write tasks (reads included) / driver / the whole machine "
+    print(f"| `pairpack.ray.build(..., rows_per_task=None)` (a task per Ray block) | | {rates[('ray-blocks', 2)]:,.0f} | | "
+          f"- / {per_cpu[('ray-blocks', 2)]:,.0f} |")
+    print("\nCPU-seconds of the fastest timed Ray run: write tasks (their reads are separate tasks when Ray "
+          "bundles blocks into tasks of rows_per_task) / driver / the whole machine "
           "(every process: Ray's raylet, GCS and workers' own threads too; other load counts here)")
     for k, v in sorted(SPLIT.items()):
         print(f"  {k} CPU{'s' if k > 1 else ''}: {v['tasks']:.1f} / {v['driver']:.1f} / {v['machine']:.1f} in "

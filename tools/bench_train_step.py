@@ -12,7 +12,8 @@ For each generated set (written with :class:`pairpack.Writer` under a temporary 
 * ``uf``: UltraFeedback-like, short prompts and long answers (P ~ 186, C, R ~ 274: 1,069 / 920 / 734).
 
 The pairs are sorted by length and cut into batches of ``--batch-size`` (grouped padding, the
-strongest padded baseline); the same batches are made in every layout with ``ds.batch(idx,
+strongest padded baseline), of which ``--batches`` are timed, the middle batch of each of as many
+equal strata of the sorted order (:func:`spread`); the same batches are made in every layout with ``ds.batch(idx,
 layout=...)``, one pair per row for the packed layouts (``max_row_tokens=0``: with a dense mask
 attention costs the square of the row length, so longer rows only add work on a CPU). One training
 step = ``DPO(policy, ref_model=False)(batch, ref_*_logp=cached)`` forward, backward and an AdamW step
@@ -20,8 +21,10 @@ step = ``DPO(policy, ref_model=False)(batch, ref_*_logp=cached)`` forward, backw
 Layouts are timed round-robin over ``--rounds`` rounds (the first is a warm-up) and the median
 ms/step is reported with its ratio to grouped padded, measured in the same run.
 
-TinyLM runs with torch's SDPA: causal (``is_causal``) for padded rows, a dense bool mask
-``(R, 1, T, T)`` for the others. ``torch.set_num_threads(--threads)`` (default 1: on a shared
+TinyLM runs with torch's SDPA: causal (``is_causal``) for padded rows; for the others, with
+``--attention auto`` (default) or ``split``, the layout's ``split_attention()`` (each pair's
+``[prompt][chosen]`` causal, its rejected tokens over ``[prompt][rejected]``: two small SDPA calls
+a layer), with ``dense`` a dense bool mask ``(R, 1, T, T)``. ``torch.set_num_threads(--threads)`` (default 1: on a shared
 machine more threads oversubscribe). Nothing is asserted; the figures are whatever this machine
 gives (note its load: the script prints ``os.getloadavg()``).
 
@@ -85,6 +88,15 @@ def grouped(ds: pairpack.Dataset, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
+def spread(batches: list[np.ndarray], k: int) -> list[np.ndarray]:
+    """``k`` of the length-sorted ``batches``: the middle one of each of ``k`` equal strata, so the
+    timed batches represent the whole set (the first ``k`` would be its shortest pairs, the two
+    ends its extremes)."""
+    if k >= len(batches):
+        return batches
+    return [batches[int(i)] for i in (np.arange(k) + 0.5) * len(batches) / k]
+
+
 def make_batch(ds: pairpack.Dataset, idx: np.ndarray, layout: str, *, max_row_tokens: int = 0,
                pad_to_multiple_of: int | None = None) -> Any:
     """The batch of pairs ``idx`` in ``layout`` (packed layouts: rows of at most ``max_row_tokens``
@@ -96,7 +108,7 @@ def make_batch(ds: pairpack.Dataset, idx: np.ndarray, layout: str, *, max_row_to
 
 def train_step_table(datasets: dict[str, pairpack.Dataset], *, d_model: int = 256, n_layers: int = 4,
                      batch_size: int = 16, batches: int = 8, rounds: int = 4, seed: int = 0,
-                     layouts: tuple[str, ...] = LAYOUTS) -> list[dict[str, Any]]:
+                     layouts: tuple[str, ...] = LAYOUTS, attention: str = "auto") -> list[dict[str, Any]]:
     """Median DPO training-step time per layout on each dataset, with ratios to padded.
 
     Returns one dict per (set, layout): ``set``, ``layout``, ``ms_per_step``, ``speedup`` (padded
@@ -106,7 +118,7 @@ def train_step_table(datasets: dict[str, pairpack.Dataset], *, d_model: int = 25
     """
     rows: list[dict[str, Any]] = []
     for name, ds in datasets.items():
-        idx = grouped(ds, batch_size)[:batches]
+        idx = spread(grouped(ds, batch_size), batches)
         if not idx:
             raise ValueError(f"set {name}: fewer than {batch_size} pairs")
         p, c, r = (np.asarray(x, dtype=np.int64) for x in ds.lengths)
@@ -119,9 +131,9 @@ def train_step_table(datasets: dict[str, pairpack.Dataset], *, d_model: int = 25
         for layout in layouts:
             bs = [make_batch(ds, i, layout) for i in idx]
             with torch.no_grad():  # the cached reference: the initial model's log-probs
-                refs = [batch_logprobs(init, b, reduction="sum") for b in bs]
+                refs = [batch_logprobs(init, b, reduction="sum", attention=attention) for b in bs]
             policy = copy.deepcopy(init)
-            dpo = DPO(policy, ref_model=False, reduction="sum")
+            dpo = DPO(policy, ref_model=False, reduction="sum", attention=attention)
             state[layout] = dict(batches=bs, refs=refs, dpo=dpo,
                                  opt=torch.optim.AdamW(dpo.parameters(), lr=1e-4), times=[],
                                  tokens=sum(b.padded_tokens() for b in bs) / sum(len(b) for b in bs))
@@ -167,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sets", default="hh,uf")
+    ap.add_argument("--attention", default="auto", choices=["auto", "split", "dense"],
+                    help="how packed layouts reach TinyLM (auto: split)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test of the script)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -176,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         sets = {k: generate(Path(tmp) / k, k, a.pairs, seed=i) for i, k in enumerate(a.sets.split(","))}
         rows = train_step_table(sets, d_model=a.d_model, n_layers=a.layers, batch_size=a.batch_size,
-                                batches=a.batches, rounds=a.rounds)
+                                batches=a.batches, rounds=a.rounds, attention=a.attention)
     load = os.getloadavg()
     if a.json:
         print(json.dumps({"rows": rows, "loadavg": load, "threads": a.threads, "args": vars(a)}, indent=1))
     else:
         print(f"TinyLM d_model {a.d_model}, {a.layers} layers, batch {a.batch_size} pairs (grouped by length), "
-              f"{a.batches} batches x {a.rounds} rounds, {a.threads} thread(s), torch {torch.__version__}")
+              f"{a.batches} batches x {a.rounds} rounds, {a.threads} thread(s), attention {a.attention}, "
+              f"torch {torch.__version__}")
         print(format_table(rows))
         print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
     return 0

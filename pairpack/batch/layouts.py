@@ -47,6 +47,7 @@ from .packing import pack_rows
 from .triplets import TensorBatch, shards_of
 
 if TYPE_CHECKING:
+    from .attention import SplitAttention
     from .plan import BatchPlan
 
 __all__ = ["PackedBatch", "build", "PROMPT", "CHOSEN", "REJECTED", "PAD"]
@@ -157,6 +158,16 @@ class PackedBatch(TensorBatch):
         pad_self = (seq < 0)[:, :, None] & (ar[:, None] == ar[None, :])
         m = (same & causal & ~rej_on_chosen) | pad_self
         return m[:, None].to(dtype)
+
+    def split_attention(self) -> "SplitAttention":
+        """The rule as small dense attentions (each sequence causal alone, and in ``prefix_shared``
+        the rejected tokens over ``[prompt][rejected]``): a
+        :class:`~pairpack.batch.attention.SplitAttention` whose ``attend(q, k, v)`` a model's
+        attention calls instead of SDPA with :meth:`dense_mask`. Costs ``(P+C)**2 + R (P+R)`` score
+        entries per pair instead of ``T**2`` per row, on any device."""
+        from .attention import split_attention
+
+        return split_attention(self)
 
     def mask_mod(self) -> Callable[..., torch.Tensor]:
         """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the rule (``b`` = row). It reads

@@ -3,11 +3,13 @@ from lengths alone, and the batch builder (:mod:`.layouts`), which lays the toke
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
+
 import numpy as np
 
 from .options import OversizeError
 
-__all__ = ["pack_rows", "first_fit_order"]
+__all__ = ["pack_rows", "best_fit_order"]
 
 
 def pack_rows(need: np.ndarray, cap: int | None) -> np.ndarray:
@@ -40,15 +42,21 @@ def pack_rows(need: np.ndarray, cap: int | None) -> np.ndarray:
     return np.asarray(bounds, dtype=np.int64)
 
 
-def first_fit_order(need: np.ndarray, cap: int, open_rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Pack units into rows of ``cap`` tokens first-fit over the ``open_rows`` newest rows:
-    ``(order, bounds)``, the units listed row by row and the row boundaries in that order.
+def best_fit_order(need: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack units into rows of ``cap`` tokens best-fit over every row with room: ``(order,
+    bounds)``, the units listed row by row (rows in the order they were opened, each row's units in
+    placement order) and the row boundaries in that order.
 
-    Next-fit leaves each row up to one unit short; first-fit tops rows up with later, smaller
-    units. Listed row by row in placement order, the units pack back into exactly these rows by
-    :func:`pack_rows` (each row's first unit did not fit the row opened just before it, which was
-    still open), so the batch builder, which re-packs a batch next-fit, agrees with the planner.
-    One Python step per unit (planning only, once per epoch), over a few open rows.
+    Each unit goes into the row whose free tokens are the fewest that still hold it, else opens a
+    row. Fed units in decreasing size (the planner sorts each length-grouping window so), this is
+    best-fit decreasing, whose rows stay within a few percent of the fewest possible; first-fit over
+    a few recent rows (this module's earlier rule) left UltraFeedback-like rows of 2,048 tokens
+    15% empty, grouped units being all near half the row. A row is opened only when no row had
+    room for its first unit, and free room only shrinks, so every row ends with less room than the
+    next row's first unit: :func:`pack_rows` (next-fit) rebuilds exactly these rows from the
+    listing, as the batch builder does. One Python
+    step per unit (planning only, once per epoch), ``O(log rows)`` each plus a list insert; rows
+    with no room for the smallest unit leave the search.
     """
     n = len(need)
     if n == 0:
@@ -56,21 +64,20 @@ def first_fit_order(need: np.ndarray, cap: int, open_rows: int = 16) -> tuple[np
     if int(need.max()) > cap:
         j = int(np.argmax(need > cap))
         raise OversizeError(f"pair at position {j} needs {int(need[j])} tokens > the row bound of {cap}")
+    smallest = int(need.min())
     rows: list[list[int]] = []
-    left: list[int] = []  # free tokens of the open rows (the newest open_rows rows)
-    first_open = 0
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted: rows that can still take a unit
     for i, x in enumerate(need.tolist()):
-        for k in range(first_open, len(rows)):
-            if left[k - first_open] >= x:
-                rows[k].append(i)
-                left[k - first_open] -= x
-                break
+        k = bisect_left(free, (x, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+            rows[r].append(i)
+            room -= x
         else:
+            r, room = len(rows), cap - x
             rows.append([i])
-            left.append(cap - x)
-            if len(left) > open_rows:
-                left.pop(0)
-                first_open += 1
+        if room >= smallest:
+            insort(free, (room, r))
     order = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=n)
     bounds = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
     return order, bounds

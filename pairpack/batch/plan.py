@@ -22,7 +22,7 @@ from ..errors import ArgumentError
 from ..format.spec import round_up
 from ..read.dataset import Pair
 from .options import NO_TRUNCATION, OVERSIZE_MODES, TRUNCATION_MODES, OversizeError, PlanOptions, Truncation, options_from
-from .packing import first_fit_order, pack_rows
+from .packing import best_fit_order, pack_rows
 from .sampling import equalize
 
 if TYPE_CHECKING:  # torch is imported only where a batch is assembled
@@ -143,14 +143,15 @@ def check_oversize(over: np.ndarray, opts: PlanOptions, where: str = "") -> None
 
 
 # --- planning --------------------------------------------------------------------------------------
-def _group(seq: np.ndarray, key: np.ndarray, window: int) -> np.ndarray:
+def _group(seq: np.ndarray, key: np.ndarray, window: int, descending: bool = False) -> np.ndarray:
     """Sort ``seq`` by ``key`` within consecutive windows of ``window`` entries (stable).
 
     Windows alternate ascending/descending so a batch that straddles two windows joins lengths
-    that are alike (long with long, short with short).
+    that are alike (long with long, short with short); ``descending``: every window descending
+    (the order best-fit packing into bounded rows wants).
     """
     wid = np.arange(len(seq), dtype=np.int64) // window
-    k = np.where(wid % 2 == 1, -key, key)
+    k = -key if descending else np.where(wid % 2 == 1, -key, key)
     return seq[np.lexsort((k, wid))]
 
 
@@ -215,8 +216,9 @@ def _budget_bounds(lengths: np.ndarray, seq: np.ndarray, opts: PlanOptions, trun
                    world_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pair boundaries of the batches of ``seq`` under ``opts.max_tokens``, split to a multiple of
     ``world_size`` where possible, and ``seq`` (reordered when rows are bounded). Packed layouts:
-    pairs go into rows next-fit (:func:`pack_rows`), or first-fit over a few open rows when
-    ``max_row_tokens`` bounds them (:func:`first_fit_order`),
+    pairs go into rows next-fit (:func:`pack_rows`), or best-fit over every row with room when
+    ``max_row_tokens`` bounds them (:func:`best_fit_order`; best-fit decreasing within each
+    length-grouping window when grouped, as :func:`_global_plan` orders them),
     rows into batches of ``R * T <= max_tokens``; a batch is split at a row boundary (or, one row
     left, between pairs), so no split ever raises a batch's rows or row length."""
     assert opts.max_tokens is not None  # internal invariant: check_plan requires one of the two
@@ -226,8 +228,8 @@ def _budget_bounds(lengths: np.ndarray, seq: np.ndarray, opts: PlanOptions, trun
         return seq, _split_to_multiple(_greedy_bounds(cost, opts.max_tokens), world_size)
     need = pair_need(lengths[:, seq], opts, trunc)
     bound = opts.row_bound()
-    if opts.max_row_tokens and len(seq):  # bounded rows: first-fit tops them up (reordering seq)
-        perm, rows = first_fit_order(need, bound)
+    if opts.max_row_tokens and len(seq):  # bounded rows: best-fit tops them up (reordering seq)
+        perm, rows = best_fit_order(need, bound)
         seq, need = seq[perm], need[perm]
     else:
         rows = pack_rows(need, bound)
@@ -275,7 +277,10 @@ def _global_plan(lengths: np.ndarray, order: np.ndarray, opts: PlanOptions, trun
         if window is None:
             mean = float(trunc.row_lengths(lengths[:, seq[:4096]]).mean())
             window = DEFAULT_GROUP_BATCHES * w * max(1, int(opts.max_tokens // (2 * max(mean, 1.0))))
-        seq = _group(seq, trunc.row_lengths(lengths[:, seq]), window)
+        if opts.packed and opts.max_row_tokens:  # bounded rows: sizes decreasing for best-fit (_budget_bounds)
+            seq = _group(seq, pair_need(lengths[:, seq], opts, trunc), window, descending=True)
+        else:
+            seq = _group(seq, trunc.row_lengths(lengths[:, seq]), window)
     seq, bounds = _budget_bounds(lengths, seq, opts, trunc, w)
     starts, ends = bounds[:-1], bounds[1:]
     nb = len(starts)

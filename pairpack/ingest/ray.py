@@ -73,6 +73,10 @@ from ray.data.block import BlockAccessor  # noqa: E402
 __all__ = ["Datasink", "build"]
 
 RAY_INPUT = "<ray dataset>"  # the "file" of records that come from a Ray dataset
+# Ray's blocks of a JSON corpus hold a few hundred rows; a task per block cost the 2-core benchmark
+# (tools/bench_ray.py) 18-41% more machine CPU per pair and 17-32% of its pairs/s: tasks of at least
+# 10,000 rows (a part of ~10 MB of tokens at ~500 tokens a pair) keep Ray's per-task cost small
+ROWS_PER_TASK = 10_000
 _STEP_PAIRS = 1 << 16  # pairs re-laid out per writer call (byte_identical)
 
 # build() options that make no sense for a Ray dataset (the engine reads and schedules)
@@ -159,9 +163,10 @@ class Datasink(ray.data.Datasink):
             same records in the same order (with ``preserve_order``). Default: combine the parts
             by renaming their files (no copy); the pairs are the same, the shards are cut at task
             boundaries too.
-        rows_per_task: the least rows Ray gives each write task (its ``min_rows_per_write``); None:
-            Ray's blocks as they come. Every task writes at least one shard, so many tiny blocks
-            make many tiny shards: raise it then.
+        rows_per_task: the least rows Ray gives each write task (its ``min_rows_per_write``;
+            default 10,000: Ray bundles its blocks, a few hundred rows each from a JSON corpus,
+            so that the per-task cost stays small and parts are shards of useful size); None:
+            Ray's blocks as they come, a task and at least one shard per block.
         sample: records that fix the shape and the text/ids mode before any task runs, as the
             first records of the input fix them for ``pairpack.build`` (:func:`build` passes the
             dataset's first 1,000 rows). Without it each task decides from its own first rows,
@@ -179,7 +184,8 @@ class Datasink(ray.data.Datasink):
     write to the same path removes the staging of a driver that is gone.
     """
 
-    def __init__(self, path: str | os.PathLike, *, byte_identical: bool = False, rows_per_task: int | None = None,
+    def __init__(self, path: str | os.PathLike, *, byte_identical: bool = False,
+                 rows_per_task: int | None = ROWS_PER_TASK,
                  sample: Iterable[dict[str, Any]] | None = None, **options: Any) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(BuildOptions)}  # the options accepted here
         known = set(defaults) - set(_NOT_HERE)

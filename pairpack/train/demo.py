@@ -15,8 +15,8 @@ Steps (all on a dataset that ``pairpack build`` made from the bundled sample):
    and the accuracy (strict ``>``) 0.
 
 Every batch (cache, training, evaluation) is made in ``DemoConfig.layout``: ``"padded"`` rows, or
-``"prefix_shared"``/``"packed"`` rows of one pair each, which TinyLM takes with positions and a
-dense attention mask (README, "Layouts").
+``"prefix_shared"``/``"packed"`` rows of one pair each, which TinyLM takes with positions and its
+default attention for them, split (``batch.split_attention()``; README, "Layouts").
 
 No SFT step comes first: this is DPO alone.
 """

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError, ArgumentTypeError, LossConfigError, StateError
 from .losses import LOSS_TYPES, DPOOutput, dpo_loss, loss_config
-from .models import Attention, as_logits, layout_logits, layout_of
+from .models import ATTENTIONS, Attention, as_logits, layout_logits, layout_of
 
 __all__ = [
     "DPO",
@@ -287,8 +287,8 @@ class DPO(nn.Module):
             the memory and compute of a second model.
 
         attention: how batches of the ``packed``/``prefix_shared`` layouts reach the model
-            (:func:`pairpack.train.models.layout_logits`): ``"auto"`` (default), ``"dense"`` or
-            ``"flex"`` (CUDA). Padded batches ignore it.
+            (:func:`pairpack.train.models.layout_logits`): ``"auto"`` (default), ``"dense"``,
+            ``"split"`` (models that take it, as TinyLM) or ``"flex"`` (CUDA). Padded batches ignore it.
 
     Raises:
         LossConfigError: invalid ``beta``, ``loss_type``, ``loss_weights``, ``label_smoothing``,
@@ -314,8 +314,8 @@ class DPO(nn.Module):
     ) -> None:
         super().__init__()
         _check_reduction(reduction)
-        if attention not in ("auto", "dense", "flex"):
-            raise ArgumentError(f"attention must be one of ('auto', 'dense', 'flex'), got {attention!r}")
+        if attention not in ATTENTIONS:
+            raise ArgumentError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.loss = loss_config(beta, loss_type, loss_weights, label_smoothing, gamma, discopop_tau)
         if use_weighting and {"aot", "aot_unpaired"} & set(self.loss.loss_types):
             raise LossConfigError("use_weighting (WPO) cannot be combined with 'aot'/'aot_unpaired': they sort the "

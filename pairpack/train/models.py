@@ -11,8 +11,9 @@ model                          attention="dense" (any     attention="auto" / "fl
                                device)
 ============================== ========================= =============================================
 ``TinyLM``, or any module with ``positions=``,            "flex": a FlexAttention ``BlockMask`` as
-``pairpack_layouts``           ``attn_mask=`` bool        ``attn_mask``
-                               ``(R, 1, T, T)``
+``pairpack_layouts``           ``attn_mask=`` bool        ``attn_mask``; "auto" and "split" (any
+                               ``(R, 1, T, T)``           device), if its ``pairpack_attention`` lists
+                                                          it: a ``SplitAttention`` as ``attn_mask``
 x-transformers                 ``pos=``, ``attn_mask=``   built with ``attn_flash_pack_seq=True``
 ``TransformerWrapper``                                    (flash-attn): ``packed`` only, rows flattened
                                                           to one, ``flash_pack_seq_kwargs``
@@ -39,8 +40,8 @@ from ..errors import ArgumentError, DeviceError, ModelError
 __all__ = ["ATTENTIONS", "LAYOUTS", "as_logits", "layout_logits", "layout_of", "model_family", "model_layouts"]
 
 LAYOUTS: tuple[str, ...] = ("padded", "packed", "prefix_shared")
-ATTENTIONS: tuple[str, ...] = ("auto", "dense", "flex")
-Attention = Literal["auto", "dense", "flex"]
+ATTENTIONS: tuple[str, ...] = ("auto", "dense", "flex", "split")
+Attention = Literal["auto", "dense", "flex", "split"]
 
 
 def layout_of(batch: Any) -> str:
@@ -97,7 +98,9 @@ def model_layouts(model: nn.Module, attention: Attention = "auto") -> tuple[str,
     """The layouts :func:`layout_logits` can feed ``model`` with this ``attention`` choice."""
     fam = model_family(model)
     if fam == "pairpack":
-        return tuple(model.pairpack_layouts)
+        return tuple(model.pairpack_layouts) if attention in _pairpack_attention(model) + ("auto",) else ("padded",)
+    if attention == "split":
+        return ("padded",)
     if fam == "x_transformers":
         if _xt_blocker(model) is not None or attention == "flex":
             return ("padded",)
@@ -110,6 +113,12 @@ def model_layouts(model: nn.Module, attention: Attention = "auto") -> tuple[str,
             return ("padded",)
         return LAYOUTS
     return ("padded",)
+
+
+def _pairpack_attention(model: nn.Module) -> tuple[str, ...]:
+    """The attention inputs a pairpack-family model declares (``pairpack_attention``; without it
+    the dense mask and FlexAttention, what such modules took before ``split`` existed)."""
+    return tuple(getattr(model, "pairpack_attention", ("dense", "flex")))
 
 
 def _refuse(model: nn.Module, layout: str, attention: str, why: str) -> ModelError:
@@ -157,8 +166,10 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
             bool ``(R, T)``, ``dense_mask()``, ``block_mask()``, ``cu_seqlens``, ``score_index``).
         attention: ``"dense"``: a dense ``(R, 1, T, T)`` mask (any device; attention costs ``T**2``
             per row); ``"flex"``: a FlexAttention block mask (CUDA; skips masked blocks);
-            ``"auto"``: the model's own packed kernel where it has one (x-transformers
-            ``flash_pack_seq``, Hugging Face flash attention or flex attention), else dense.
+            ``"split"``: :meth:`~pairpack.batch.layouts.PackedBatch.split_attention` (any device;
+            ``(P+C)**2 + R (P+R)`` per pair; models declaring it, as TinyLM); ``"auto"``: the
+            model's own packed kernel where it has one (x-transformers ``flash_pack_seq``, Hugging
+            Face flash attention or flex attention), else split where the model takes it, else dense.
 
     Returns:
         ``(logits, score_index)``: float logits ``(R', T', V)`` and int64 ``(2, N)``, the (row,
@@ -182,8 +193,19 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
     if fam == "pairpack":
         if layout not in model.pairpack_layouts:
             raise _refuse(model, layout, attention, "its pairpack_layouts does not list it")
-        mask = batch.block_mask() if attention == "flex" else batch.dense_mask()
+        takes = _pairpack_attention(model)
+        if attention != "auto" and attention not in takes:
+            raise _refuse(model, layout, attention, f"its pairpack_attention lists {list(takes)}")
+        if attention == "flex":
+            mask = batch.block_mask()
+        elif attention == "split" or (attention == "auto" and "split" in takes):
+            mask = batch.split_attention()
+        else:
+            mask = batch.dense_mask()
         return as_logits(model(ids, positions=pos, attn_mask=mask), model), batch.score_index
+    if attention == "split":
+        raise _refuse(model, layout, attention, "split attention needs a model whose attention calls "
+                      "SplitAttention.attend(q, k, v) (a pairpack_attention attribute listing 'split', as TinyLM's)")
     if fam == "x_transformers":
         why = _xt_blocker(model)
         if why is None and attention == "flex":

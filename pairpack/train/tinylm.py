@@ -7,9 +7,11 @@ policy equals its reference at initialisation). Maps int64 ids ``(B, N)`` to log
 the attention is causal, so real tokens never see later pads.
 
 It also takes the inputs of the ``packed`` and ``prefix_shared`` layouts (README, "Layouts"):
-``positions`` (per-token position ids) and ``attn_mask``, either a dense bool mask
-``(R, 1, T, T)`` (True = may attend; SDPA on any device) or a FlexAttention ``BlockMask``
-(CUDA). Its ``pairpack_layouts`` attribute tells :mod:`pairpack.train.models` so.
+``positions`` (per-token position ids) and ``attn_mask``: a dense bool mask ``(R, 1, T, T)``
+(True = may attend; SDPA on any device), a :class:`~pairpack.batch.attention.SplitAttention`
+(the rule as small dense attentions, any device; the default) or a FlexAttention ``BlockMask``
+(CUDA). Its ``pairpack_layouts`` and ``pairpack_attention`` attributes tell
+:mod:`pairpack.train.models` so.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class _Block(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif isinstance(attn_mask, Tensor):
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif hasattr(attn_mask, "attend"):  # pairpack's SplitAttention: the rule by parts
+            a = attn_mask.attend(q, k, v)
         else:  # a FlexAttention BlockMask
             a = _flex_attention(q.device)(q, k, v, block_mask=attn_mask)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
@@ -74,6 +78,8 @@ class TinyLM(nn.Module):
 
     #: the batch layouts it takes (pairpack.train.models calls it with positions and a mask)
     pairpack_layouts: tuple[str, ...] = ("padded", "packed", "prefix_shared")
+    #: the attention inputs it takes for them (models.layout_logits picks "split" for "auto")
+    pairpack_attention: tuple[str, ...] = ("dense", "flex", "split")
 
     def __init__(self, vocab_size: int, *, max_len: int = 512, d_model: int = 128, n_layers: int = 2,
                  n_heads: int = 4) -> None:
@@ -103,8 +109,8 @@ class TinyLM(nn.Module):
         Args:
             positions: int64 ``(R, T)`` position of each token (default ``0..T-1`` in every row).
             attn_mask: None (causal attention), a bool ``(R, 1, T, T)`` tensor (True = query may
-                attend key; it must already be causal, and every query row needs one True), or a
-                FlexAttention ``BlockMask``.
+                attend key; it must already be causal, and every query row needs one True), a
+                ``SplitAttention`` (anything with ``attend(q, k, v)``), or a FlexAttention ``BlockMask``.
         """
         n = ids.shape[1]
         if positions is None:
