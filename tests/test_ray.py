@@ -212,6 +212,8 @@ def test_rows_per_task_bundles_blocks(tmp_path):
     sink = pray.Datasink(tmp_path / "out", rows_per_task=200, sample=recs[:10])
     _dataset(recs, blocks=8).write_datasink(sink)
     assert [t["rows"] for t in sink.tasks] == [200, 200] and sink.report.shards == 2
+    build(recs, tmp_path / "one", workers=1)
+    assert _pairs(tmp_path / "out") == _pairs(tmp_path / "one")
 
 
 def test_default_bundles_small_blocks_into_one_task(tmp_path, monkeypatch):

@@ -2,8 +2,8 @@
 
 Generated text pairs (``bench_build.gen_text``: English-like words, log-normal lengths, ~575
 GPT-2 tokens a pair), written as ``--files`` JSONL files (a corpus is many files; Ray splits
-each into blocks of a few hundred rows, which the sink bundles into write tasks of 10,000 rows), tokenized with the real GPT-2 tokenizer
-(../shared/tokenizers/gpt2.tokenizer.json). For N in 1 and 2:
+each into blocks of a few hundred rows, which the sink bundles into write tasks of 10,000 rows),
+tokenized with the real GPT-2 tokenizer (../shared/tokenizers/gpt2.tokenizer.json). For N in 1 and 2:
 
   * Ray: ``ray.init(num_cpus=N)``, one small warm-up job (starts the worker processes, loads the
     tokenizer once in each), then the timed job: ``pairpack.ray.build(ray.data.read_json(dir),

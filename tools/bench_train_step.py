@@ -13,9 +13,10 @@ For each generated set (written with :class:`pairpack.Writer` under a temporary 
 
 The pairs are sorted by length and cut into batches of ``--batch-size`` (grouped padding, the
 strongest padded baseline), of which ``--batches`` are timed, the middle batch of each of as many
-equal strata of the sorted order (:func:`spread`); the same batches are made in every layout with ``ds.batch(idx,
-layout=...)``, one pair per row for the packed layouts (``max_row_tokens=0``: with a dense mask
-attention costs the square of the row length, so longer rows only add work on a CPU). One training
+equal strata of the sorted order (:func:`spread`); the same batches are made in every layout with
+``ds.batch(idx, layout=...)``, one pair per row for the packed layouts (``max_row_tokens=0``: with
+a dense mask attention costs the square of the row length, so longer rows only add work on a CPU;
+split attention costs the same per pair either way). One training
 step = ``DPO(policy, ref_model=False)(batch, ref_*_logp=cached)`` forward, backward and an AdamW step
 (the reference log-probs are computed once beforehand, as ``precompute_reference`` caches them).
 Layouts are timed round-robin over ``--rounds`` rounds (the first is a warm-up) and the median
@@ -24,8 +25,8 @@ ms/step is reported with its ratio to grouped padded, measured in the same run.
 TinyLM runs with torch's SDPA: causal (``is_causal``) for padded rows; for the others, with
 ``--attention auto`` (default) or ``split``, the layout's ``split_attention()`` (each pair's
 ``[prompt][chosen]`` causal, its rejected tokens over ``[prompt][rejected]``: two small SDPA calls
-a layer), with ``dense`` a dense bool mask ``(R, 1, T, T)``. ``torch.set_num_threads(--threads)`` (default 1: on a shared
-machine more threads oversubscribe). Nothing is asserted; the figures are whatever this machine
+a layer), with ``dense`` a dense bool mask ``(R, 1, T, T)``. ``torch.set_num_threads(--threads)``
+(default 1: on a shared machine more threads oversubscribe). Nothing is asserted; the figures are whatever this machine
 gives (note its load: the script prints ``os.getloadavg()``).
 
 :func:`train_step_table` is the reusable part (tools/bench_layouts.py calls it on its own sets).

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ArgumentError
 from .layouts import CHOSEN, REJECTED
 
 if TYPE_CHECKING:
@@ -42,29 +43,40 @@ __all__ = ["SplitAttention", "split_attention"]
 
 
 @dataclass(frozen=True)
+class _Part:
+    """One part: ``gather`` int64 ``(S, L)``, the slot (``row * T + column``) of each token of each
+    sequence, left-aligned (0 past a sequence's end); ``pick`` int64 ``(n,)``, the entries of
+    ``gather.view(-1)`` that are real tokens (derived once here, not in every layer)."""
+
+    gather: Tensor
+    pick: Tensor
+
+    def scatter(self, out: Tensor, o: Tensor) -> Tensor:
+        """``out`` ``(R*T, H, D)`` with the part's attention output ``o`` ``(S, H, L, D)`` written
+        at its real tokens' slots (out of place: differentiable)."""
+        s, h, n, d = o.shape
+        return out.index_copy(0, self.gather.view(-1)[self.pick], o.transpose(1, 2).reshape(s * n, h, d)[self.pick])
+
+
+@dataclass(frozen=True)
 class SplitAttention:
-    """The index tensors of the parts (module docstring); pass it where a model takes an attention
-    mask and have its attention call :meth:`attend` (TinyLM does).
+    """The parts (module docstring) as index tensors; pass it where a model takes an attention mask
+    and have its attention call :meth:`attend` (TinyLM does).
 
     Attributes (``S`` sequences, on the batch's device):
         shape: ``(R, T)`` of the batch.
-        a_index: int64 ``(S, LA)``: row-major slot (``row * T + column``) of each part-A token,
-            sequence by sequence, left-aligned; 0 where ``a_real`` is False.
-        a_real: bool ``(S, LA)``.
-        b_query: int64 ``(S, LQ)`` slots of the rejected tokens (``prefix_shared``; ``LQ = 0`` for
-            ``packed``), ``b_query_real`` bool ``(S, LQ)``.
-        b_key: int64 ``(S, LK)`` slots of ``[prompt][rejected]``.
-        b_mask: bool ``(S, 1, LQ, LK)``: True where a rejected query may attend the key; a padding
-            query sees the pair's real keys (no empty softmax row).
+        a: part A, ``(S, max(P+C))`` (``packed``: ``(S, longest sequence)``).
+        b_query, b_key: part B (``prefix_shared``; None for ``packed``): the rejected tokens
+            ``(S, max R)`` and ``[prompt][rejected]`` ``(S, max(P+R))``.
+        b_mask: bool ``(S, 1, max R, max(P+R))``: True where a rejected query may attend the key; a
+            padding query sees the pair's real keys (no empty softmax row).
     """
 
     shape: tuple[int, int]
-    a_index: Tensor
-    a_real: Tensor
-    b_query: Tensor
-    b_query_real: Tensor
-    b_key: Tensor
-    b_mask: Tensor
+    a: _Part
+    b_query: _Part | None = None
+    b_key: _Part | None = None
+    b_mask: Tensor | None = None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention under the layout's rule: ``q``, ``k``, ``v`` ``(R, H, T, D)`` (the batch's rows
@@ -72,33 +84,30 @@ class SplitAttention:
         (padding: zeros). Differentiable in ``q``, ``k``, ``v``."""
         r, h, t, d = q.shape
         if (r, t) != self.shape:
-            raise ValueError(f"attend(): q has rows x length {r} x {t}, the batch {self.shape[0]} x {self.shape[1]}")
+            raise ArgumentError(f"SplitAttention.attend(): q has rows x length {r} x {t}, the batch "
+                                f"{self.shape[0]} x {self.shape[1]}")
         qf, kf, vf = (x.transpose(1, 2).reshape(r * t, h, d) for x in (q, k, v))  # token-major slots
 
-        def take(x: Tensor, idx: Tensor) -> Tensor:  # (S, L) slots -> (S, H, L, D)
-            return x[idx].transpose(1, 2)
+        def take(x: Tensor, part: _Part) -> Tensor:  # -> (S, H, L, D)
+            return x[part.gather].transpose(1, 2)
 
-        out = qf.new_zeros(r * t, h, d)
-        a = self.a_index
-        oa = F.scaled_dot_product_attention(take(qf, a), take(kf, a), take(vf, a), is_causal=True)
-        out = out.index_copy(0, a[self.a_real], oa.transpose(1, 2)[self.a_real])
-        if self.b_query.shape[1]:
+        a = self.a
+        out = a.scatter(qf.new_zeros(r * t, h, d),
+                             F.scaled_dot_product_attention(take(qf, a), take(kf, a), take(vf, a), is_causal=True))
+        if self.b_query is not None and self.b_key is not None:
             bq, bk = self.b_query, self.b_key
-            ob = F.scaled_dot_product_attention(take(qf, bq), take(kf, bk), take(vf, bk), attn_mask=self.b_mask)
-            out = out.index_copy(0, bq[self.b_query_real], ob.transpose(1, 2)[self.b_query_real])
+            out = bq.scatter(out, F.scaled_dot_product_attention(take(qf, bq), take(kf, bk), take(vf, bk),
+                                                                 attn_mask=self.b_mask))
         return out.view(r, t, h, d).transpose(1, 2)
 
 
-def _place(sel: Tensor, seq: Tensor, rank: Tensor, slots: Tensor, n_seq: int) -> tuple[Tensor, Tensor]:
-    """``(index, real)`` ``(n_seq, max rank + 1)``: the slots of the selected tokens at
-    ``[sequence, rank]``."""
+def _place(sel: Tensor, seq: Tensor, rank: Tensor, slots: Tensor, n_seq: int) -> _Part:
+    """The slots of the selected tokens at ``[sequence, rank]``, ``(n_seq, max rank + 1)``."""
     s, k = seq[sel].long(), rank[sel]
     width = int(k.max()) + 1 if k.numel() else 0
-    index = torch.zeros(n_seq, width, dtype=torch.int64, device=seq.device)
-    real = torch.zeros(n_seq, width, dtype=torch.bool, device=seq.device)
-    index[s, k] = slots[sel]
-    real[s, k] = True
-    return index, real
+    gather = torch.zeros(n_seq, width, dtype=torch.int64, device=seq.device)
+    gather[s, k] = slots[sel]
+    return _Part(gather, s * width + k)
 
 
 def split_attention(batch: "PackedBatch") -> SplitAttention:
@@ -110,21 +119,17 @@ def split_attention(batch: "PackedBatch") -> SplitAttention:
     n_seq = int(batch.sequence_pair.shape[0])
     slots = torch.arange(r * t, device=dev).view(r, t)
     real = seq >= 0
-    shared = batch.layout == "prefix_shared"
-    a_index, a_real = _place(real & (part != REJECTED) if shared else real, seq, pos, slots, n_seq)
-    if not shared:
-        empty = torch.zeros(n_seq, 0, dtype=torch.int64, device=dev)
-        return SplitAttention((r, t), a_index, a_real, empty, empty.bool(), empty,
-                              torch.zeros(n_seq, 1, 0, 0, dtype=torch.bool, device=dev))
+    if batch.layout != "prefix_shared":
+        return SplitAttention((r, t), _place(real, seq, pos, slots, n_seq))
     # prefix_shared: sequence s is pair sequence_pair[s]; its rejected positions run P..P+R-1
     pair = batch.sequence_pair.long()
     plen = batch.prompt_lengths.to(dev)[pair]
     rlen = batch.rejected_lengths.to(dev)[pair]
-    rej = real & (part == REJECTED)
     own_p = plen[seq.clamp(min=0).long()]  # each token's pair's prompt length
-    b_query, b_query_real = _place(rej, seq, pos - own_p, slots, n_seq)
-    b_key, _ = _place(real & (part != CHOSEN), seq, pos, slots, n_seq)
-    tq = torch.arange(b_query.shape[1], device=dev)[None, :, None]
-    jk = torch.arange(b_key.shape[1], device=dev)[None, None, :]
+    b_query = _place(real & (part == REJECTED), seq, pos - own_p, slots, n_seq)
+    b_key = _place(real & (part != CHOSEN), seq, pos, slots, n_seq)
+    tq = torch.arange(b_query.gather.shape[1], device=dev)[None, :, None]
+    jk = torch.arange(b_key.gather.shape[1], device=dev)[None, None, :]
     b_mask = (jk <= plen[:, None, None] + tq) & (jk < (plen + rlen)[:, None, None])
-    return SplitAttention((r, t), a_index, a_real, b_query, b_query_real, b_key, b_mask[:, None])
+    return SplitAttention((r, t), _place(real & (part != REJECTED), seq, pos, slots, n_seq),
+                          b_query, b_key, b_mask[:, None])

@@ -103,6 +103,7 @@ class PackedBatch(TensorBatch):
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
     # the derived scoring map; not a constructor argument, and dropped by to()/pin_memory() (replace)
     _scores: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    _split: "SplitAttention | None" = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -164,10 +165,13 @@ class PackedBatch(TensorBatch):
         the rejected tokens over ``[prompt][rejected]``): a
         :class:`~pairpack.batch.attention.SplitAttention` whose ``attend(q, k, v)`` a model's
         attention calls instead of SDPA with :meth:`dense_mask`. Costs ``(P+C)**2 + R (P+R)`` score
-        entries per pair instead of ``T**2`` per row, on any device."""
-        from .attention import split_attention
+        entries per pair instead of ``T**2`` per row, on any device. Built once per batch (the
+        policy and the reference model share it)."""
+        if self._split is None:
+            from .attention import split_attention
 
-        return split_attention(self)
+            self._split = split_attention(self)
+        return self._split
 
     def mask_mod(self) -> Callable[..., torch.Tensor]:
         """The FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of the rule (``b`` = row). It reads
