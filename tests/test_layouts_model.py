@@ -119,8 +119,9 @@ def test_every_layout_equals_padded(name: str, dtype: torch.dtype, pairs, row_ex
         want = dpo_loss(*want_pol, *want_ref, beta=BETA).losses
         dpo = DPO(policy, ref_model=ref, beta=BETA, reduction=reduction, attention="dense")
         want_mean = dpo(padded, ref_chosen_logp=want_ref[0], ref_rejected_logp=want_ref[1])
-        # TinyLM also takes the rule by parts (split attention, its default)
-        for attention in ("dense", "split") if name == "tinylm" else ("dense",):
+        # TinyLM and the Hugging Face Llama (through AttentionInterface) also take the rule by parts
+        # (split attention, their default)
+        for attention in ("dense", "split") if name in ("tinylm", "hf_llama") else ("dense",):
             dpo.attention = attention
             for layout, batch in batches.items():
                 at = batch.indices.long()  # the pairs in the batch's order (the padded batch holds 0..B-1)

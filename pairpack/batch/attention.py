@@ -78,10 +78,12 @@ class SplitAttention:
     b_key: _Part | None = None
     b_mask: Tensor | None = None
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+               dropout_p: float = 0.0) -> Tensor:
         """Attention under the layout's rule: ``q``, ``k``, ``v`` ``(R, H, T, D)`` (the batch's rows
         and length) -> ``(R, H, T, D)``, equal to SDPA with the dense mask at every real token
-        (padding: zeros). Differentiable in ``q``, ``k``, ``v``."""
+        (padding: zeros). Differentiable in ``q``, ``k``, ``v``. ``scale`` (default ``1/sqrt(D)``)
+        and ``dropout_p`` are SDPA's."""
         r, h, t, d = q.shape
         if (r, t) != self.shape:
             raise ArgumentError(f"SplitAttention.attend(): q has rows x length {r} x {t}, the batch "
@@ -92,12 +94,13 @@ class SplitAttention:
             return x[part.gather].transpose(1, 2)
 
         a = self.a
+        kw = {"scale": scale, "dropout_p": dropout_p}
         out = a.scatter(qf.new_zeros(r * t, h, d),
-                             F.scaled_dot_product_attention(take(qf, a), take(kf, a), take(vf, a), is_causal=True))
+                        F.scaled_dot_product_attention(take(qf, a), take(kf, a), take(vf, a), is_causal=True, **kw))
         if self.b_query is not None and self.b_key is not None:
             bq, bk = self.b_query, self.b_key
             out = bq.scatter(out, F.scaled_dot_product_attention(take(qf, bq), take(kf, bk), take(vf, bk),
-                                                                 attn_mask=self.b_mask))
+                                                                 attn_mask=self.b_mask, **kw))
         return out.view(r, t, h, d).transpose(1, 2)
 
 

@@ -17,9 +17,12 @@ model                          attention="dense" (any     attention="auto" / "fl
 x-transformers                 ``pos=``, ``attn_mask=``   built with ``attn_flash_pack_seq=True``
 ``TransformerWrapper``                                    (flash-attn): ``packed`` only, rows flattened
                                                           to one, ``flash_pack_seq_kwargs``
-Hugging Face causal LM         ``position_ids=``, 4-D     ``flash_attention_2/3``: ``packed`` only,
-(``PreTrainedModel``)          additive float mask        ``cu_seq_lens_*``; ``flex_attention``: the
-                               (eager, sdpa)              ``BlockMask`` as ``attention_mask``
+Hugging Face causal LM         ``position_ids=``, 4-D     "auto"/"split" (sdpa, eager or pairpack
+(``PreTrainedModel``)          additive float mask        implementations): split attention through
+                               (eager, sdpa)              ``AttentionInterface`` (:mod:`.hf_attention`),
+                                                          no mask; ``flash_attention_2/3``: ``packed``
+                                                          only, ``cu_seq_lens_*``; ``flex_attention``:
+                                                          the ``BlockMask`` as ``attention_mask``
 anything else                  ``padded`` only            ``padded`` only
 ============================== ========================= =============================================
 
@@ -30,12 +33,14 @@ transformers: a model's family is recognised by the module its class comes from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError, DeviceError, ModelError
+from .hf_attention import split_forward, supports_split
 
 __all__ = ["ATTENTIONS", "LAYOUTS", "as_logits", "layout_logits", "layout_of", "model_family", "model_layouts"]
 
@@ -100,7 +105,7 @@ def model_layouts(model: nn.Module, attention: Attention = "auto") -> tuple[str,
     if fam == "pairpack":
         return tuple(model.pairpack_layouts) if attention in _pairpack_attention(model) + ("auto",) else ("padded",)
     if attention == "split":
-        return ("padded",)
+        return LAYOUTS if fam == "hf" and supports_split(model) else ("padded",)
     if fam == "x_transformers":
         if _xt_blocker(model) is not None or attention == "flex":
             return ("padded",)
@@ -157,7 +162,8 @@ def _varlen(batch: Any) -> dict[str, Any]:
     return {"cu": cu, "max": int(batch.max_seqlen)}
 
 
-def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto") -> tuple[Tensor, Tensor]:
+def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto",
+                  run: Callable[..., Any] | None = None) -> tuple[Tensor, Tensor]:
     """Run ``model`` on a ``packed`` or ``prefix_shared`` batch.
 
     Args:
@@ -167,9 +173,13 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
         attention: ``"dense"``: a dense ``(R, 1, T, T)`` mask (any device; attention costs ``T**2``
             per row); ``"flex"``: a FlexAttention block mask (CUDA; skips masked blocks);
             ``"split"``: :meth:`~pairpack.batch.layouts.PackedBatch.split_attention` (any device;
-            ``(P+C)**2 + R (P+R)`` per pair; models declaring it, as TinyLM); ``"auto"``: the
-            model's own packed kernel where it has one (x-transformers ``flash_pack_seq``, Hugging
-            Face flash attention or flex attention), else split where the model takes it, else dense.
+            ``(P+C)**2 + R (P+R)`` per pair; models declaring it, as TinyLM, and Hugging Face models
+            dispatching through ``AttentionInterface``); ``"auto"``: the model's own packed kernel
+            where it has one (x-transformers ``flash_pack_seq``, Hugging Face flash attention or flex
+            attention), else split where the model takes it, else dense.
+
+        run: what is called to run the model (e.g. its DistributedDataParallel wrapper, which must
+            see the forward for its gradient hooks); default ``model``. ``model`` is what is inspected.
 
     Returns:
         ``(logits, score_index)``: float logits ``(R', T', V)`` and int64 ``(2, N)``, the (row,
@@ -187,6 +197,7 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
     if layout not in LAYOUTS[1:]:
         raise ArgumentError(f"layout_logits takes a packed or prefix_shared batch, got layout={layout!r}")
     fam = model_family(model)
+    call = model if run is None else run
     if attention == "flex":
         _check_flex(batch)
     ids, pos = batch.input_ids, batch.position_ids
@@ -202,10 +213,14 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
             mask = batch.split_attention()
         else:
             mask = batch.dense_mask()
-        return as_logits(model(ids, positions=pos, attn_mask=mask), model), batch.score_index
+        return as_logits(call(ids, positions=pos, attn_mask=mask), model), batch.score_index
+    if fam == "hf" and attention in ("auto", "split") and supports_split(model):
+        return as_logits(split_forward(model, batch, call), model), batch.score_index
     if attention == "split":
         raise _refuse(model, layout, attention, "split attention needs a model whose attention calls "
-                      "SplitAttention.attend(q, k, v) (a pairpack_attention attribute listing 'split', as TinyLM's)")
+                      "SplitAttention.attend(q, k, v) (a pairpack_attention attribute listing 'split', as TinyLM's, "
+                      "or a Hugging Face model that dispatches through AttentionInterface, loaded with 'sdpa', "
+                      "'eager' or 'pairpack')")
     if fam == "x_transformers":
         why = _xt_blocker(model)
         if why is None and attention == "flex":
@@ -219,8 +234,8 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
             flat_ids, flat_pos, index = _flattened(batch)
             v = _varlen(batch)
             kw = {"cu_seqlens_q": v["cu"], "cu_seqlens_k": v["cu"], "max_seqlen_q": v["max"], "max_seqlen_k": v["max"]}
-            return as_logits(model(flat_ids, pos=flat_pos, flash_pack_seq_kwargs=kw), model), index
-        return as_logits(model(ids, pos=pos, attn_mask=batch.dense_mask()), model), batch.score_index
+            return as_logits(call(flat_ids, pos=flat_pos, flash_pack_seq_kwargs=kw), model), index
+        return as_logits(call(ids, pos=pos, attn_mask=batch.dense_mask()), model), batch.score_index
     if fam == "hf":
         impl = _hf_impl(model)
         if impl.startswith("flash"):
@@ -230,7 +245,7 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
                               "attn_implementation='sdpa' or 'flex_attention'")
             flat_ids, flat_pos, index = _flattened(batch)
             v = _varlen(batch)
-            out = model(input_ids=flat_ids, position_ids=flat_pos, use_cache=False, cu_seq_lens_q=v["cu"],
+            out = call(input_ids=flat_ids, position_ids=flat_pos, use_cache=False, cu_seq_lens_q=v["cu"],
                         cu_seq_lens_k=v["cu"], max_length_q=v["max"], max_length_k=v["max"])
             return as_logits(out, model), index
         if attention == "flex" or (attention == "auto" and impl == "flex_attention"):
@@ -245,7 +260,7 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
             # additive: the form eager and sdpa attention both take (a bool mask is only right for sdpa)
             dense = batch.dense_mask()
             mask = torch.zeros(dense.shape, dtype=dtype, device=ids.device).masked_fill_(~dense, torch.finfo(dtype).min)
-        out = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
+        out = call(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
         return as_logits(out, model), batch.score_index
     raise _refuse(model, layout, attention, "pairpack does not know how to pass it positions and an attention "
                   "mask; give the module a pairpack_layouts attribute and have forward(ids, positions=, "

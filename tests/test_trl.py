@@ -1,0 +1,197 @@
+"""pairpack.trl: TRL's DPOTrainer on pairpack datasets.
+
+With the padded layout, pairpack.trl.DPOTrainer logs TRL's own DPOTrainer's losses and metrics on the
+same records (full-batch steps, so batch order cannot matter) and in evaluate(); prefix_shared and
+packed give the padded run's; a run stopped after a checkpoint and resumed gives the uninterrupted
+run's; the ids of `pairpack build` equal what TRL prepares from the same text records; the
+reference cache is stored in the dataset and reused; fields pairpack cannot honour are refused.
+A tiny Llama built from a config and a byte-level tokenizer made here: nothing is downloaded.
+mean_token_accuracy may differ by one near-tied token of ~300. Tolerances: float32 sums of ~150 token log-probs (|logp| ~ 170 nats) agree to ~1e-4 between TRL's
+chunked fused head and pairpack's gather; rewards are beta * differences of such sums.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+import pairpack  # noqa: E402
+from pairpack.errors import ArgumentError, StateError  # noqa: E402
+from pairpack.trl import LOADER_STATE_FILE, DPOConfig, DPOTrainer  # noqa: E402
+from pairpack.train.reference import REFERENCE_COLUMNS  # noqa: E402
+
+from .trl_support import byte_tokenizer, records, tiny_llama  # noqa: E402
+
+N_PAIRS = 8
+COMMON = dict(per_device_train_batch_size=N_PAIRS, per_device_eval_batch_size=N_PAIRS, logging_steps=1,
+              report_to=[], learning_rate=1e-3, beta=0.1, use_cpu=True, seed=0, disable_tqdm=True)
+TOL = dict(rtol=2e-4, atol=2e-4)
+REWARD_TOL = dict(rtol=2e-3, atol=1e-3)
+KEYS = ("loss", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy",
+        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        "logps/rejected")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("trl")
+    tok_dir = byte_tokenizer(tmp / "tok")
+    recs = records(N_PAIRS, shared_prompts=2)
+    (tmp / "r.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    pairpack.build([str(tmp / "r.jsonl")], tmp / "ds", tokenizer=str(tok_dir / "tokenizer.json"))
+    return {"tmp": tmp, "records": recs, "ds": tmp / "ds",
+            "tokenizer": transformers.PreTrainedTokenizerFast.from_pretrained(str(tok_dir)), "model": tiny_llama(0)}
+
+
+def _logs(trainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def _close(a: dict, b: dict, keys=KEYS) -> None:
+    for k in keys:
+        tol = REWARD_TOL if k.startswith("rewards/") and k != "rewards/accuracies" else TOL
+        if k.endswith("mean_token_accuracy"):  # a random tiny model's top-1 may flip on a near-tie: 1 of ~300
+            tol = dict(rtol=0, atol=0.01)
+        assert b[k] == pytest.approx(a[k], rel=tol["rtol"], abs=tol["atol"]), (k, a[k], b[k])
+
+
+def _pairpack(data: dict, out: str, **kw) -> DPOTrainer:
+    m = data["model"]
+    return DPOTrainer(copy.deepcopy(m), ref_model=copy.deepcopy(m), train_dataset=data["ds"],
+                      eval_dataset=data["ds"], args=DPOConfig(output_dir=str(data["tmp"] / out), **{**COMMON, **kw}))
+
+
+@pytest.fixture(scope="module")
+def trl_run(data: dict) -> dict:
+    import trl
+
+    m = data["model"]
+    recs = datasets.Dataset.from_list(data["records"])
+    t = trl.DPOTrainer(copy.deepcopy(m), ref_model=copy.deepcopy(m), train_dataset=recs, eval_dataset=recs,
+                       processing_class=data["tokenizer"],
+                       args=trl.DPOConfig(output_dir=str(data["tmp"] / "trl"), max_steps=3, save_strategy="no",
+                                          **COMMON))
+    before = t.evaluate()
+    t.train()
+    return {"logs": _logs(t), "eval": before, "prepared": t.train_dataset}
+
+
+def test_build_ids_equal_what_trl_prepares(data: dict, trl_run: dict) -> None:
+    ds = pairpack.open(data["ds"])
+    prepared = trl_run["prepared"]
+    for i in range(N_PAIRS):
+        row = prepared[i]
+        assert ds[i].prompt.tolist() == row["prompt_ids"]
+        assert ds[i].chosen.tolist() == row["chosen_ids"]
+        assert ds[i].rejected.tolist() == row["rejected_ids"]
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared", "packed"])
+def test_losses_and_metrics_equal_trl(data: dict, trl_run: dict, layout: str) -> None:
+    t = _pairpack(data, f"pp-{layout}", max_steps=3, save_strategy="no", layout=layout)
+    got_eval = t.evaluate()
+    t.train()
+    got = _logs(t)
+    assert len(got) == len(trl_run["logs"]) == 3
+    for a, b in zip(trl_run["logs"], got):
+        _close(a, b)
+    _close(trl_run["eval"], got_eval, keys=[f"eval_{k}" for k in KEYS if k != "num_tokens"])
+
+
+def test_resume_continues_with_the_uninterrupted_batches(data: dict) -> None:
+    """Batches of 2 pairs, shuffled: the resumed run must see exactly the batches steps 3-4 would have seen."""
+    kw = dict(per_device_train_batch_size=2, max_steps=4, save_strategy="steps", save_steps=2, layout="prefix_shared")
+    whole = _pairpack(data, "whole", **kw)
+    whole.train()
+    ckpt = data["tmp"] / "whole" / "checkpoint-2"
+    state = json.loads((ckpt / LOADER_STATE_FILE).read_text())
+    assert (state["epoch"], state["position"]) == (0, 2)
+    resumed = _pairpack(data, "whole", **kw)
+    seen = []
+    real_loss = resumed.compute_loss
+
+    def spy(model, inputs, *a, **k):
+        seen.append(inputs["pairpack_batch"].indices.tolist())
+        return real_loss(model, inputs, *a, **k)
+
+    resumed.compute_loss = spy
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    loader = resumed._pp_train_loader
+    loader.set_epoch(0)
+    want = [b.tolist() for b in loader.batches()[2:4]]
+    assert seen == want
+    a = _logs(whole)[2:]
+    b = [x for x in _logs(resumed) if x["step"] > 2]  # the log history before step 2 is the checkpoint's
+    assert [x["step"] for x in b] == [3, 4]
+    for x, y in zip(a, b):
+        _close(x, y)
+
+
+def test_reference_cache_is_stored_and_reused(data: dict, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(data["ds"], tmp_path / "ds")
+    m = data["model"]
+    args = DPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, save_strategy="no", precompute_ref_log_probs=True,
+                     **COMMON)
+    t = DPOTrainer(copy.deepcopy(m), train_dataset=tmp_path / "ds", args=args)
+    assert t.ref_model is None
+    ds = pairpack.open(tmp_path / "ds")
+    assert set(REFERENCE_COLUMNS) <= set(ds.column_names)
+    stamp = (tmp_path / "ds" / "manifest.json").stat().st_mtime_ns
+    t.train()
+    DPOTrainer(copy.deepcopy(m), train_dataset=tmp_path / "ds", args=args)  # same reference: reused
+    assert (tmp_path / "ds" / "manifest.json").stat().st_mtime_ns == stamp
+    # the cached losses equal a run with the reference model (step 1: policy == reference)
+    live = _pairpack(data, "live", max_steps=1, save_strategy="no")
+    live.train()
+    # at step 1 the rewards are float32 noise around 0, so their signs (accuracies) are not compared
+    _close(_logs(live)[0], _logs(t)[0], keys=[k for k in KEYS if k != "rewards/accuracies"])
+
+
+def test_processing_class_comes_from_the_dataset(data: dict) -> None:
+    t = DPOTrainer(copy.deepcopy(data["model"]), ref_model=copy.deepcopy(data["model"]), train_dataset=str(data["ds"]),
+                   args=DPOConfig(output_dir=str(data["tmp"] / "tok"), max_steps=1, **COMMON))
+    tok = t.processing_class
+    assert tok.eos_token == "<|endoftext|>"
+    assert tok("ab")["input_ids"] == data["tokenizer"]("ab")["input_ids"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("f_divergence_type", "js_divergence", "f_divergence_type"),
+    ("ld_alpha", 0.5, "ld_alpha"),
+    ("sync_ref_model", True, "sync_ref_model"),
+])
+def test_fields_pairpack_cannot_honour_are_refused(data: dict, field: str, value, match: str) -> None:
+    args = DPOConfig(output_dir=str(data["tmp"] / "x"), **{field: value}, **COMMON)
+    with pytest.raises(ArgumentError, match=match):
+        DPOTrainer(copy.deepcopy(data["model"]), train_dataset=data["ds"], args=args)
+
+
+def test_config_fields_and_refusals(data: dict) -> None:
+    with pytest.raises(ArgumentError, match="layout must be one of"):
+        DPOConfig(output_dir="x", layout="nested", use_cpu=True)
+    with pytest.raises(ArgumentError, match="batch_rebalance"):
+        DPOConfig(output_dir="x", train_sampling_strategy="batch_rebalance", use_cpu=True)
+    assert DPOConfig(output_dir="x", padding_free=True, use_cpu=True).layout == "packed"
+    assert DPOConfig(output_dir="x", train_sampling_strategy="group_by_length",
+                     use_cpu=True).group_by_length
+    parser = transformers.HfArgumentParser(DPOConfig)
+    (cfg,) = parser.parse_args_into_dataclasses(["--output_dir", "x", "--use_cpu", "--layout", "prefix_shared", "--max_tokens",
+                                                 "4096", "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5"])
+    assert (cfg.layout, cfg.max_tokens, cfg.loss_type, cfg.loss_weights) == ("prefix_shared", 4096, ["sigmoid", "sft"],
+                                                                            [1.0, 0.5])
+    with pytest.raises(ArgumentError, match="pairpack dataset or its path"):
+        DPOTrainer(copy.deepcopy(data["model"]), train_dataset=datasets.Dataset.from_list(data["records"]),
+                   args=DPOConfig(output_dir="x", **COMMON))
+    with pytest.raises(ArgumentError, match="data_collator"):
+        DPOTrainer(copy.deepcopy(data["model"]), train_dataset=data["ds"], data_collator=lambda x: x,
+                   args=DPOConfig(output_dir="x", **COMMON))
