@@ -195,3 +195,22 @@ def test_config_fields_and_refusals(data: dict) -> None:
     with pytest.raises(ArgumentError, match="data_collator"):
         DPOTrainer(copy.deepcopy(data["model"]), train_dataset=data["ds"], data_collator=lambda x: x,
                    args=DPOConfig(output_dir="x", **COMMON))
+
+
+@pytest.mark.parametrize("loss_type,extra", [(["sigmoid", "sft"], dict(loss_weights=[1.0, 0.5])),
+                                             (["ipo"], {}), (["robust"], dict(label_smoothing=0.1)),
+                                             (["sigmoid"], dict(use_weighting=True))])
+def test_loss_family_equals_trl(data: dict, loss_type: list, extra: dict) -> None:
+    """Two full-batch steps of other loss types, TRL's sft convention (token mean over the batch) and WPO weighting."""
+    import trl
+
+    m = data["model"]
+    kw = dict(max_steps=2, save_strategy="no", loss_type=loss_type, **extra, **COMMON)
+    recs = datasets.Dataset.from_list(data["records"])
+    ref = trl.DPOTrainer(copy.deepcopy(m), ref_model=copy.deepcopy(m), train_dataset=recs,
+                         processing_class=data["tokenizer"], args=trl.DPOConfig(output_dir=str(data["tmp"] / "l"), **kw))
+    ref.train()
+    got = _pairpack(data, "l2", **kw)
+    got.train()
+    for a, b in zip(_logs(ref), _logs(got)):
+        _close(a, b)

@@ -425,13 +425,29 @@ class DPOTrainer(trl.DPOTrainer):
         if self.needs_reference:
             ref_chosen, ref_rejected = self._reference_logps(model, batch)
         weights = policy.wpo_weights() if self.args.use_weighting else None
-        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_types,
-                       loss_weights=self.loss_weights, label_smoothing=self.label_smoothing,
-                       discopop_tau=self.args.discopop_tau, reduction="sum", chosen_tokens=policy.counts[:, 0],
-                       rejected_tokens=policy.counts[:, 1], pair_weights=weights)
-        loss = out.losses.mean()
+        loss = self._loss(chosen, rejected, ref_chosen, ref_rejected, policy.counts, weights)
         self._log_metrics(mode, batch, policy, chosen, rejected, ref_chosen, ref_rejected)
         return loss
+
+    def _loss(self, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
+              counts: Tensor, weights: Tensor | None) -> Tensor:
+        """``sum_t w_t * mean(per-pair loss of type t [* WPO weight])`` with pairpack's formulas
+        (:func:`~pairpack.train.losses.dpo_loss`) under TRL's two conventions that differ from
+        pairpack's sums: ``ipo`` on per-token averages, ``sft`` as the batch's token mean."""
+        lc, lr = counts[:, 0].clamp(min=1), counts[:, 1].clamp(min=1)
+        total = chosen.new_zeros(())
+        for t, w in zip(self.loss_types, self.loss_weights):
+            if t == "sft":
+                per = (-chosen.sum() / lc.sum()).expand_as(chosen)
+            else:
+                x = (chosen, rejected, ref_chosen, ref_rejected)
+                if t == "ipo":
+                    x = (chosen / lc, rejected / lr, ref_chosen / lc, ref_rejected / lr)  # type: ignore[operator]
+                per = dpo_loss(*x, beta=self.beta, loss_type=t, label_smoothing=self.label_smoothing,
+                               discopop_tau=self.args.discopop_tau, reduction="sum", chosen_tokens=counts[:, 0],
+                               rejected_tokens=counts[:, 1]).losses
+            total = total + w * (per if weights is None else per * weights).mean()
+        return total
 
     def _reference_logps(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
         cols = batch.columns
