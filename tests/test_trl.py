@@ -214,3 +214,30 @@ def test_loss_family_equals_trl(data: dict, loss_type: list, extra: dict) -> Non
     got.train()
     for a, b in zip(_logs(ref), _logs(got)):
         _close(a, b)
+
+
+def test_gradient_accumulation_equals_the_full_batch(data: dict) -> None:
+    """Two micro-batches of 4 pairs with gradient_accumulation_steps=2 train as one batch of 8."""
+    full = _pairpack(data, "ga1", max_steps=2, save_strategy="no", train_sampling_strategy="sequential")
+    full.train()
+    acc = _pairpack(data, "ga2", max_steps=2, save_strategy="no", train_sampling_strategy="sequential",
+                    per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    acc.train()
+    for a, b in zip(_logs(full), _logs(acc)):
+        _close(a, b, keys=("loss", "logps/chosen", "logps/rejected", "rewards/margins"))
+
+
+def test_peft_reference_is_the_disabled_adapter(data: dict) -> None:
+    """A LoRA run without ref_model: at step 1 (adapter initialised to zero) the rewards are 0 and the
+    loss ln 2; the reference forward ran with the adapter disabled (the policy then moved)."""
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    t = DPOTrainer(copy.deepcopy(data["model"]), train_dataset=data["ds"], peft_config=cfg,
+                   args=DPOConfig(output_dir=str(data["tmp"] / "peft"), max_steps=3, save_strategy="no",
+                                  **{**COMMON, "learning_rate": 1e-2}))
+    assert t.ref_model is None
+    t.train()
+    logs = _logs(t)
+    assert logs[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert logs[-1]["rewards/margins"] != pytest.approx(0.0, abs=1e-4)

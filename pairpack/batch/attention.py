@@ -27,7 +27,7 @@ the index is a few vectorised scatters; the part sizes cost one host sync.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,26 +42,56 @@ if TYPE_CHECKING:
 __all__ = ["SplitAttention", "split_attention"]
 
 
+class _Take(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward writes only the rows that carry gradient:
+    ``grad_x[dst] = grad_y[src]`` (``dst`` distinct). On the CPU ``index_select``'s own backward is a
+    ``scatter_add`` over every index (about as slow as both attentions together, measured); here the
+    duplicates of ``index`` (padding) carry no gradient, so a plain copy is exact."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+        ctx.save_for_backward(src, dst)
+        ctx.rows = x.shape[0]
+        return x[index]  # advanced indexing: faster than index_select on the CPU for (n, H, D) rows
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        src, dst = ctx.saved_tensors
+        out = grad.new_zeros(ctx.rows, *grad.shape[1:])
+        out[dst] = grad[src]
+        return out, None, None, None
+
+
 @dataclass(frozen=True)
 class _Part:
     """One part: ``gather`` int64 ``(S, L)``, the slot (``row * T + column``) of each token of each
     sequence, left-aligned (0 past a sequence's end); ``pick`` int64 ``(n,)``, the entries of
-    ``gather.view(-1)`` that are real tokens (derived once here, not in every layer)."""
+    ``gather.view(-1)`` that are real tokens; ``slots`` int64 ``(n,)``, their slots (derived once
+    here, not in every layer)."""
 
     gather: Tensor
     pick: Tensor
+    slots: Tensor
 
-    def scatter(self, out: Tensor, o: Tensor) -> Tensor:
-        """``out`` ``(R*T, H, D)`` with the part's attention output ``o`` ``(S, H, L, D)`` written
-        at its real tokens' slots (out of place: differentiable)."""
+    def take(self, x: Tensor) -> Tensor:
+        """The part's tokens of ``x`` ``(R*T, H, D)`` (token-major slots) as ``(S, H, L, D)``. Only
+        real tokens get gradient: a padding entry's output is never read (queries) or is masked
+        out (keys and values: causal order, or ``b_mask``)."""
+        s, n = self.gather.shape
+        y = _Take.apply(x, self.gather.view(-1), self.pick, self.slots)
+        return y.view(s, n, *x.shape[1:]).transpose(1, 2)
+
+    def real(self, o: Tensor) -> Tensor:
+        """The part's attention output ``o`` ``(S, H, L, D)`` at its real tokens, ``(n, H, D)``."""
         s, h, n, d = o.shape
-        return out.index_copy(0, self.gather.view(-1)[self.pick], o.transpose(1, 2).reshape(s * n, h, d)[self.pick])
+        every = torch.arange(self.pick.numel(), device=o.device)
+        return _Take.apply(o.transpose(1, 2).reshape(s * n, h, d), self.pick, every, self.pick)
 
 
 @dataclass(frozen=True)
 class SplitAttention:
     """The parts (module docstring) as index tensors; pass it where a model takes an attention mask
-    and have its attention call :meth:`attend` (TinyLM does).
+    and have its attention call :meth:`attend` (TinyLM and pairpack's Hugging Face attention do).
 
     Attributes (``S`` sequences, on the batch's device):
         shape: ``(R, T)`` of the batch.
@@ -70,6 +100,11 @@ class SplitAttention:
             ``(S, max R)`` and ``[prompt][rejected]`` ``(S, max(P+R))``.
         b_mask: bool ``(S, 1, max R, max(P+R))``: True where a rejected query may attend the key; a
             padding query sees the pair's real keys (no empty softmax row).
+        place: int64 ``(R*T,)``: where each slot's output is in ``[A's real tokens; B's real
+            tokens; one zero row]`` (padding: the zero row). The parts' queries cover every real
+            token exactly once, so the output is one gather, not a zero fill and a scatter per part.
+        covered: int64 ``(n,)``: the slots of the real tokens in that order (``place[covered]`` is
+            ``0..n-1``).
     """
 
     shape: tuple[int, int]
@@ -77,6 +112,8 @@ class SplitAttention:
     b_query: _Part | None = None
     b_key: _Part | None = None
     b_mask: Tensor | None = None
+    place: Tensor | None = None
+    covered: Tensor | None = None
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                dropout_p: float = 0.0) -> Tensor:
@@ -88,19 +125,19 @@ class SplitAttention:
         if (r, t) != self.shape:
             raise ArgumentError(f"SplitAttention.attend(): q has rows x length {r} x {t}, the batch "
                                 f"{self.shape[0]} x {self.shape[1]}")
-        qf, kf, vf = (x.transpose(1, 2).reshape(r * t, h, d) for x in (q, k, v))  # token-major slots
-
-        def take(x: Tensor, part: _Part) -> Tensor:  # -> (S, H, L, D)
-            return x[part.gather].transpose(1, 2)
-
-        a = self.a
+        # token-major slots; free when q/k/v are transposed views of (R, T, H, D) projections
+        qf, kf, vf = (x.transpose(1, 2).reshape(r * t, h, d) for x in (q, k, v))
         kw = {"scale": scale, "dropout_p": dropout_p}
-        out = a.scatter(qf.new_zeros(r * t, h, d),
-                        F.scaled_dot_product_attention(take(qf, a), take(kf, a), take(vf, a), is_causal=True, **kw))
+        a = self.a
+        parts = [a.real(F.scaled_dot_product_attention(a.take(qf), a.take(kf), a.take(vf), is_causal=True, **kw))]
         if self.b_query is not None and self.b_key is not None:
             bq, bk = self.b_query, self.b_key
-            out = bq.scatter(out, F.scaled_dot_product_attention(take(qf, bq), take(kf, bk), take(vf, bk),
-                                                                 attn_mask=self.b_mask, **kw))
+            parts.append(bq.real(F.scaled_dot_product_attention(bq.take(qf), bk.take(kf), bk.take(vf),
+                                                                attn_mask=self.b_mask, **kw)))
+        parts.append(qf.new_zeros(1, h, d))
+        assert self.place is not None and self.covered is not None  # set by split_attention()
+        every = torch.arange(self.covered.numel(), device=q.device)
+        out = _Take.apply(torch.cat(parts), self.place, self.covered, every)
         return out.view(r, t, h, d).transpose(1, 2)
 
 
@@ -110,7 +147,7 @@ def _place(sel: Tensor, seq: Tensor, rank: Tensor, slots: Tensor, n_seq: int) ->
     width = int(k.max()) + 1 if k.numel() else 0
     gather = torch.zeros(n_seq, width, dtype=torch.int64, device=seq.device)
     gather[s, k] = slots[sel]
-    return _Part(gather, s * width + k)
+    return _Part(gather, s * width + k, slots[sel])
 
 
 def split_attention(batch: "PackedBatch") -> SplitAttention:
@@ -123,7 +160,8 @@ def split_attention(batch: "PackedBatch") -> SplitAttention:
     slots = torch.arange(r * t, device=dev).view(r, t)
     real = seq >= 0
     if batch.layout != "prefix_shared":
-        return SplitAttention((r, t), _place(real, seq, pos, slots, n_seq))
+        a = _place(real, seq, pos, slots, n_seq)
+        return SplitAttention((r, t), a, **_places(r * t, a))
     # prefix_shared: sequence s is pair sequence_pair[s]; its rejected positions run P..P+R-1
     pair = batch.sequence_pair.long()
     plen = batch.prompt_lengths.to(dev)[pair]
@@ -134,5 +172,15 @@ def split_attention(batch: "PackedBatch") -> SplitAttention:
     tq = torch.arange(b_query.gather.shape[1], device=dev)[None, :, None]
     jk = torch.arange(b_key.gather.shape[1], device=dev)[None, None, :]
     b_mask = (jk <= plen[:, None, None] + tq) & (jk < (plen + rlen)[:, None, None])
-    return SplitAttention((r, t), _place(real & (part != REJECTED), seq, pos, slots, n_seq),
-                          b_query, b_key, b_mask[:, None])
+    a = _place(real & (part != REJECTED), seq, pos, slots, n_seq)
+    return SplitAttention((r, t), a, b_query, b_key, b_mask[:, None], **_places(r * t, a, b_query))
+
+
+def _places(slots: int, *queries: _Part) -> dict[str, Tensor]:
+    """:attr:`SplitAttention.place` and ``covered``: the position of each slot's output in the parts'
+    real outputs concatenated in order, then one zero row for every slot no part covers (padding)."""
+    covered = torch.cat([q.slots for q in queries])
+    total = int(covered.numel())
+    place = torch.full((slots,), total, dtype=torch.int64, device=covered.device)
+    place[covered] = torch.arange(total, device=covered.device)
+    return {"place": place, "covered": covered}
