@@ -48,6 +48,7 @@ from ..errors import ArgumentError, StateError, import_optional
 from ..read.dataset import Dataset, open_dataset
 from .dpo import pair_rows
 from .losses import dpo_loss, loss_config
+from .hf_attention import SPLIT_KWARG, supports_split, use_split
 from .models import ATTENTIONS, as_logits, layout_logits, layout_of
 from .reference import REF_CHOSEN, REF_REJECTED, REFERENCE_COLUMNS, check_reference, model_hash, precompute_reference
 
@@ -419,7 +420,10 @@ class DPOTrainer(trl.DPOTrainer):
                                 "prediction_loss_only=True (the default)")
         batch = inputs[_BATCH]
         mode = "train" if self.model.training else "eval"
-        policy = _Scored.of(model, self.accelerator.unwrap_model(model), batch, self.args.attention)
+        # the trainer's mixed precision (TRL's default bf16=True): prepared models run their forward
+        # under autocast, and the backbone and head calls of the fused path must too
+        with self.accelerator.autocast():
+            policy = _Scored.of(model, self.accelerator.unwrap_model(model), batch, self.args.attention)
         chosen, rejected = policy.sums()
         ref_chosen = ref_rejected = None
         if self.needs_reference:
@@ -453,7 +457,7 @@ class DPOTrainer(trl.DPOTrainer):
         cols = batch.columns
         if REF_CHOSEN in cols:
             return cols[REF_CHOSEN].float(), cols[REF_REJECTED].float()
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             if self.ref_model is not None:
                 ref = self.ref_model
                 return _Scored.of(ref, self.accelerator.unwrap_model(ref), batch, self.args.attention).sums()
@@ -542,6 +546,10 @@ class _Scored:
     def of(cls, run: nn.Module, model: nn.Module, batch: Any, attention: str) -> "_Scored":
         """``run`` is what is called (e.g. a DDP wrapper), ``model`` the module it wraps."""
         b = len(batch)
+        head = _hf_head(model) if run is model else None
+        if head is not None and (layout_of(batch) == "padded" or (attention in ("auto", "split")
+                                                                  and supports_split(head.causal_lm))):
+            return cls._through_head(head, batch)
         if layout_of(batch) == "padded":
             seq, mask = pair_rows(**batch.as_kwargs())
             logits = as_logits(run(input_ids=seq[:, :-1], use_cache=False) if _is_hf(model)
@@ -554,6 +562,23 @@ class _Scored:
         rows, cols = index.long().unbind(0)
         slot = batch.score_pair.long() * 2 + batch.score_side.long()
         return cls(logits[rows, cols], batch.score_labels.long(), slot, b)
+
+    @classmethod
+    def _through_head(cls, head: "_Head", batch: Any) -> "_Scored":
+        """The backbone's hidden states, and the LM head at the scored positions only (as TRL's fused
+        head does): no ``(rows, length, vocabulary)`` logits, no projection of prompt tokens."""
+        b = len(batch)
+        if layout_of(batch) == "padded":
+            seq, mask = pair_rows(**batch.as_kwargs())
+            hidden = head.backbone(input_ids=seq[:, :-1], use_cache=False).last_hidden_state
+            rows, cols = mask[:, 1:].nonzero(as_tuple=True)
+            return cls(head.logits(hidden[rows, cols]), seq[rows, cols + 1], (rows % b) * 2 + rows // b, b)
+        with use_split(head.causal_lm):
+            hidden = head.backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                                   **{SPLIT_KWARG: batch.split_attention()}).last_hidden_state
+        rows, cols = batch.score_index.long().unbind(0)
+        slot = batch.score_pair.long() * 2 + batch.score_side.long()
+        return cls(head.logits(hidden[rows, cols]), batch.score_labels.long(), slot, b)
 
     @property
     def logp(self) -> Tensor:
@@ -600,6 +625,43 @@ class _Scored:
                                 (mean_logit.double() * chosen).sum(), entropy.new_tensor(nc, dtype=torch.float64),
                                 (mean_logit.double() * (1 - chosen)).sum(),
                                 entropy.new_tensor(n - nc, dtype=torch.float64), (top1 * chosen).sum()])
+
+
+@dataclass
+class _Head:
+    """A Hugging Face causal LM split into its backbone and its LM head, with the config's logit
+    scale and final soft-capping (the ones TRL's fused head applies)."""
+
+    causal_lm: nn.Module
+    backbone: nn.Module
+    lm_head: nn.Module
+    scale: float
+    softcap: float | None
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        out = self.lm_head(hidden)
+        if self.scale != 1.0:
+            out = out * self.scale
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+def _hf_head(model: nn.Module) -> _Head | None:
+    """The :class:`_Head` of a Hugging Face causal LM (a PEFT model's base model, adapters in
+    place), or None for other models and for configs that scale logits in ways not known here."""
+    if hasattr(model, "get_base_model"):  # PEFT: the causal LM, its adapter layers in place
+        model = model.get_base_model()
+    if not _is_hf(model):
+        return None
+    cfg = model.config.get_text_config()
+    if any(getattr(cfg, k, None) is not None for k in ("output_multiplier", "lm_head_multiplier", "logits_scaling")):
+        return None  # scaled differently by different families: the full forward is exact
+    head, backbone = model.get_output_embeddings(), getattr(model, "base_model", None)
+    if head is None or backbone is None or backbone is model:
+        return None
+    return _Head(model, backbone, head, float(getattr(cfg, "logit_scale", None) or 1.0),
+                 getattr(cfg, "final_logit_softcapping", None))
 
 
 def _is_hf(model: nn.Module) -> bool:
