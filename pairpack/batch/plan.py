@@ -43,6 +43,7 @@ __all__ = [
     "plan_rank",
     "batch_of",
     "served_pairs",
+    "remove_served",
     "padding_efficiency",
     "padding_ceiling",
     "make_plan",
@@ -321,6 +322,27 @@ def served_pairs(lengths: np.ndarray, order: np.ndarray, *, position: int, world
     seq, starts, ends = _global_plan(lengths, order, options, truncation, seed, world_size)
     k = min(max(position, 0) * world_size, len(starts))
     return seq[_ranges(starts[:k], ends[:k])]
+
+
+def remove_served(order: np.ndarray, served: np.ndarray) -> np.ndarray:
+    """``order`` without what ``served`` took, as multisets (int64, in order): a pair served
+    ``k`` times loses its first ``k`` occurrences in ``order`` (a mixture's epoch may draw a pair
+    several times; for an order without repeats this is ``order[~np.isin(order, served)]``)."""
+    order = np.asarray(order, dtype=np.int64)
+    if not len(served) or not len(order):
+        return order
+    vals, cnt = np.unique(np.asarray(served, dtype=np.int64), return_counts=True)
+    pos = np.minimum(np.searchsorted(vals, order), len(vals) - 1)
+    need = np.where(vals[pos] == order, cnt[pos], 0)
+    srt = np.argsort(order, kind="stable")
+    so = order[srt]
+    n = len(order)
+    first = np.ones(n, dtype=bool)
+    first[1:] = so[1:] != so[:-1]
+    run_start = np.maximum.accumulate(np.where(first, np.arange(n, dtype=np.int64), 0))
+    occurrence = np.empty(n, dtype=np.int64)
+    occurrence[srt] = np.arange(n, dtype=np.int64) - run_start
+    return order[occurrence >= need]
 
 
 def plan_batches(lengths: np.ndarray, order: np.ndarray, *, options: PlanOptions | None = None,
