@@ -273,3 +273,18 @@ def test_bad_mixture_arguments(sources):
         Loader(sources["a"], weights=[1], batch_size=2)
     with pytest.raises(ArgumentError, match="no pair taking part"):
         Loader(sources, indices={"c": []}, weights=[1, 1, 1], batch_size=2).batches()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_device_feeder_serves_a_mixture(sources, layout):
+    """device="cuda": the same pairs, sources and local indices as the CPU path, on the device."""
+    kw = dict(weights=[1, 2, 1], epoch_size=50, seed=4, layout=layout)
+    kw.update(dict(batch_size=6) if layout == "padded" else dict(max_tokens=400))
+    cpu = list(Loader(sources, **kw))
+    dev = list(Loader(sources, device="cuda", **kw))
+    assert len(cpu) == len(dev)
+    for x, y in zip(cpu, dev):
+        assert y.source.device.type == "cuda" and y.indices.device.type == "cuda"
+        assert torch.equal(x.source, y.source.cpu()) and torch.equal(x.indices, y.indices.cpu())
+        assert torch.equal(x.prompt_lengths, y.prompt_lengths.cpu())

@@ -7,8 +7,12 @@
 Prints, each as the target's ratio or size:
   planning memory   a mixture of three sources vs one dataset holding the same pairs (three shards),
                     at the same total size, random and length-grouped epochs: anonymous memory
-                    kept after planning (RssAnon delta, bytes per pair) and the numpy peak while
-                    planning (tracemalloc peak, bytes per pair). Each in a fresh process.
+                    kept after planning (RssAnon delta, bytes per pair; then again after
+                    malloc_trim, which returns the heap pages glibc keeps after freeing the
+                    temporaries: the raw figure depends on the allocator's state), the numpy arrays still
+                    alive after planning (tracemalloc current: the plan cache and the joined
+                    lengths) and the numpy peak while planning (tracemalloc peak, bytes per pair).
+                    Each in a fresh process.
   throughput        Loader batches/s on the mixture vs the single dataset, batch_size 32, same
                     pairs (log-normal lengths, medians 180/220/220 tokens), best of 3 alternating runs.
   state_dict        JSON bytes of a mixture state (epoch_size 10**12, and mid-epoch at 1M).
@@ -118,7 +122,7 @@ def parts(lengths: np.ndarray) -> list[np.ndarray]:
 
 # --- measurements in a fresh process -----------------------------------------------------------------
 CHILD = r"""
-import json, sys, time, tracemalloc
+import ctypes, json, sys, time, tracemalloc
 sys.path.insert(0, {root!r})
 import pairpack
 from pairpack.batch.loader import Loader
@@ -141,9 +145,12 @@ if kind == 'plan':
     t = time.perf_counter()
     nb = len(ld)
     dt = time.perf_counter() - t
-    peak = tracemalloc.get_traced_memory()[1]
+    live, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(json.dumps({{'kept': anon() - a0, 'peak': peak, 'seconds': dt, 'batches': nb}}))
+    kept = anon() - a0
+    ctypes.CDLL('libc.so.6').malloc_trim(0)  # free heap pages the allocator kept after planning's temporaries
+    print(json.dumps({{'kept': kept, 'trimmed': anon() - a0, 'live': live, 'peak': peak, 'seconds': dt,
+                      'batches': nb}}))
 elif kind == 'split':
     from pairpack.ops.split import split
     a0 = anon()
@@ -182,7 +189,9 @@ def planning(tmp: Path, n: int, rng: np.random.Generator) -> None:
         s, m = got[False], got[True]
         print(f"planning {n:>12,} pairs, {'grouped' if grouped else 'random '}: "
               f"kept {s['kept'] / n:5.1f} B/pair single, {m['kept'] / n:5.1f} mixture "
-              f"(ratio {m['kept'] / max(s['kept'], 1):.2f}); numpy peak {s['peak'] / n:5.1f} single, "
+              f"(ratio {m['kept'] / max(s['kept'], 1):.2f}), after malloc_trim {s['trimmed'] / n:5.1f} single, "
+              f"{m['trimmed'] / n:5.1f} mixture (ratio {m['trimmed'] / max(s['trimmed'], 1):.2f}); numpy live {s['live'] / n:5.1f} single, {m['live'] / n:5.1f} "
+              f"mixture (ratio {m['live'] / max(s['live'], 1):.2f}); numpy peak {s['peak'] / n:5.1f} single, "
               f"{m['peak'] / n:5.1f} mixture (ratio {m['peak'] / max(s['peak'], 1):.2f}); "
               f"plan {s['seconds']:.2f} s single, {m['seconds']:.2f} s mixture")
     import shutil
