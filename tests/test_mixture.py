@@ -288,3 +288,30 @@ def test_the_device_feeder_serves_a_mixture(sources, layout):
         assert y.source.device.type == "cuda" and y.indices.device.type == "cuda"
         assert torch.equal(x.source, y.source.cpu()) and torch.equal(x.indices, y.indices.cpu())
         assert torch.equal(x.prompt_lengths, y.prompt_lengths.cpu())
+
+
+@given(n=st.integers(0, 400), window=st.integers(1, 60), top=st.integers(1, 5000), descending=st.booleans(),
+       seed=st.integers(0, 9))
+@settings(max_examples=40)
+def test_window_sort_is_the_two_key_sort(n, window, top, descending, seed):
+    """The grouped planner's in-place window sort gives the order of lexsort((signed key, window))."""
+    from pairpack.batch.plan import _group
+
+    rng = np.random.default_rng(seed)
+    seq = rng.permutation(n).astype(np.int64)
+    key = rng.integers(0, top, n).astype(np.int64)
+    wid = np.arange(n) // window
+    signed = -key if descending else np.where(wid % 2 == 1, -key, key)
+    assert _group(seq, key.copy(), window, descending).tolist() == seq[np.lexsort((signed, wid))].tolist()
+
+
+def test_chunked_gather_plans_the_same(sources, monkeypatch):
+    """Per-pair lengths gathered in chunks give the plan of the whole gather (grouped, budget, packed)."""
+    import pairpack.batch.plan as plan
+
+    kws = [dict(batch_size=4, group_by_length=True, window=16),
+           dict(max_tokens=300, group_by_length=True, window=20),
+           dict(max_tokens=400, layout="packed", max_row_tokens=120, group_by_length=True, window=20)]
+    whole = [_drawn(Loader(sources, weights=[1, 1, 1], epoch_size=90, **kw)) for kw in kws]
+    monkeypatch.setattr(plan, "_GATHER_CHUNK", 7)
+    assert [_drawn(Loader(sources, weights=[1, 1, 1], epoch_size=90, **kw)) for kw in kws] == whole
