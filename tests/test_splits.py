@@ -216,3 +216,15 @@ def test_overlap_by_text_across_tokenizers(tmp_path, shared_dir):
     with pytest.raises(ArgumentError, match="different tokenizers"):
         overlap(tmp_path / "A", tmp_path / "B", by="ids")
     assert normalise("  What\u00a0IS\titem ") == "what is item"
+
+
+def test_force_replaces_a_dataset_with_splits_and_split_keeps_the_fingerprint(tmp_path):
+    ds = _write(tmp_path / "ds", 6, [2] * 6, 0)
+    before = ds.fingerprint
+    split(ds.path, eval_fraction=0.3)
+    assert pairpack.open(ds.path).fingerprint == before  # the pairs are untouched
+    # the splits/ directory is pairpack's: --force may replace the dataset holding it (FORMAT.md W8)
+    again = _write(tmp_path / "ds_new", 3, [1] * 3, 1)
+    r = run_cli("merge", again.path, "-o", ds.path, "--force")
+    assert r.returncode == 0, r.stderr
+    assert pairpack.open(ds.path).splits == {} and not (ds.path / "splits").exists()

@@ -144,7 +144,7 @@ def check_oversize(over: np.ndarray, opts: PlanOptions, where: str = "") -> None
 
 
 # --- planning --------------------------------------------------------------------------------------
-_GATHER_CHUNK = 1 << 20  # pairs whose lengths are gathered at a time for a per-pair value of an epoch order
+_GATHER_CHUNK = 1 << 18  # pairs whose lengths are gathered at a time for a per-pair value of an epoch order
 
 
 def _gathered(fn: Any, lengths: np.ndarray, seq: np.ndarray) -> np.ndarray:
