@@ -113,6 +113,19 @@ def _reopen(paths: list[str], names: list[str]) -> MixtureView:
     return MixtureView([open_dataset(p) for p in paths], names)
 
 
+_FILL_CHUNK = 1 << 20  # entries of a range written at a time (bounded temporaries)
+
+
+def _copy_into(dst: np.ndarray, pool: np.ndarray | range) -> None:
+    """``dst[:] = pool``; a range is written in chunks, so no full-size temporary is allocated."""
+    if not isinstance(pool, range):
+        dst[:] = pool
+        return
+    for a in range(0, len(dst), _FILL_CHUNK):
+        b = min(len(dst), a + _FILL_CHUNK)
+        dst[a:b] = np.arange(pool.start + a, pool.start + b, dtype=np.int64)
+
+
 class Mixture:
     """Named sources, their relative weights and the epoch size: what a mixture Loader serves.
 
@@ -181,12 +194,13 @@ class Mixture:
         """int64 ``(S + 1,)``: union index of each source's first pair; ``offsets[-1]`` the union size."""
         return self.view.offsets
 
-    def pools(self, valid: np.ndarray | None) -> list[np.ndarray]:
-        """Per source, the sorted union indices taking part (``valid``: sorted union indices, None: all)."""
-        off = self.offsets
+    def pools(self, valid: np.ndarray | None) -> list[np.ndarray | range]:
+        """Per source, the union indices taking part, sorted: a slice of ``valid`` (sorted union
+        indices), or a ``range`` over the whole source when ``valid`` is None (nothing allocated)."""
+        off = self.offsets.tolist()
         if valid is None:
-            return [np.arange(off[s], off[s + 1], dtype=np.int64) for s in range(len(self.names))]
-        cut = np.searchsorted(valid, off)
+            return [range(off[s], off[s + 1]) for s in range(len(self.names))]
+        cut = np.searchsorted(valid, off).tolist()
         return [valid[cut[s]:cut[s + 1]] for s in range(len(self.names))]
 
     def counts(self, sizes: Sequence[int]) -> np.ndarray:
@@ -219,11 +233,18 @@ class Mixture:
             if not c:
                 continue
             passes, rest = divmod(c, n)
-            for _ in range(passes):
-                out[k:k + n] = pool[rng.permutation(n)] if shuffle else pool
+            for _ in range(passes):  # a pass in place: the pool copied into the draw, shuffled there
+                _copy_into(out[k:k + n], pool)
+                if shuffle:
+                    rng.shuffle(out[k:k + n])
                 k += n
             if rest:
-                out[k:k + rest] = pool[rng.choice(n, rest, replace=False)] if shuffle else pool[:rest]
+                if shuffle:
+                    pick = rng.choice(n, rest, replace=False)
+                    out[k:k + rest] = pick + pool.start if isinstance(pool, range) else pool[pick]
+                    del pick
+                else:
+                    _copy_into(out[k:k + rest], pool[:rest])
                 k += rest
         if shuffle:
             rng.shuffle(out)
