@@ -299,16 +299,22 @@ def _parse_settings(obj: dict[str, Any], path: Any) -> dict[str, Any]:
             "bos_id": special["bos_id"], "eos_id": special["eos_id"], "tokenizer": tok, "provenance": prov}
 
 
+def _named(entry: Any, what: str, pattern: Any, path: Any, fld: str, rule: str) -> str:
+    """The ``name`` of a declaration object (a column, a split): an object whose name matches ``pattern``."""
+    if not isinstance(entry, dict):
+        raise FormatError(f"{what} must be an object", path=path, field=fld, section=rule)
+    name = _req(entry, "name", str, path, fld + ".", rule)
+    if not pattern.fullmatch(name):
+        raise FormatError(f"bad {what} name", path=path, field=fld + ".name", actual=name, section=rule)
+    return name
+
+
 def _parse_columns(obj: dict[str, Any], path: Any) -> list[ColumnInfo]:
     """§8 R10: the declared per-pair columns (§5.4), names unique."""
     columns = []
     for i, c in enumerate(_req(obj, "columns", list, path, "", "§8 R10")):
         fld = f"columns[{i}]"
-        if not isinstance(c, dict):
-            raise FormatError("column must be an object", path=path, field=fld, section="§8 R10")
-        name = _req(c, "name", str, path, fld + ".", "§8 R10")
-        if not COLUMN_NAME_RE.fullmatch(name):
-            raise FormatError("bad column name", path=path, field=fld + ".name", actual=name, section="§8 R10")
+        name = _named(c, "column", COLUMN_NAME_RE, path, fld, "§8 R10")
         dt = _req(c, "dtype", str, path, fld + ".", "§8 R10")
         if dt not in COLUMN_DTYPES:
             raise FormatError("column dtype not allowed", path=path, field=fld + ".dtype",
@@ -375,11 +381,7 @@ def _parse_splits(obj: dict[str, Any], path: Any, num_pairs: int, taken: set[str
     out = []
     for i, s in enumerate(raw):
         fld = f"splits[{i}]"
-        if not isinstance(s, dict):
-            raise FormatError("split must be an object", path=path, field=fld, section="§8 R18")
-        name = _req(s, "name", str, path, fld + ".", "§8 R18")
-        if not SPLIT_NAME_RE.fullmatch(name):
-            raise FormatError("bad split name", path=path, field=fld + ".name", actual=name, section="§8 R18")
+        name = _named(s, "split", SPLIT_NAME_RE, path, fld, "§8 R18")
         by = _req(s, "by", str, path, fld + ".", "§8 R18")
         if by not in SPLIT_BY:
             raise FormatError("unknown split rule", path=path, field=fld + ".by", expected=list(SPLIT_BY),
