@@ -226,26 +226,25 @@ class Mixture:
         pools = self.pools(valid)
         counts = self.counts([len(p) for p in pools])
         rng = epoch_rng(seed, epoch, self.fingerprint, _DRAW_STREAM)
-        out = np.empty(int(counts.sum()), dtype=np.int64)
+        total = int(counts.sum())
+        # room for a whole pool after the draw's end: a source's remainder is the head of one more
+        # shuffled pass, written in place (no temporaries); the array is shrunk in place afterwards
+        room = max([len(p) - c % len(p) for p, c in zip(pools, counts.tolist()) if c and c % len(p)] or [0])
+        out = np.empty(total + room, dtype=np.int64)
         k = 0
         for pool, c in zip(pools, counts.tolist()):
             n = len(pool)
             if not c:
                 continue
             passes, rest = divmod(c, n)
-            for _ in range(passes):  # a pass in place: the pool copied into the draw, shuffled there
+            for _ in range(passes + (rest > 0)):  # a pass: the pool copied into the draw, shuffled there
                 _copy_into(out[k:k + n], pool)
                 if shuffle:
                     rng.shuffle(out[k:k + n])
                 k += n
-            if rest:
-                if shuffle:
-                    pick = rng.choice(n, rest, replace=False)
-                    out[k:k + rest] = pick + pool.start if isinstance(pool, range) else pool[pick]
-                    del pick
-                else:
-                    _copy_into(out[k:k + rest], pool[:rest])
-                k += rest
+            k -= n - rest if rest else 0  # the remainder keeps the head of its pass
+        if room:
+            out.resize(total, refcheck=False)  # no view of it is alive; realloc shrinks in place
         if shuffle:
             rng.shuffle(out)
             return out
