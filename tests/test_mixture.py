@@ -315,3 +315,31 @@ def test_chunked_gather_plans_the_same(sources, monkeypatch):
     whole = [_drawn(Loader(sources, weights=[1, 1, 1], epoch_size=90, **kw)) for kw in kws]
     monkeypatch.setattr(plan, "_GATHER_CHUNK", 7)
     assert [_drawn(Loader(sources, weights=[1, 1, 1], epoch_size=90, **kw)) for kw in kws] == whole
+
+
+def test_training_on_a_mixture(sources):
+    """The docs/mixing.md loop: DPO steps on a weighted mixture, resumed from a saved state."""
+    from pairpack.dpo import DPO
+    from pairpack.train.tinylm import TinyLM
+
+    torch.manual_seed(0)
+    policy = TinyLM(300, max_len=64, d_model=16, n_layers=1, n_heads=2)
+    dpo = DPO(policy, beta=0.1)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    kw = dict(weights={"a": 1, "b": 3, "c": 1}, epoch_size=40, max_tokens=800, max_length=48, seed=0)
+    loader = Loader(sources, **kw)
+    seen: Counter = Counter()
+    state = None
+    for step, batch in enumerate(loader):
+        loss = dpo(**batch.as_kwargs())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+        seen.update(loader.names[s] for s in batch.source.tolist())
+        if step == 1:
+            state = loader.state_dict()
+    assert seen == Counter(loader.source_counts()) == Counter({"a": 8, "b": 24, "c": 8})
+    resumed = Loader(sources, **kw)
+    resumed.load_state_dict(state)
+    assert sum(len(b) for b in resumed) == 40 - sum(len(b) for b in islice(iter(Loader(sources, **kw)), 2))
