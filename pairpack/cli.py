@@ -473,9 +473,12 @@ def verify(dataset: Path, no_checksums: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG: length histograms, truncation curve, chosen-minus-rejected.")
+@click.option("--with", "others", multiple=True, type=click.Path(path_type=Path), metavar="DATASET",
+              help="Statistics of the mixture of DATASET and this dataset (repeatable): every pair of each source "
+                   "once, as a Loader mixture at its default weights; the sources must share a tokenizer.")
 def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, ...], batch_size: int | None,
           max_tokens: int | None, seed: int, min_completion_tokens: int, max_row_tokens: int | None, as_json: bool,
-          plot: Path | None) -> None:
+          plot: Path | None, others: tuple[Path, ...] = ()) -> None:
     """Length percentiles, truncation, padding efficiency, tokens per pair per layout, length bias, prompt sharing.
 
     Truncation follows the loader's rule (completions cut first, down to --min-completion-tokens,
@@ -489,6 +492,7 @@ def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, 
       pairpack stats data/train --max-length 1024 2048 --batch-size 16
       pairpack stats data/train --max-tokens 65536 --plot lengths.png
       pairpack stats data/train --json | jq .suggested_max_length
+      pairpack stats data/hh --with data/uf --with data/tulu    # a mixture, every pair once
     """
     from .batch.plan import check_options
     from .ops.stats import compute_stats, plot_stats
@@ -510,7 +514,16 @@ def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, 
         raise click.UsageError(str(e)) from None
     if plot is not None:  # fail before the statistics are computed
         import_optional("matplotlib", feature="--plot", extra="plot")
-    ds = open_dataset(dataset)
+    if others:
+        from .batch.mixture import Mixture
+
+        paths = (dataset, *others)
+        names = [p.name or str(p) for p in paths]
+        if len(set(names)) != len(names):
+            names = [str(p) for p in paths]
+        ds = Mixture(dict(zip(names, paths))).view
+    else:
+        ds = open_dataset(dataset)
     result = compute_stats(ds, max_lengths=list(max_lengths) or None, batch_size=batch_size,
                            max_tokens=max_tokens, seed=seed, min_completion_tokens=min_completion_tokens,
                            max_row_tokens=max_row_tokens)

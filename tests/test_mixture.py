@@ -343,3 +343,18 @@ def test_training_on_a_mixture(sources):
     resumed = Loader(sources, **kw)
     resumed.load_state_dict(state)
     assert sum(len(b) for b in resumed) == 40 - sum(len(b) for b in islice(iter(Loader(sources, **kw)), 2))
+
+
+def test_stats_of_a_mixture_cli(sources, tmp_path):
+    from .conftest import run_cli
+
+    r = run_cli("stats", sources["a"].path, "--with", sources["b"].path, "--with", sources["c"].path, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["num_pairs"] == sum(SIZES.values()) and got["path"] == "mixture(a, b, c)"
+    one = json.loads(run_cli("stats", sources["a"].path, "--json").stdout)
+    assert got["lengths"]["prompt"]["max"] >= one["lengths"]["prompt"]["max"]
+    other = _write(tmp_path / "v", 3, 1, vocab_size=500)
+    r = run_cli("stats", sources["a"].path, "--with", other.path)
+    assert r.returncode == 1 and "cannot be served together" in r.stderr
+    assert "--with data/uf" in run_cli("stats", "--help").stdout
