@@ -243,9 +243,12 @@ def _unescape(text: str | None) -> str | None:
 @click.option("--move", "how", flag_value="move", help="Rename the parts' files instead of hard-linking (consumes the parts).")
 @click.option("--copy", "how", flag_value="copy", help="Copy the files instead of hard-linking.")
 @click.option("--allow-partial", is_flag=True, help="Merge parts of a split even if some indices are missing.")
+@click.option("--drop-splits", is_flag=True,
+              help="Merge parts that record train/eval splits without them (refused otherwise; split again after).")
 @click.option("-f", "--force", is_flag=True,
               help="Replace a pairpack dataset at OUTPUT (anything else there is refused, never deleted).")
-def merge(parts: tuple[Path, ...], output: Path, how: str | None, allow_partial: bool, force: bool) -> None:
+def merge(parts: tuple[Path, ...], output: Path, how: str | None, allow_partial: bool, force: bool,
+          drop_splits: bool) -> None:
     """Combine datasets (e.g. the parts of a --num-shards build) into one, without copying tokens.
 
     Shard files are hard-linked (default) into renumbered shard directories and their checksums
@@ -259,7 +262,8 @@ def merge(parts: tuple[Path, ...], output: Path, how: str | None, allow_partial:
     """
     from .ops.merge import merge as run_merge
 
-    report = run_merge(list(parts), output, force=force, how=how or "link", allow_partial=allow_partial)
+    report = run_merge(list(parts), output, force=force, how=how or "link", allow_partial=allow_partial,
+                       drop_splits=drop_splits)
     click.echo(report.summary())
 
 
@@ -346,6 +350,8 @@ def info(dataset: Path, as_json: bool) -> None:
                "vocab_size": m.vocab_size, "pad_id": m.pad_id, "bos_id": m.bos_id, "eos_id": m.eos_id,
                "tokenizer": m.tokenizer, "unique_prompts": prompts, "tokens": tokens, "bytes": sizes,
                "columns": [c.name for c in m.columns], "fingerprint": ds.fingerprint,
+               "splits": {s.name: {"pairs": s.num_pairs, "prompts": s.num_prompts, "by": s.by, "seed": s.seed}
+                          for s in m.splits},
                "lengths": {k: _length_summary(x) for k, x in rows.items()}}
         click.echo(json.dumps(out, indent=1))
         return
@@ -359,6 +365,9 @@ def info(dataset: Path, as_json: bool) -> None:
                                                         if isinstance(tok.get("file"), dict) else ""))
     if m.columns:
         click.echo(f"columns      {', '.join(c.name + ':' + c.dtype for c in m.columns)}")
+    if m.splits:
+        click.echo("splits       " + "; ".join(f"{s.name} {s.num_pairs:,} pairs, {s.num_prompts:,} prompts (by {s.by}, "
+                                               f"seed {s.seed})" for s in m.splits))
     click.echo(f"fingerprint  {ds.fingerprint}")
     click.echo("")
     header = ["length (tokens)", "min", "p50", "p90", "p99", "max", "mean"]
@@ -464,9 +473,12 @@ def verify(dataset: Path, no_checksums: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG: length histograms, truncation curve, chosen-minus-rejected.")
+@click.option("--with", "others", multiple=True, type=click.Path(path_type=Path), metavar="DATASET",
+              help="Statistics of the mixture of DATASET and this dataset (repeatable): every pair of each source "
+                   "once, as a Loader mixture at its default weights; the sources must share a tokenizer.")
 def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, ...], batch_size: int | None,
           max_tokens: int | None, seed: int, min_completion_tokens: int, max_row_tokens: int | None, as_json: bool,
-          plot: Path | None) -> None:
+          plot: Path | None, others: tuple[Path, ...] = ()) -> None:
     """Length percentiles, truncation, padding efficiency, tokens per pair per layout, length bias, prompt sharing.
 
     Truncation follows the loader's rule (completions cut first, down to --min-completion-tokens,
@@ -480,6 +492,7 @@ def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, 
       pairpack stats data/train --max-length 1024 2048 --batch-size 16
       pairpack stats data/train --max-tokens 65536 --plot lengths.png
       pairpack stats data/train --json | jq .suggested_max_length
+      pairpack stats data/hh --with data/uf --with data/tulu    # a mixture, every pair once
     """
     from .batch.plan import check_options
     from .ops.stats import compute_stats, plot_stats
@@ -501,7 +514,16 @@ def stats(dataset: Path, more_lengths: tuple[int, ...], max_lengths: tuple[int, 
         raise click.UsageError(str(e)) from None
     if plot is not None:  # fail before the statistics are computed
         import_optional("matplotlib", feature="--plot", extra="plot")
-    ds = open_dataset(dataset)
+    if others:
+        from .batch.mixture import Mixture
+
+        paths = (dataset, *others)
+        names = [p.name or str(p) for p in paths]
+        if len(set(names)) != len(names):
+            names = [str(p) for p in paths]
+        ds = Mixture(dict(zip(names, paths))).view
+    else:
+        ds = open_dataset(dataset)
     result = compute_stats(ds, max_lengths=list(max_lengths) or None, batch_size=batch_size,
                            max_tokens=max_tokens, seed=seed, min_completion_tokens=min_completion_tokens,
                            max_row_tokens=max_row_tokens)
@@ -640,6 +662,56 @@ def _demo_dpo(ds_path: Path, *, plot: Path | None, steps: int | None, threads: i
                f"training and checkpoints {result.train_seconds:.1f} s)")
     if plot is not None:
         click.echo(f"curves saved to {save_plot(result, plot)}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--eval-fraction", type=click.FloatRange(0.0, 1.0), required=True,
+              help="Fraction of pairs in the eval split (to within one prompt group with --by prompt).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the draw.")
+@click.option("--by", type=click.Choice(["prompt", "pair"]), default="prompt", show_default=True,
+              help="prompt: no prompt (by token ids) in both splits; pair: random pairs.")
+@click.option("--names", default="train,eval", show_default=True, metavar="TRAIN,EVAL",
+              help="The two split names.")
+def split(dataset: Path, eval_fraction: float, seed: int, by: str, names: str) -> None:
+    """Record train/eval splits in a dataset, no prompt in both (the pairs do not change).
+
+    Every pair of a prompt (by token ids, so prompts written twice in the source are caught) goes
+    to the same split. The splits are checksummed files beside the shards, added atomically;
+    running split again replaces them. Read them with Loader(ds, split="train") or ds.split("eval").
+
+    \b
+    Examples:
+      pairpack split data/train --eval-fraction 0.02 --seed 0
+      pairpack split data/train --eval-fraction 0.1 --by pair
+      pairpack info data/train        # lists the splits
+    """
+    from .ops.split import split as run_split
+
+    parts = tuple(n.strip() for n in names.split(","))
+    if len(parts) != 2:
+        raise click.UsageError(f"--names takes two names separated by a comma, got {names!r}")
+    click.echo(run_split(dataset, eval_fraction=eval_fraction, seed=seed, by=by, names=parts).summary())
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--by", type=click.Choice(["auto", "ids", "text"]), default="auto", show_default=True,
+              help="auto: token ids when both share a tokenizer, else normalised decoded text.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def overlap(a: Path, b: Path, by: str, as_json: bool) -> None:
+    """How many of B's prompts (and pairs) occur in A: check an eval set against training data.
+
+    \b
+    Examples:
+      pairpack overlap data/train data/eval
+      pairpack overlap data/train bench/ --json
+    """
+    from .ops.overlap import overlap as run_overlap
+
+    report = run_overlap(a, b, by=by)
+    click.echo(json.dumps(report.as_dict(), indent=1) if as_json else report.summary())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ import numpy as np
 import pairpack
 from pairpack.ops.archive import pack, unpack
 from pairpack.ops.merge import merge
+from pairpack.ops.split import split
 from pairpack.write.columns import add_columns
 
 
@@ -52,6 +53,8 @@ def test_writers_leave_an_open_dataset_whole(tmp_path: Path) -> None:
     src.write_text('{"prompt": [1], "chosen": [2], "rejected": [3]}\n')
 
     writers = [
+        ("split", lambda: split(path, eval_fraction=0.25, seed=0)),
+        ("split again", lambda: split(path, eval_fraction=0.5, seed=1, by="pair")),
         ("column update", lambda: add_columns(path, {"score": np.full(40, -1.0, np.float32),
                                                      "extra": np.arange(40, dtype=np.int64)})),
         ("build --force", lambda: pairpack.build([src], path, force=True, progress=False)),

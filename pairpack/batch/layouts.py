@@ -76,7 +76,8 @@ class PackedBatch(TensorBatch):
         completion_span: int64 ``(S, 2)``: ``[start, end)`` of the completion tokens within the
             sequence (prefix_shared: chosen and rejected, ``[P, P + C + R)``).
         indices: int64 ``(B,)`` dataset indices; prompt/chosen/rejected_lengths int64 ``(B,)``
-            after truncation; columns: per-pair columns, name -> ``(B,)``.
+            after truncation; columns: per-pair columns, name -> ``(B,)``; source: int64 ``(B,)``
+            in a mixture, each pair's source position (see :class:`~pairpack.Triplets`), else None.
         num_scored: ``N``, the completion tokens of the batch (``sum(C + R)``).
 
     The scoring map (``score_index``, ``score_labels``, ``score_pair``, ``score_side``, see
@@ -101,6 +102,7 @@ class PackedBatch(TensorBatch):
     rejected_lengths: torch.Tensor
     num_scored: int
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: torch.Tensor | None = None
     # the derived scoring map; not a constructor argument, and dropped by to()/pin_memory() (replace)
     _scores: tuple[torch.Tensor, ...] | None = field(default=None, init=False, repr=False, compare=False)
     _split: "SplitAttention | None" = field(default=None, init=False, repr=False, compare=False)

@@ -11,7 +11,7 @@ served, in epoch order, split over the new ranks (:func:`pairpack.batch.plan.ser
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import xxhash
@@ -19,6 +19,7 @@ import xxhash
 from ..errors import ArgumentError, ColumnNotFoundError, DeviceError, StateError
 from ..read.dataset import Dataset, open_dataset
 from . import plan as bt
+from .mixture import Mixture
 from .options import PlanOptions, Truncation, options_from
 from .sampling import epoch_order, plan_seed, resolve_rank
 
@@ -40,10 +41,21 @@ _LAYOUT_OPTIONS = {"layout": "padded", "max_row_tokens": None}
 
 
 class Loader:
-    """Batches of a pairpack dataset for training: an iterable of :class:`~pairpack.Triplets`.
+    """Batches of a pairpack dataset (or a mixture of several) for training: an iterable of
+    :class:`~pairpack.Triplets`.
 
     Args:
-        ds: a :class:`~pairpack.Dataset` or the path of one.
+        ds: a :class:`~pairpack.Dataset` or the path of one; or a mixture, a dict of name ->
+            dataset or path (see ``weights``, ``epoch_size`` and :mod:`pairpack.batch.mixture`):
+            each batch then carries ``source`` (position of each pair's source in
+            :attr:`names`) and ``indices`` are positions within the source.
+        weights: a mixture's relative weights, name -> number (or a sequence in source order),
+            normalised; default each source's size.
+        epoch_size: a mixture's pairs per epoch (default the sum of the sources' pairs taking
+            part). Each source gives its share exactly (to rounding), without repetition while
+            the share is at most its size, else every pair the same number of times to within one.
+        split: serve only a named split (:meth:`Dataset.split <pairpack.Dataset.split>`, e.g.
+            ``"train"``); for a mixture a name for every source, or name -> split per source.
         batch_size: pairs per batch, per rank (exactly one of ``batch_size``/``max_tokens``).
         max_tokens: per-rank budget on ``2 * B * L`` (padded tokens of both rows); never exceeded.
         shuffle: random epoch order (else dataset order).
@@ -84,6 +96,7 @@ class Loader:
         indices: iterate over these pairs only (a split, e.g. the training part of a dataset):
             distinct pair indices in ``[0, len(ds))``. The order is then a pure function of (seed,
             epoch, fingerprint, indices), and a saved state resumes only with the same indices.
+            For a mixture: name -> indices within that source.
 
     Pairs whose chosen and rejected become identical through truncation are left out of every
     epoch and counted; see :attr:`counts`.
@@ -91,7 +104,7 @@ class Loader:
 
     def __init__(
         self,
-        ds: Dataset | str | os.PathLike,
+        ds: "Dataset | str | os.PathLike | Mapping[str, Dataset | str | os.PathLike]",
         *,
         batch_size: int | None = None,
         max_tokens: int | None = None,
@@ -117,9 +130,19 @@ class Loader:
         compact: bool = False,
         host_widen: bool = True,
         columns: Sequence[str] = (),
-        indices: Sequence[int] | np.ndarray | None = None,
+        indices: "Sequence[int] | np.ndarray | Mapping[str, Sequence[int] | np.ndarray] | None" = None,
+        weights: Mapping[str, float] | Sequence[float] | None = None,
+        epoch_size: int | None = None,
+        split: str | Mapping[str, str] | None = None,
     ) -> None:
-        self.ds = ds if isinstance(ds, Dataset) else open_dataset(ds)
+        self.mixture: Mixture | None = None
+        if isinstance(ds, Mapping):
+            self.mixture = Mixture(ds, weights=weights, epoch_size=epoch_size)
+            self.ds: Dataset = self.mixture.view
+        else:
+            if weights is not None or epoch_size is not None:
+                raise ArgumentError("weights and epoch_size apply to a mixture: pass a dict of name -> dataset")
+            self.ds = ds if isinstance(ds, Dataset) else open_dataset(ds)
         self.options, self.truncation_options = options_from(
             options, truncation, batch_size=batch_size, max_tokens=max_tokens, shuffle=shuffle, drop_last=drop_last,
             group_by_length=group_by_length, window=window, pad_to_multiple_of=pad_to_multiple_of, oversize=oversize,
@@ -138,13 +161,14 @@ class Loader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.device, self.prefetch, self.compact, self.host_widen = device, prefetch, compact, host_widen
         self.columns = tuple(columns)
+        indices = self._subset(indices, split)
         self.indices = None if indices is None else _check_indices(indices, len(self.ds))
         # a split is part of the order's identity: its digest goes into the state (None: all pairs)
         self.indices_digest = (None if self.indices is None
                                else xxhash.xxh3_64_hexdigest(self.indices.tobytes()))
         # the truncation applied to every pair (a budget caps it when oversize="truncate")
         self.effective_truncation = self.options.max_length_cap(self.truncation_options)
-        self._fingerprint = self.ds.fingerprint
+        self._fingerprint = self.ds.fingerprint if self.mixture is None else self.mixture.fingerprint
         self._epoch = 0
         self._position = 0  # batches of the current epoch handed to the user
         self._pending: int | None = None  # start of the next iteration after load_state_dict
@@ -171,6 +195,61 @@ class Loader:
     truncation = property(lambda self: self.truncation_options.mode)
     min_completion_tokens = property(lambda self: self.truncation_options.min_completion_tokens)
     effective_max_length = property(lambda self: self.effective_truncation.max_length)
+
+    def _subset(self, indices: Any, split: str | Mapping[str, str] | None) -> np.ndarray | None:
+        """The pairs served (union indices for a mixture), from ``indices`` and ``split``; None: all."""
+        if self.mixture is None:
+            if split is None:
+                return indices
+            if indices is not None:
+                raise ArgumentError("give indices or split, not both")
+            if not isinstance(split, str):
+                raise ArgumentError(f"split must be a split name for one dataset, got {split!r}")
+            return self.ds.split(split)
+        mix, per = self.mixture, {}
+        sources = dict(zip(mix.names, mix.view.datasets))
+        if split is not None:
+            chosen = {n: split for n in mix.names} if isinstance(split, str) else dict(split)
+            for n, name in chosen.items():
+                if n not in sources:
+                    raise ArgumentError(f"split names source {n!r}, which is not in the mixture {list(mix.names)}")
+                per[n] = sources[n].split(name)
+        if indices is not None:
+            if not isinstance(indices, Mapping):
+                raise ArgumentError("a mixture takes indices as a dict of source name -> pair indices")
+            for n, idx in indices.items():
+                if n not in sources:
+                    raise ArgumentError(f"indices name source {n!r}, which is not in the mixture {list(mix.names)}")
+                if n in per:
+                    raise ArgumentError(f"source {n!r}: give indices or split, not both")
+                per[n] = _check_indices(idx, len(sources[n]))
+        if not per:
+            return None
+        off = mix.offsets
+        return np.concatenate([np.asarray(per[n], dtype=np.int64) + off[s] if n in per
+                               else np.arange(off[s], off[s + 1], dtype=np.int64)
+                               for s, n in enumerate(mix.names)])
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """A mixture's source names, in the order of a batch's ``source`` values (one dataset: ``()``)."""
+        return () if self.mixture is None else self.mixture.names
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(source, index)`` int64 arrays of the pair indices :meth:`batches` gives (for a mixture
+        they index the union of the sources; one dataset: source 0 and the indices themselves)."""
+        g = np.asarray(indices, dtype=np.int64)
+        if self.mixture is None:
+            return np.zeros(g.shape, dtype=np.int64), g
+        src = self.mixture.source_of(g)
+        return src, g - self.mixture.offsets[src]
+
+    def source_counts(self) -> dict[str, int]:
+        """Pairs each mixture source gives per epoch (one dataset: ``{}``)."""
+        if self.mixture is None:
+            return {}
+        pools = self.mixture.pools(self._prepare())
+        return dict(zip(self.mixture.names, self.mixture.counts([len(p) for p in pools]).tolist()))
 
     # --- dataset-wide preparation (once) ---------------------------------------------------------
     def _prepare(self) -> np.ndarray | None:
@@ -218,14 +297,17 @@ class Loader:
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1], self._plan_cache[2]
         valid = self._prepare()
-        order = epoch_order(len(self.ds), seed=self.seed, epoch=epoch, fingerprint=self._fingerprint,
-                            shuffle=self.shuffle, subset=valid)
+        if self.mixture is not None:
+            order = self.mixture.order(valid, seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        else:
+            order = epoch_order(len(self.ds), seed=self.seed, epoch=epoch, fingerprint=self._fingerprint,
+                                shuffle=self.shuffle, subset=valid)
         opts = dict(options=self.options, truncation=self.effective_truncation)
         for k, (w, pos) in enumerate(self._elastic):
             # what part k's job (w ranks, pos batches each) was served leaves the epoch, in order
             served = bt.served_pairs(self.ds.lengths, order, position=pos, world_size=w,
                                      seed=plan_seed(self.seed, epoch, self._fingerprint, k), **opts)
-            order = order[~np.isin(order, served)]
+            order = bt.remove_served(order, served)
         flat, offsets = bt.plan_rank(self.ds.lengths, order,
                                      seed=plan_seed(self.seed, epoch, self._fingerprint, len(self._elastic)),
                                      rank=self.rank, world_size=self.world_size, **opts)
@@ -286,7 +368,8 @@ class Loader:
         rank's state resumes every rank."""
         return {"format": STATE_FORMAT, "epoch": self._epoch, "position": self._position, "seed": self.seed,
                 "fingerprint": self._fingerprint, "num_pairs": len(self.ds), "rank": self.rank,
-                "options": self._options(), "elastic": [list(x) for x in self._elastic]}
+                "options": self._options(), "elastic": [list(x) for x in self._elastic],
+                **({} if self.mixture is None else {"mixture": self.mixture.describe()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration yields exactly the batches an uninterrupted run would yield next.
@@ -299,6 +382,10 @@ class Loader:
         for key in ("epoch", "position", "seed", "fingerprint", "options"):
             if key not in state:
                 raise StateError(f"loader state: missing field {key!r}")
+        mine_mix = None if self.mixture is None else self.mixture.describe()
+        if state.get("mixture") != mine_mix:
+            raise StateError(f"loader state: field 'mixture' is {state.get('mixture')!r} but this loader serves "
+                             f"{mine_mix!r}: the state belongs to another mixture")
         if state["fingerprint"] != self._fingerprint:
             raise StateError(f"loader state: field 'fingerprint' is {state['fingerprint']!r} but dataset "
                              f"{self.ds.path} has {self._fingerprint!r}: the state belongs to another dataset")
@@ -356,12 +443,37 @@ class Loader:
     def _iter_local(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
         kw = dict(options=self.options, truncation=self.effective_truncation, columns=self.columns)
         cut = offsets.tolist()
+        if self.mixture is not None:
+            yield from self._iter_local_mixture(flat, cut, start, nb, kw)
+            return
         for j in range(start, nb):
             batch = [bt.batch_of(self.ds, flat[cut[j]:cut[j + 1]], **kw)]
             self._position = j + 1  # counted when handed out, so a state saved now resumes after it
             # the frame keeps no reference: once the caller drops a batch its memory is reused by
             # the next one while still in cache (measured ~20% faster in tools/bench_reader.py)
             yield batch.pop()
+
+    def _iter_local_mixture(self, flat: np.ndarray, cut: list[int], start: int, nb: int,
+                            kw: dict[str, Any]) -> Iterator["Triplets"]:
+        """:meth:`_iter_local` for a mixture: ``source`` and local ``indices`` come from the plan,
+        located for 64 batches at a time (one vectorised call instead of one per batch: the
+        per-batch cost of a mixture over one dataset is two ``torch.from_numpy`` calls)."""
+        import torch
+
+        assert self.mixture is not None  # internal invariant: called for mixtures only
+        base = end = start
+        src = local = flat[:0]
+        for j in range(start, nb):
+            if j >= end:
+                base, end = j, min(nb, j + 64)
+                src, local = self.locate(flat[cut[base]:cut[end]])
+            batch = [bt.batch_of(self.ds, flat[cut[j]:cut[j + 1]], **kw)]
+            self._position = j + 1
+            a, b = cut[j] - cut[base], cut[j + 1] - cut[base]
+            out = batch.pop()
+            # the batch holds the plan's pairs in plan order (every layout keeps the order it is given)
+            out.indices, out.source = torch.from_numpy(local[a:b]), torch.from_numpy(src[a:b])
+            yield out
 
     def _iter_workers(self, flat: np.ndarray, offsets: np.ndarray, start: int, nb: int) -> Iterator["Triplets"]:
         from torch.utils.data import DataLoader
@@ -374,7 +486,7 @@ class Loader:
                         collate_fn=_identity, prefetch_factor=self.prefetch_factor)
         for j, batch in enumerate(dl, start):
             self._position = j + 1
-            yield batch
+            yield self._out(batch)
 
     def _device_feeder_class(self) -> Any:
         dev = self.device
@@ -411,9 +523,13 @@ class Loader:
                     feeder.submit(self._make_plan(flat[offsets[ahead]:offsets[ahead + 1]]))
                     ahead += 1
                 self._position = j + 1
-                yield batch
+                yield self._out(batch)
         finally:
             feeder.close()
+
+    def _out(self, batch: Any) -> Any:
+        """The batch as handed out: a mixture's gets ``source`` and source-local ``indices``."""
+        return batch if self.mixture is None else self.mixture.localise(batch)
 
     def __repr__(self) -> str:
         size = f"batch_size={self.batch_size}" if self.batch_size is not None else f"max_tokens={self.max_tokens}"

@@ -43,6 +43,7 @@ __all__ = [
     "plan_rank",
     "batch_of",
     "served_pairs",
+    "remove_served",
     "padding_efficiency",
     "padding_ceiling",
     "make_plan",
@@ -143,16 +144,51 @@ def check_oversize(over: np.ndarray, opts: PlanOptions, where: str = "") -> None
 
 
 # --- planning --------------------------------------------------------------------------------------
+_GATHER_CHUNK = 1 << 18  # pairs whose lengths are gathered at a time for a per-pair value of an epoch order
+
+
+def _gathered(fn: Any, lengths: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """int64 ``(len(seq),)``: ``fn(lengths[:, seq])`` computed over chunks of ``_GATHER_CHUNK``
+    pairs, so the gathered ``(3, n)`` lengths (24 bytes a pair) never exist whole."""
+    n = len(seq)
+    if n <= _GATHER_CHUNK:
+        return np.asarray(fn(lengths[:, seq]), dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    for a in range(0, n, _GATHER_CHUNK):
+        out[a:a + _GATHER_CHUNK] = fn(lengths[:, seq[a:a + _GATHER_CHUNK]])
+    return out
+
+
 def _group(seq: np.ndarray, key: np.ndarray, window: int, descending: bool = False) -> np.ndarray:
     """Sort ``seq`` by ``key`` within consecutive windows of ``window`` entries (stable).
 
     Windows alternate ascending/descending so a batch that straddles two windows joins lengths
     that are alike (long with long, short with short); ``descending``: every window descending
-    (the order best-fit packing into bounded rows wants).
+    (the order best-fit packing into bounded rows wants). ``key`` (int64, the caller's temporary)
+    is overwritten: the window number and the signed key become one sort key in place, so the
+    only full-size temporaries are the stable argsort's (the same order as
+    ``lexsort((signed key, window number))``).
     """
-    wid = np.arange(len(seq), dtype=np.int64) // window
-    k = -key if descending else np.where(wid % 2 == 1, -key, key)
-    return seq[np.lexsort((k, wid))]
+    n = len(seq)
+    full = n // window
+    k = np.asarray(key, dtype=np.int64)
+    big = int(np.abs(k).max()) if n else 0
+    span = 2 * big + 1
+    if (full + 1) * span >= 1 << 62:  # a sort key could overflow int64: the two-key sort
+        wid = np.arange(n, dtype=np.int64) // window
+        signed = -k if descending else np.where(wid % 2 == 1, -k, k)
+        return seq[np.lexsort((signed, wid))]
+    if descending:
+        np.negative(k, out=k)
+    else:
+        whole = k[:full * window].reshape(full, window)
+        np.negative(whole[1::2], out=whole[1::2])
+        if full % 2 == 1:  # the last, partial window is an odd one
+            np.negative(k[full * window:], out=k[full * window:])
+    k += big  # in [0, span)
+    k[:full * window].reshape(full, window)[...] += (np.arange(full, dtype=np.int64) * span)[:, None]
+    k[full * window:] += full * span
+    return seq[np.argsort(k, kind="stable")]
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -224,9 +260,9 @@ def _budget_bounds(lengths: np.ndarray, seq: np.ndarray, opts: PlanOptions, trun
     assert opts.max_tokens is not None  # internal invariant: check_plan requires one of the two
     m = opts.pad_to_multiple_of
     if not opts.packed:
-        cost = round_up(trunc.row_lengths(lengths[:, seq]), m)
+        cost = round_up(_gathered(trunc.row_lengths, lengths, seq), m)
         return seq, _split_to_multiple(_greedy_bounds(cost, opts.max_tokens), world_size)
-    need = pair_need(lengths[:, seq], opts, trunc)
+    need = _gathered(lambda ln: pair_need(ln, opts, trunc), lengths, seq)
     bound = opts.row_bound()
     if opts.max_row_tokens and len(seq):  # bounded rows: best-fit tops them up (reordering seq)
         perm, rows = best_fit_order(need, bound)
@@ -256,7 +292,7 @@ def _global_plan(lengths: np.ndarray, order: np.ndarray, opts: PlanOptions, trun
         m = len(seq) // w
         if group and len(seq):
             win = round_up(window or DEFAULT_GROUP_BATCHES * b * w, b * w)
-            seq = _group(seq, trunc.row_lengths(lengths[:, seq]), win)
+            seq = _group(seq, _gathered(trunc.row_lengths, lengths, seq), win)
         nfull, rem = divmod(m, b)
         full = seq[: nfull * b * w].reshape(nfull, b, w)
         if group and nfull > 1:
@@ -278,9 +314,10 @@ def _global_plan(lengths: np.ndarray, order: np.ndarray, opts: PlanOptions, trun
             mean = float(trunc.row_lengths(lengths[:, seq[:4096]]).mean())
             window = DEFAULT_GROUP_BATCHES * w * max(1, int(opts.max_tokens // (2 * max(mean, 1.0))))
         if opts.packed and opts.max_row_tokens:  # bounded rows: sizes decreasing for best-fit (_budget_bounds)
-            seq = _group(seq, pair_need(lengths[:, seq], opts, trunc), window, descending=True)
+            seq = _group(seq, _gathered(lambda ln: pair_need(ln, opts, trunc), lengths, seq), window,
+                         descending=True)
         else:
-            seq = _group(seq, trunc.row_lengths(lengths[:, seq]), window)
+            seq = _group(seq, _gathered(trunc.row_lengths, lengths, seq), window)
     seq, bounds = _budget_bounds(lengths, seq, opts, trunc, w)
     starts, ends = bounds[:-1], bounds[1:]
     nb = len(starts)
@@ -321,6 +358,27 @@ def served_pairs(lengths: np.ndarray, order: np.ndarray, *, position: int, world
     seq, starts, ends = _global_plan(lengths, order, options, truncation, seed, world_size)
     k = min(max(position, 0) * world_size, len(starts))
     return seq[_ranges(starts[:k], ends[:k])]
+
+
+def remove_served(order: np.ndarray, served: np.ndarray) -> np.ndarray:
+    """``order`` without what ``served`` took, as multisets (int64, in order): a pair served
+    ``k`` times loses its first ``k`` occurrences in ``order`` (a mixture's epoch may draw a pair
+    several times; for an order without repeats this is ``order[~np.isin(order, served)]``)."""
+    order = np.asarray(order, dtype=np.int64)
+    if not len(served) or not len(order):
+        return order
+    vals, cnt = np.unique(np.asarray(served, dtype=np.int64), return_counts=True)
+    pos = np.minimum(np.searchsorted(vals, order), len(vals) - 1)
+    need = np.where(vals[pos] == order, cnt[pos], 0)
+    srt = np.argsort(order, kind="stable")
+    so = order[srt]
+    n = len(order)
+    first = np.ones(n, dtype=bool)
+    first[1:] = so[1:] != so[:-1]
+    run_start = np.maximum.accumulate(np.where(first, np.arange(n, dtype=np.int64), 0))
+    occurrence = np.empty(n, dtype=np.int64)
+    occurrence[srt] = np.arange(n, dtype=np.int64) - run_start
+    return order[occurrence >= need]
 
 
 def plan_batches(lengths: np.ndarray, order: np.ndarray, *, options: PlanOptions | None = None,

@@ -62,6 +62,9 @@ class Triplets(TensorBatch):
         prompt_lengths, chosen_lengths, rejected_lengths: int64 ``(B,)``: P, C, R after any
             truncation.
         columns: per-pair columns requested from the dataset, name -> tensor ``(B,)``.
+        source: int64 ``(B,)`` or None: in a mixture (:class:`~pairpack.Loader` given several
+            datasets), the position of each pair's source in ``loader.names``; ``indices`` are
+            then positions within that source.
     """
 
     preferred_seq: torch.Tensor
@@ -74,6 +77,7 @@ class Triplets(TensorBatch):
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.preferred_seq.shape[0])

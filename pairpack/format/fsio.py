@@ -28,7 +28,7 @@ __all__ = ["file_checksum", "temp_path_for", "install_dir", "install_file", "rep
 # FORMAT.md §5.1 "format": found by a byte search, so a dataset whose manifest is otherwise damaged
 # can still be replaced (rebuilding over a broken dataset is what --force is for)
 _FORMAT_MARK = re.compile(rb'"format"\s*:\s*"' + FORMAT_NAME.encode() + rb'"')
-_DATASET_ENTRIES = (MANIFEST_NAME, "tokenizer.json")  # besides shard-NNNNN/ (§3, §5.2)
+_DATASET_ENTRIES = (MANIFEST_NAME, "tokenizer.json", "splits")  # besides shard-NNNNN/ (§3, §5.2, §4.5)
 
 
 def file_checksum(path: str | os.PathLike,

@@ -25,11 +25,13 @@ from .spec import (
     MANIFEST_NAME,
     MAX_VOCAB,
     SHARD_NAME_RE,
+    SPLIT_BY,
+    SPLIT_NAME_RE,
     TOKEN_DTYPES,
     token_dtype_for_vocab,
 )
 
-__all__ = ["FileEntry", "ShardInfo", "ColumnInfo", "Manifest", "check_relpath", "parse_manifest", "read_manifest",
+__all__ = ["FileEntry", "ShardInfo", "ColumnInfo", "SplitInfo", "Manifest", "check_relpath", "parse_manifest", "read_manifest",
            "resolve_file", "tokenizer_key"]
 
 
@@ -90,6 +92,23 @@ class ColumnInfo:
 
 
 @dataclass(frozen=True)
+class SplitInfo:
+    """A named split (FORMAT.md §4.5, §5.6): its pair count, distinct prompts (by token ids), how it
+    was drawn (``by``: ``"prompt"`` or ``"pair"``, ``seed``) and its file of pair indices."""
+
+    name: str
+    by: str
+    seed: int
+    num_pairs: int
+    num_prompts: int
+    file: FileEntry
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "by": self.by, "seed": self.seed, "num_pairs": self.num_pairs,
+                "num_prompts": self.num_prompts, "file": self.file.to_json()}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed, validated ``manifest.json`` (FORMAT.md §5)."""
 
@@ -104,9 +123,10 @@ class Manifest:
     columns: tuple[ColumnInfo, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    splits: tuple[SplitInfo, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "num_pairs": self.num_pairs,
@@ -121,20 +141,23 @@ class Manifest:
             "shards": [s.to_json() for s in self.shards],
             "provenance": self.provenance,
         }
+        if self.splits:  # §5.6: absent when there are none (manifests without splits keep their bytes)
+            out["splits"] = [s.to_json() for s in self.splits]
+        return out
 
     def dumps(self) -> bytes:
         """Canonical bytes of the manifest: sorted keys, 1-space indent, trailing newline (§5)."""
         return (json.dumps(self.to_json(), indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
     def files(self) -> list[FileEntry]:
-        """Every file the manifest names (§5.3, §5.2): index files and columns of each shard in
-        order, then the tokenizer copy when there is one."""
+        """Every file the manifest names (§5.3, §5.2, §5.6): index files and columns of each shard
+        in order, then the tokenizer copy when there is one, then the split files."""
         out = [e for s in self.shards
                for e in [s.files[k] for k in INDEX_FILES] + [s.columns[k] for k in sorted(s.columns)]]
         f = (self.tokenizer or {}).get("file")
         if f is not None:
             out.append(FileEntry(f["path"], f["bytes"], f[CHECKSUM_KEY]))
-        return out
+        return out + [s.file for s in self.splits]
 
     def fingerprint(self) -> str:
         """xxh3-128 over the checksums of token/index files: identity of the pairs (FORMAT.md §7.3).
@@ -207,7 +230,10 @@ def parse_manifest(data: bytes, path: Any = MANIFEST_NAME) -> Manifest:
     if total != settings["num_pairs"]:
         raise FormatError("num_pairs differs from the sum over shards", path=path, field="num_pairs",
                           expected=total, actual=settings["num_pairs"], section="§8 R9")
-    return Manifest(**settings, shards=tuple(shards), columns=tuple(columns), format_version=version)
+    splits = _parse_splits(obj, path, total, {e.path for s in shards for e in (*s.files.values(),
+                                                                                *s.columns.values())})
+    return Manifest(**settings, shards=tuple(shards), columns=tuple(columns), format_version=version,
+                    splits=tuple(splits))
 
 
 def _json_object(data: bytes, path: Any) -> dict[str, Any]:
@@ -273,16 +299,22 @@ def _parse_settings(obj: dict[str, Any], path: Any) -> dict[str, Any]:
             "bos_id": special["bos_id"], "eos_id": special["eos_id"], "tokenizer": tok, "provenance": prov}
 
 
+def _named(entry: Any, what: str, pattern: Any, path: Any, fld: str, rule: str) -> str:
+    """The ``name`` of a declaration object (a column, a split): an object whose name matches ``pattern``."""
+    if not isinstance(entry, dict):
+        raise FormatError(f"{what} must be an object", path=path, field=fld, section=rule)
+    name = _req(entry, "name", str, path, fld + ".", rule)
+    if not pattern.fullmatch(name):
+        raise FormatError(f"bad {what} name", path=path, field=fld + ".name", actual=name, section=rule)
+    return name
+
+
 def _parse_columns(obj: dict[str, Any], path: Any) -> list[ColumnInfo]:
     """§8 R10: the declared per-pair columns (§5.4), names unique."""
     columns = []
     for i, c in enumerate(_req(obj, "columns", list, path, "", "§8 R10")):
         fld = f"columns[{i}]"
-        if not isinstance(c, dict):
-            raise FormatError("column must be an object", path=path, field=fld, section="§8 R10")
-        name = _req(c, "name", str, path, fld + ".", "§8 R10")
-        if not COLUMN_NAME_RE.fullmatch(name):
-            raise FormatError("bad column name", path=path, field=fld + ".name", actual=name, section="§8 R10")
+        name = _named(c, "column", COLUMN_NAME_RE, path, fld, "§8 R10")
         dt = _req(c, "dtype", str, path, fld + ".", "§8 R10")
         if dt not in COLUMN_DTYPES:
             raise FormatError("column dtype not allowed", path=path, field=fld + ".dtype",
@@ -339,6 +371,40 @@ def _parse_shard(s: Any, fld: str, path: Any, col_names: list[str]) -> ShardInfo
                           section="§8 R10")
     cols = {k: _file_entry(v, path, f"{fld}.columns.{k}") for k, v in cols_obj.items()}
     return ShardInfo(name, n, t, u, files, cols)
+
+
+def _parse_splits(obj: dict[str, Any], path: Any, num_pairs: int, taken: set[str]) -> list[SplitInfo]:
+    """§8 R18 (and R3: no file named twice): the optional split declarations (§5.6)."""
+    raw = obj.get("splits", [])
+    if not isinstance(raw, list):
+        raise FormatError("must be an array", path=path, field="splits", section="§8 R18")
+    out = []
+    for i, s in enumerate(raw):
+        fld = f"splits[{i}]"
+        name = _named(s, "split", SPLIT_NAME_RE, path, fld, "§8 R18")
+        by = _req(s, "by", str, path, fld + ".", "§8 R18")
+        if by not in SPLIT_BY:
+            raise FormatError("unknown split rule", path=path, field=fld + ".by", expected=list(SPLIT_BY),
+                              actual=by, section="§8 R18")
+        seed = _nonneg(_req(s, "seed", int, path, fld + ".", "§8 R18"), path, fld + ".seed")
+        n = _req(s, "num_pairs", int, path, fld + ".", "§8 R18")
+        if not 0 <= n <= num_pairs:
+            raise FormatError(f"out of range [0, {num_pairs}]", path=path, field=fld + ".num_pairs", actual=n,
+                              section="§8 R18")
+        u = _req(s, "num_prompts", int, path, fld + ".", "§8 R18")
+        if not 0 <= u <= n:
+            raise FormatError(f"out of range [0, {n}]", path=path, field=fld + ".num_prompts", actual=u,
+                              section="§8 R18")
+        entry = _file_entry(_req(s, "file", dict, path, fld + ".", "§8 R18"), path, fld + ".file")
+        if entry.path in taken:
+            raise FormatError("two entries name the same file", path=path, field=fld + ".file",
+                              actual=entry.path, section="§8 R3")
+        taken.add(entry.path)
+        out.append(SplitInfo(name, by, seed, n, u, entry))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise FormatError("duplicate split names", path=path, field="splits", actual=names, section="§8 R18")
+    return out
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:

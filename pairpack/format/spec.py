@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ArgumentError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAX_BYTES", "SHARD_NAME_RE", "COLUMN_NAME_RE", "TOKENS_FILE", "STARTS_FILE", "LENGTHS_FILE", "INDEX_FILES", "NPY_MAGIC", "NPY_HEADER_BYTES", "NPY_ALIGN", "NPY_MAX_HEADER", "SEGMENTS", "PROMPT", "CHOSEN", "REJECTED", "INDEX_DTYPE", "TOKEN_DTYPES", "UINT16_MAX_VOCAB", "MAX_VOCAB", "COLUMN_DTYPES", "CHECKSUM_KEY", "token_dtype_for_vocab", "round_up"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAX_BYTES", "SHARD_NAME_RE", "COLUMN_NAME_RE", "TOKENS_FILE", "STARTS_FILE", "LENGTHS_FILE", "INDEX_FILES", "NPY_MAGIC", "NPY_HEADER_BYTES", "NPY_ALIGN", "NPY_MAX_HEADER", "SEGMENTS", "PROMPT", "CHOSEN", "REJECTED", "INDEX_DTYPE", "TOKEN_DTYPES", "UINT16_MAX_VOCAB", "MAX_VOCAB", "COLUMN_DTYPES", "CHECKSUM_KEY", "SPLITS_DIR", "SPLIT_NAME_RE", "SPLIT_BY", "SPLIT_DTYPE", "token_dtype_for_vocab", "round_up"]
 
 
 # --- §2 identity and versioning -------------------------------------------------------------
@@ -43,6 +43,12 @@ COLUMN_DTYPES = {  # FORMAT.md §4.4: whitelisted per-pair column dtypes
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
 }
+
+# --- §4.5 / §5.6 splits --------------------------------------------------------------------
+SPLITS_DIR = "splits"  # FORMAT.md §3, §4.5: the directory of split files
+SPLIT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")  # FORMAT.md §5.6: split names
+SPLIT_BY = ("prompt", "pair")  # FORMAT.md §5.6: values of a split's "by"
+SPLIT_DTYPE = np.dtype("<i8")  # FORMAT.md §4.5: split files hold int64 pair indices
 
 # --- §6 checksums ---------------------------------------------------------------------------
 CHECKSUM_KEY = "xxh3_128"  # FORMAT.md §6: file entries carry this key, 32 lowercase hex digits

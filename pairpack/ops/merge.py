@@ -73,7 +73,7 @@ def _split_order(roots: list[Path], mans: list[fmt.Manifest], allow_partial: boo
 
 
 def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, force: bool = False,
-          how: str = "link", allow_partial: bool = False) -> MergeReport:
+          how: str = "link", allow_partial: bool = False, drop_splits: bool = False) -> MergeReport:
     """Combine datasets (e.g. the parts of a ``num_shards`` build) into one, without copying tokens.
 
     Args:
@@ -84,6 +84,10 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
         how: ``"link"`` (hard links; copies only where linking fails), ``"move"`` (renames: the
             parts are consumed) or ``"copy"``.
         allow_partial: accept parts of a split that do not cover all of its indices.
+        drop_splits: merge parts that record named splits (``pairpack split``) without them.
+            Splits are not carried over: a prompt of one part's train split may be in another
+            part's eval split, so the union would break their promise; without this flag such
+            parts are refused (ArgumentError). Split the merged dataset again.
 
     Raises:
         StateError: the parts disagree on tokenizer, special ids, token dtype, columns or whether
@@ -100,6 +104,14 @@ def merge(parts: Sequence[str | os.PathLike], output: str | os.PathLike, *, forc
     report = MergeReport(output=str(out), parts=len(roots))
     roots, mans = _split_order(roots, mans, allow_partial, report.notes)
     check_alike(roots, mans)
+    with_splits = [(r, m) for r, m in zip(roots, mans) if m.splits]
+    if with_splits:
+        listed = "; ".join(f"{r}: {', '.join(s.name for s in m.splits)}" for r, m in with_splits)
+        if not drop_splits:
+            raise ArgumentError(f"parts record named splits ({listed}): merge does not carry splits (a prompt of one "
+                                f"part's train split may be in another part's eval split); pass --drop-splits "
+                                f"(drop_splits=True) and run pairpack split on the merged dataset")
+        report.notes.append(f"splits dropped ({listed}): run pairpack split on {out}")
     first = mans[0]
     mixed = any(m.provenance.get("options", {}) != first.provenance.get("options", {}) for m in mans[1:])
     if mixed:

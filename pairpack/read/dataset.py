@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _accel
 from .. import format as fmt
-from ..errors import ArgumentError, ColumnNotFoundError, PairIndexError, StateError
+from ..errors import ArgumentError, ColumnNotFoundError, FormatError, PairIndexError, StateError
 from ..format.spec import round_up
 from ..tokenization import tokenizer_from_manifest
 from .shard import _check_segments, _open_shard, _Shard
@@ -334,6 +334,35 @@ class Dataset:
                                         max_row_tokens=max_row_tokens, max_length=max_length,
                                         min_completion_tokens=min_completion_tokens)
         return plan.batch_of(self, indices, options=opts, truncation=trunc, columns=columns)
+
+    # --- splits (FORMAT.md §4.5, §5.6) ------------------------------------------------------------
+    @property
+    def splits(self) -> dict[str, fmt.SplitInfo]:
+        """The named splits recorded in the manifest (``pairpack split``), name -> :class:`~pairpack.format.SplitInfo`."""
+        return {s.name: s for s in self.manifest.splits}
+
+    def split(self, name: str) -> np.ndarray:
+        """The pair indices of split ``name``: int64 ``(k,)``, strictly increasing, in ``[0, len(ds))``.
+
+        Memory-mapped after the header and size checks (§8 R5-R8); the order and range are checked
+        on first use (§8 R19), so hostile indices raise :class:`~pairpack.FormatError` instead of
+        reaching a batch. Raises :class:`~pairpack.errors.ArgumentError` for an unknown name.
+        """
+        info = self.splits.get(name)
+        if info is None:
+            have = ", ".join(self.splits) or "none; make them with pairpack split"
+            raise ArgumentError(f"{self.path}: no split named {name!r} (splits: {have})")
+        key = f"split:{name}"
+        if key not in self._joined:
+            p = fmt.resolve_file(self.path, info.file.path)
+            fld = f"splits.{name}"
+            idx = fmt.open_array(p, fld, dtype=fmt.SPLIT_DTYPE, shape=(info.num_pairs,),
+                                 expected_bytes=info.file.bytes)
+            if idx.size and (idx[0] < 0 or idx[-1] >= len(self) or (idx.size > 1 and (np.diff(idx) <= 0).any())):
+                raise FormatError(f"split indices must be strictly increasing pair indices in [0, {len(self)})",
+                                  path=p, field=fld, section="§8 R19")
+            self._joined[key] = idx
+        return self._joined[key]
 
     # --- text -----------------------------------------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""Full verification of a dataset (FORMAT.md §8 R12-R17): checksums, bounds, sharing and token ids,
+"""Full verification of a dataset (FORMAT.md §8 R12-R17, R19): checksums, bounds, sharing, token ids and splits,
 vectorised in bounded chunks."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import format as fmt
 from ..errors import ChecksumError, FormatError
+from .prompts import prompt_keys
 from .shard import _open_shard, _Shard
 
 __all__ = ["verify_dataset"]
@@ -83,6 +84,7 @@ def verify_dataset(path: str | os.PathLike, *, checksums: bool = True,
     except FormatError as e:
         return [str(e)]
     problems: list[str] = []
+    opened: list[_Shard] = []
     for i, s in enumerate(m.shards):
         try:
             sh: _Shard | None = _open_shard(root, m, i)
@@ -95,9 +97,71 @@ def verify_dataset(path: str | os.PathLike, *, checksums: bool = True,
             problems += [p for p in more if p not in problems]
         if sh is not None:
             problems += _verify_shard(sh, i, m.vocab_size, tokens_max=hi)
+            opened.append(sh)
     if checksums:
         problems += _tokenizer_file_problems(root, m)
+    if m.splits:
+        problems += _split_problems(root, m, opened if len(opened) == len(m.shards) else None, checksums)
     return problems
+
+
+def _split_problems(root: Path, m: fmt.Manifest, shards: list[_Shard] | None, checksums: bool) -> list[str]:
+    """The split files (FORMAT.md §4.5, §5.6): R4-R8 and R12 as for every file, then R19: indices
+    strictly increasing in ``[0, num_pairs)``, no pair in two splits, ``num_prompts`` the distinct
+    prompts (by token ids) of each split, and a split drawn ``by: "prompt"`` sharing no prompt with
+    another split. ``shards``: every shard opened (None: one could not be, prompts are not compared)."""
+    out: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
+    for s in m.splits:
+        fld = f"splits.{s.name}"
+        try:
+            p = fmt.resolve_file(root, s.file.path)
+            idx = fmt.open_array(p, fld, dtype=fmt.SPLIT_DTYPE, shape=(s.num_pairs,), expected_bytes=s.file.bytes)
+            got = fmt.file_checksum(p) if checksums else s.file.checksum
+            if got != s.file.checksum:  # reported; the indices are still checked below
+                out.append(str(ChecksumError("checksum mismatch", path=p, field=fld, expected=s.file.checksum,
+                                             actual=got, section="§8 R12")))
+        except FormatError as e:
+            out.append(str(e))
+            continue
+        except OSError as e:
+            out.append(str(FormatError(f"cannot read file ({e.strerror or e})", path=root / s.file.path, field=fld,
+                                       section="§8 R4")))
+            continue
+        if idx.size and (idx[0] < 0 or idx[-1] >= m.num_pairs or (np.diff(idx) <= 0).any()):
+            out.append(str(FormatError(f"split indices must be strictly increasing pair indices in "
+                                       f"[0, {m.num_pairs})", path=p, field=fld, section="§8 R19")))
+            continue
+        arrays[s.name] = np.asarray(idx)
+    if len(arrays) > 1:
+        every = np.sort(np.concatenate(list(arrays.values())))
+        twice = every[1:][every[1:] == every[:-1]]
+        if len(twice):
+            out.append(str(FormatError(f"pair {int(twice[0])} is in two splits ({len(twice)} such pairs)",
+                                       path=root / fmt.MANIFEST_NAME, field="splits", section="§8 R19")))
+    if shards is None or not arrays:
+        return out
+    try:
+        keys = prompt_keys(shards)
+    except FormatError as e:  # a prompt outside its tokens: R13 reports it already
+        return out + ([str(e)] if str(e) not in out else [])
+    per = {name: np.unique(keys[idx]) for name, idx in arrays.items()}
+    for s in m.splits:
+        if s.name not in per:
+            continue
+        if len(per[s.name]) != s.num_prompts:
+            out.append(str(FormatError("num_prompts differs from the distinct prompts (by token ids) of the split",
+                                       path=root / fmt.MANIFEST_NAME, field=f"splits.{s.name}.num_prompts",
+                                       expected=len(per[s.name]), actual=s.num_prompts, section="§8 R19")))
+        if s.by != "prompt":
+            continue
+        for other, keys_o in per.items():
+            shared = np.intersect1d(per[s.name], keys_o, assume_unique=True) if other != s.name else []
+            if len(shared):
+                out.append(str(FormatError(f"split {s.name!r} is drawn by prompt but shares {len(shared)} prompt(s) "
+                                           f"with split {other!r}", path=root / fmt.MANIFEST_NAME,
+                                           field=f"splits.{s.name}", section="§8 R19")))
+    return out
 
 
 def _tokenizer_file_problems(root: Path, m: fmt.Manifest) -> list[str]:
