@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"format", "errors", "_version", "progress", "tables", "read", "write", "batch"},
     "ops": {"format", "errors", "_version", "progress", "tables", "tokenization", "read", "write", "batch"},
     "dpo": {"train"}, "reference": {"train"}, "cuda": {"batch"}, "ray": {"ingest"},  # documented import paths
+    "trl": {"train"},
     "cli": {"*"},
     "__init__": {"_version", "errors", "format", "read", "write", "_accel", "ingest", "batch"},
 }
@@ -42,8 +43,9 @@ LAZY_ALLOWED = {
     ("ops", "batch"), ("batch", "batch"), ("cli", "*"), ("_accel", "_native"),
 }
 # train/dpo.py is the loss alone: torch, pairpack.errors and the other torch-only modules of train/
-# (models.py: how each model family is called with a batch layout; losses.py: the loss formulas)
-TORCH_ONLY = {"train/dpo.py", "train/tinylm.py", "train/models.py", "train/losses.py"}
+# (models.py: how each model family is called with a batch layout; losses.py: the loss formulas;
+# hf_attention.py: pairpack's attention registered with transformers, which it imports on use)
+TORCH_ONLY = {"train/dpo.py", "train/tinylm.py", "train/models.py", "train/losses.py", "train/hf_attention.py"}
 
 
 def _unit(rel: Path) -> str:

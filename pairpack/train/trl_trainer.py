@@ -49,7 +49,7 @@ from ..read.dataset import Dataset, open_dataset
 from .dpo import pair_rows
 from .losses import dpo_loss, loss_config
 from .hf_attention import SPLIT_KWARG, supports_split, use_split
-from .models import ATTENTIONS, as_logits, layout_logits, layout_of
+from .models import ATTENTIONS, as_logits, layout_logits, layout_of, model_family, model_layouts
 from .reference import REF_CHOSEN, REF_REJECTED, REFERENCE_COLUMNS, check_reference, model_hash, precompute_reference
 
 trl = import_optional("trl", feature="pairpack.trl", extra="trl")
@@ -511,8 +511,6 @@ class _AdapterOff(nn.Module):
 
 
 def _takes_layouts(model: nn.Module) -> bool:
-    from .models import model_layouts
-
     return len(model_layouts(model)) > 1
 
 
@@ -665,6 +663,4 @@ def _hf_head(model: nn.Module) -> _Head | None:
 
 
 def _is_hf(model: nn.Module) -> bool:
-    from .models import model_family
-
     return model_family(model) == "hf"
