@@ -14,9 +14,9 @@ import numpy as np
 
 from .. import _accel
 from ..errors import SourceError
-from ..tokenization import encode_continuations
 from ..write.writer import check_ids
-from .job import _U32, BlockResult, _column_value, _Error, _Job, _seg_ids
+from .job import _U32, BlockResult, _column_value, _Error, _Job, _seg_ids, _text_pair_ids, boundary_example
+from .joins import encode_text_pairs
 from .multi_blocks import _process_multi
 from .shapes import make_extractor
 from .sources import Block, block_records, record_text
@@ -126,16 +126,22 @@ def _process_records(job: _Job, extractor: Callable[[Any], tuple], records: Any,
     the id range; invalid records become errors in input order."""
     recs, segs, cols, notes, errors = _shape_records(job, extractor, records)
     nrec = len(recs) + len(errors)
-    good, bad = _tokenize(job, segs)
+    good, bad, sides = _tokenize(job, segs)
     kept, identical, dropped = _add_specials(job, good)
     tokens, lens, kept = _pack(job, kept, bad)
+    at_boundary = [k for k, _ in kept if k in sides]
     errors += [(recs[k].line, f, reason, msg, record_text(recs[k])) for k, (f, reason, msg) in bad.items()]
     errors.sort(key=lambda e: e[0])
     lengths = np.asarray(lens, dtype=np.int64).reshape(-1, 3).T.copy()
     columns = {c.name: np.asarray([cols[k][i] for k, _ in kept], dtype=c.dtype).reshape(-1)
                for i, c in enumerate(job.columns)}
     counts = Counter(notes[k] for k, _ in kept if notes[k])
-    return BlockResult(path, tokens.astype(np.uint32), lengths, errors, identical, dropped, nrec, columns, counts)
+    res = BlockResult(path, tokens.astype(np.uint32), lengths, errors, identical, dropped, nrec, columns, counts)
+    if at_boundary:
+        k = at_boundary[0]
+        res.boundary_pairs = len(at_boundary)
+        res.boundary_example = boundary_example(job, segs[k], sides[k], {"file": path, "line": recs[k].line})
+    return res
 
 
 def _shape_records(job: _Job, extractor: Callable[[Any], tuple], records: Any
@@ -170,39 +176,42 @@ def _shape_records(job: _Job, extractor: Callable[[Any], tuple], records: Any
     return recs, segs, cols, notes, errors
 
 
-def _tokenize(job: _Job, segs: list[tuple]) -> tuple[_Ids, dict[int, tuple[str | None, str, str]]]:
-    """Ids of every record's segments: text is encoded in two batches (prompts, then completions
-    as continuations of their prompts), retried record by record when a batch fails so that the
-    record at fault is named; id segments are taken as they are."""
+def _tokenize(job: _Job, segs: list[tuple]
+              ) -> tuple[_Ids, dict[int, tuple[str | None, str, str]], dict[int, int]]:
+    """Ids of every record's segments, and the boundary sides of text pairs (pair -> bits, see
+    :func:`pairpack.ingest.joins.encode_text_pairs`). Text is encoded in batches for the block,
+    retried record by record when a batch fails so that the record at fault is named; id segments
+    are taken as they are."""
     if not segs:
-        return [], {}
+        return [], {}, {}
     if job.mode != "text":
         ids = [list(s) for s in segs]
-    else:
-        ids = None
-        if all(t for s in segs for t in s):
-            try:
-                ps = job.tokenizer.encode_batch([s[0] for s in segs])
-                ends = [int(p[-1]) if len(p) else None for p in ps for _ in (1, 2)]
-                cs = encode_continuations(job.tokenizer, [t for s in segs for t in s[1:]], ends)
-                flat = [x if type(x) is list else np.asarray(x).tolist() for x in ps + cs]
-                n = len(segs)
-                ids = [[flat[k], flat[n + 2 * k], flat[n + 2 * k + 1]] for k in range(n)]
-            except Exception:  # noqa: BLE001 - some text cannot be encoded: find it record by record
-                ids = None
-    if ids is not None and all(x for t in ids for x in t):
-        return list(enumerate(ids)), {}
+        if all(x for t in ids for x in t):
+            return list(enumerate(ids)), {}, {}
+    elif all(t for s in segs for t in s):
+        try:
+            enc = encode_text_pairs(job.tokenizer, segs, job.boundary)
+        except Exception:  # noqa: BLE001 - some text cannot be encoded: find it record by record
+            enc = None
+        if enc is not None and all(x for e, _ in enc for x in e):
+            return list(enumerate(e for e, _ in enc)), {}, {k: sd for k, (_, sd) in enumerate(enc) if sd}
     spec = job.opts.spec
     names = (spec.prompt, spec.chosen, spec.rejected)
     good: _Ids = []
     bad: dict[int, tuple[str | None, str, str]] = {}
+    sides: dict[int, int] = {}
     for k, s in enumerate(segs):
         try:
-            p = _seg_ids(s[0], names[0], job)
-            good.append((k, [p] + [_seg_ids(x, n, job, p[-1]) for x, n in zip(s[1:], names[1:])]))
+            if job.mode == "text":
+                got, sd = _text_pair_ids(job, s, names)
+                if sd:
+                    sides[k] = sd
+            else:
+                got = [_seg_ids(x, n, job) for x, n in zip(s, names)]
+            good.append((k, got))
         except SourceError as e:
             bad[k] = (e.field, e.reason, e.detail)
-    return good, bad
+    return good, bad, sides
 
 
 def _add_specials(job: _Job, good: _Ids) -> tuple[_Ids, int, int]:

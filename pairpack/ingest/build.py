@@ -64,7 +64,10 @@ __all__ = ["build", "BuildOptions", "BuildReport", "BuildPlan", "ColumnSpec", "p
            "attach_tokenizer", "finish_report", "Rejects", "rejects_path", "process_block", "BlockResult"]
 
 
-PARALLEL_MIN_BYTES = 4 << 20  # with workers=None, smaller inputs are built in-process (no start-up cost)
+PARALLEL_MIN_BYTES = 4 << 20
+# record errors that a file of another shape than the detected one gives
+_SHAPE_REASONS = frozenset({"missing_field", "wrong_type", "mixed_types", "hh_no_marker", "chat_message",
+                            "chat_no_assistant"})  # with workers=None, smaller inputs are built in-process (no start-up cost)
 
 
 
@@ -79,6 +82,9 @@ def add_result(writer: Writer, res: BlockResult, report: BuildReport, rejects: R
     report.identical += res.identical
     report.identical_dropped += res.identical_dropped
     report.notes.update(res.notes)
+    report.boundary_pairs += res.boundary_pairs
+    if report.boundary_example is None and res.boundary_example is not None:
+        report.boundary_example = res.boundary_example
     if res.groups is not None:
         _write_groups(writer, res, report)
     if res.lengths.shape[1]:
@@ -99,10 +105,14 @@ class BuildOptions:
             (see :func:`pairpack.ingest.shapes.detect_shape`).
         prompt_template: composite prompt over fields, e.g. ``"{instruction}[[\\n\\n{input}]]"`` or
             ``"alpaca"`` (see :class:`pairpack.ingest.shapes.PromptTemplate`).
-        chat_template: ``chatml``, ``hh``, a Jinja template file or a ``tokenizer_config.json``, or
-            ``"tokenizer"``; None: the tokenizer's own template when it has one (a model
-            directory's ``tokenizer_config.json``), else chatml where chatml's markers are tokens
-            of the tokenizer (or for the byte tokenizer); other tokenizers must be given one.
+        chat_template: a named template (``chatml``, ``llama3``, ``llama2``, ``mistral``, ``phi3``,
+            ``gemma``, ``zephyr``, ``hh``: :mod:`pairpack.ingest.templates`), a Jinja template file
+            or a ``tokenizer_config.json``, or ``"tokenizer"``; None: the tokenizer's own template
+            when it has one (a model directory's ``tokenizer_config.json``), else chatml where
+            chatml's markers are tokens of the tokenizer (or for the byte tokenizer); other
+            tokenizers must be given one (the error names the families whose markers are tokens).
+        markers_as_text: build with a named template whose markers are not tokens of the
+            tokenizer (encoded as plain text; the summary warns), instead of refusing it.
         strict_chat_template: refuse records whose template renders the prompt differently once
             a reply follows, instead of splitting them at the common prefix.
         template_args: variables for Jinja chat templates (e.g. ``{"enable_thinking": False}``);
@@ -117,7 +127,14 @@ class BuildOptions:
         pad_id: overrides the tokenizer's pad id (id inputs default to 0).
         add_bos: prepend BOS to prompts (never doubled); default: the tokenizer config's
             ``add_bos_token``, else off. add_eos: append EOS to completions (never doubled);
-            default on for text when the tokenizer has an EOS, off for ids.
+            default on for text when the tokenizer has an EOS, except chat records (the template's
+            end of turn closes their completions, as TRL takes them), off for ids.
+        boundary: text pairs whose rows, tokenized whole, merge tokens across the end of the
+            prompt: ``"prompt"`` keeps the prompt as tokenized alone (rows then differ from the
+            whole row's tokenization), ``"row"`` stores rows exactly as tokenized whole (TRL's
+            convention; the prompt is cut to the common prefix). None: ``row`` for chat records,
+            ``prompt`` otherwise. Such pairs are counted in the report either way
+            (:mod:`pairpack.ingest.joins`).
         columns: record fields kept as per-pair columns: :class:`ColumnSpec` or its text form
             (``"score_chosen"``, ``"NAME=FIELD"``, ``"NAME=FIELD:int64"``); float32 by default.
         force: replace an existing dataset. skip_invalid: write bad records to
@@ -160,6 +177,8 @@ class BuildOptions:
     pad_id: int | None = None
     add_bos: bool | None = None
     add_eos: bool | None = None
+    boundary: str | None = None
+    markers_as_text: bool = False
     columns: Any = ()
     force: bool = False
     skip_invalid: bool = False
@@ -227,13 +246,15 @@ class _Build:
         self.t0 = time.perf_counter()
         self.inputs, self.out, self.o, self.on_record = inputs, out, o, on_record
         if not 1 <= o.num_shards or not 0 <= o.shard_index < o.num_shards:
-            raise ArgumentError(f"shard_index must be in [0, num_shards): got {o.shard_index} of {o.num_shards}")
+            raise ArgumentError(f"--shard-index must be in [0, --num-shards): got {o.shard_index} of {o.num_shards} "
+                                "(shard_index, num_shards in Python)")
         self.part = None if o.num_shards == 1 else {"num_shards": o.num_shards, "shard_index": o.shard_index}
         self.vocab_size, self.pad_id = o.vocab_size, o.pad_id
         self.shard_bytes, self.dedup_window = o.shard_bytes, o.dedup_window
         self.columns = o.column_specs()
         self.tok: Any = None
         self.vocab_note: str | None = None
+        self.template_note: str | None = None
 
     def run(self) -> BuildReport:
         o = self.o
@@ -253,11 +274,12 @@ class _Build:
         else:
             shape_opts = resolve_chat_template(shape_opts, self.tok, o.chat_template)
             opts, mode = _detect(self.sources, shape_opts, self.tok)
-            check_chat_template(opts, self.tok, o.chat_template)
+            self.template_note = check_chat_template(opts, self.tok, o.chat_template, o.markers_as_text)
         self.plan = plan_build(opts, mode, self.tok, add_bos=o.add_bos, add_eos=o.add_eos,
                                skip_invalid=o.skip_invalid, drop_identical=o.drop_identical,
                                vocab_size=self.vocab_size, pad_id=self.pad_id, shard_bytes=self.shard_bytes,
-                               dedup_window=self.dedup_window, columns=self.columns, multi=self.multi)
+                               dedup_window=self.dedup_window, columns=self.columns, multi=self.multi,
+                               boundary=o.boundary)
         self.opts, self.mode, self.tok = opts, self.plan.mode, self.plan.tokenizer
         if self.out.exists() or self.out.is_symlink():
             ident_now = self.tok.identity() if self.tok is not None else None
@@ -279,8 +301,8 @@ class _Build:
         o = self.o
         rule = PairRule.parse(o.pairs) if o.pairs is not None else None
         if rule is not None and o.shape is not None:
-            raise ArgumentError(f"pairs={o.pairs!r} reads multi-completion records; it cannot be combined with "
-                                f"shape={o.shape!r}")
+            raise ArgumentError(f"--pairs {o.pairs} reads multi-completion records; it cannot be combined with "
+                                f"--shape {o.shape} (pairs=, shape= in Python)")
         mspec = MultiSpec(prompt=o.prompt, score_key=o.score_key)
         mode = _detect_multi(self.sources, mspec, o.prompt_template) if o.shape is None else None
         if rule is None and mode is None:
@@ -316,14 +338,18 @@ class _Build:
         else:
             report.tokenizer = f"{getattr(tok, 'name', type(tok).__name__)} (vocabulary {tok.vocab_size:,})"
         if self.mode == "text":
-            report.template = self.opts.template_label()
+            report.template = self.opts.template_label() + (f" ({self.template_note})" if self.template_note else "")
             src = getattr(tok, "special_sources", {})
             report.bos = describe_special(tok, bos_id, src.get("bos")) + (
                 ", prepended to prompts" if job.bos is not None else
                 ", not added (--add-bos adds it)" if bos_id is not None else "")
             report.eos = describe_special(tok, eos_id, src.get("eos")) + (
                 ", appended to completions" if job.eos is not None else
+                ", not added: chat completions end with the template's end of turn (--add-eos adds it)"
+                if eos_id is not None and self.opts.shape == "chat" and self.o.add_eos is None else
                 ", not added" if eos_id is not None else "")
+            if multi is None:
+                report.boundary = job.boundary
         return report
 
     # -- writing ---------------------------------------------------------------------------------
@@ -347,7 +373,10 @@ class _Build:
             records = 0
             for (base_b, res), done in results:
                 records += res.records
-                add_result(writer, res, report, rejects if o.skip_invalid else None)
+                try:
+                    add_result(writer, res, report, rejects if o.skip_invalid else None)
+                except SourceError as e:
+                    raise self._shape_origin(e) from None
                 if self.on_record is not None:
                     self.on_record(writer.num_pairs)
                 bar.update(writer.num_pairs, base_b + done)
@@ -387,6 +416,18 @@ class _Build:
         bar.close()
         return manifest
 
+    def _shape_origin(self, e: SourceError) -> SourceError:
+        """``e`` naming the file whose first records fixed the shape and mode, when ``e`` is a record
+        of another file that does not fit them (a folder of files of different shapes)."""
+        origin = self.opts.detected_from
+        if not origin or self.multi is not None or e.path == origin or e.reason not in _SHAPE_REASONS:
+            return e
+        why = f" ({self.opts.why})" if self.opts.why else ""
+        return SourceError(f"{e.detail}. The shape {self.opts.shape} and {self.mode} mode were detected from the first "
+                           f"records of {Path(origin).name}{why}: build files of other shapes separately (or force "
+                           "one with --shape and the field flags)", path=e.path, line=e.line, field=e.field,
+                           reason=e.reason)
+
     def _blocks(self, plan: list[tuple[Source, int, int | None]]) -> Generator[tuple[int, Block], None, None]:
         """(byte offset of the block's source in the whole input, block) over this part's plan."""
         offsets, base = {}, 0
@@ -410,7 +451,7 @@ class _Build:
                    f"{where}")
         else:
             msg = f"no pair kept: all {records:,} pairs were identical and --drop-identical dropped them"
-        return SourceError(msg + " (allow_empty=True writes an empty dataset anyway)", path=paths, reason="no_pairs")
+        return SourceError(msg + " (--allow-empty writes an empty dataset anyway; allow_empty=True in Python)", path=paths, reason="no_pairs")
 
 
 def _start(job: _Job, blocks: Iterator[tuple[int, Block]], n_workers: int

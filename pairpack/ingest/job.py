@@ -15,6 +15,7 @@ import numpy as np
 from .. import format as fmt
 from ..errors import PairpackError, SourceError
 from ..tokenization import encode_continuations
+from .joins import encode_text_pairs
 from ..write.writer import check_ids
 from .multi import MultiOptions
 from .shapes import MISSING, ShapeOptions, get_path, missing_field
@@ -39,6 +40,7 @@ class _Job:
     drop_identical: bool
     columns: tuple[ColumnSpec, ...] = ()  # record fields kept as per-pair columns
     multi: MultiOptions | None = None  # multi-completion records (pairs made by a rule)
+    boundary: str = "prompt"  # text pairs whose join merges tokens: see pairpack.ingest.joins
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class BlockResult:
     below_margin: int = 0
     records_without_pairs: int = 0
     max_gap: float = 0.0  # the largest score gap among the block's candidate pairs
+    boundary_pairs: int = 0  # kept text pairs whose rows merge tokens across the prompt's end
+    boundary_example: dict[str, Any] | None = None  # the block's first such pair (see boundary_example)
 
 
 @dataclass
@@ -128,7 +132,8 @@ def _column_value(data: Any, col: ColumnSpec) -> float:
     """The number at ``col.path`` of a record (a SourceError names the field when it is not one)."""
     v = get_path(data, col.path)
     if v is MISSING or v is None:
-        raise missing_field(data, col.path, what=f"missing field (kept as column {col.name!r} by --columns)")
+        raise missing_field(data, col.path, what=f"missing field (kept as column {col.name!r} by --columns)",
+                            flag="--columns")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise SourceError(f"column {col.name!r} needs a number, got {type(v).__name__} {str(v)[:40]!r}",
                           field=col.path, reason="bad_column")
@@ -137,3 +142,36 @@ def _column_value(data: Any, col: ColumnSpec) -> float:
     if not np.isfinite(v):
         raise SourceError(f"column {col.name!r}: non-finite value {v!r}", field=col.path, reason="bad_column")
     return v
+
+
+def _text_pair_ids(job: _Job, segs: tuple, names: tuple[str, str, str]) -> tuple[list[list[int]], int]:
+    """Checked ids of one text pair and its boundary sides (the per-record path; blocks encode
+    their pairs in batches with :func:`pairpack.ingest.joins.encode_text_pairs`)."""
+    for x, n in zip(segs, names):
+        if not x:
+            raise SourceError("segment is empty", field=n, reason="empty")
+    try:
+        (ids, sides), = encode_text_pairs(job.tokenizer, [segs], job.boundary)
+    except PairpackError as e:
+        raise SourceError(str(e), field=names[0], reason="bad_text") from None
+    except Exception as e:  # noqa: BLE001 - the Rust tokenizer raises plain exceptions
+        raise SourceError(f"cannot tokenize ({str(e)[:160]})", field=names[0], reason="bad_text") from None
+    for x, n in zip(ids, names):
+        if not x:
+            raise SourceError("segment has no token of its own: the whole rows' tokenization merges it into its "
+                              "neighbour (--boundary prompt keeps the prompt as tokenized alone)"
+                              if n == names[0] else "segment is empty once tokenized", field=n, reason="empty")
+    return [check_ids(x, n, job.limit).tolist() for x, n in zip(ids, names)], sides
+
+
+def boundary_example(job: _Job, segs: tuple, sides: int, where: dict[str, Any]) -> dict[str, Any]:
+    """One boundary pair for the report: where it is, the text on each side of the join, and the
+    ids there as stored (prompt alone) and as the whole row's tokenization."""
+    j = 1 if sides & 1 else 2
+    p, c = segs[0], segs[j]
+    tok = job.tokenizer
+    alone = [int(x) for x in tok.encode(p)]
+    whole = [int(x) for x in tok.encode(p + c)]
+    n = len(alone)
+    return {**where, "row": ("chosen", "rejected")[j - 1], "prompt_end": p[-40:], "completion_start": c[:40],
+            "prompt_ids_end": alone[-3:], "whole_row_ids_at_join": whole[max(n - 3, 0):n + 3]}

@@ -15,8 +15,10 @@ from .. import format as fmt
 from ..errors import ArgumentError, SourceError
 from ..tokenization import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, ByteTokenizer, HFTokenizer
 from .job import _U32, ColumnSpec, _Job
+from .joins import check_boundary, default_boundary
 from .multi import SCORE_COLUMNS, MultiOptions, MultiSpec, extract_multi, is_multi
 from .shapes import PromptTemplate, ShapeOptions, detect_shape, make_extractor
+from .templates import NAMED_CHAT_TEMPLATES, families_in_vocabulary
 from .sources import Source
 
 __all__ = ["BuildPlan", "plan_build", "attach_tokenizer", "resolve_chat_template", "check_chat_template"]
@@ -61,7 +63,7 @@ def _detect(sources: list[Source], opts: ShapeOptions, tokenizer: Any) -> tuple[
             if r is None:
                 continue
             if resolved is None:
-                resolved = r
+                resolved = dataclasses.replace(r, detected_from=s.path) if s.size else r
             try:
                 segs = make_extractor(resolved, tokenizer)(rec)
             except SourceError:
@@ -119,11 +121,14 @@ def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool 
                add_eos: bool | None = None, skip_invalid: bool = False, drop_identical: bool = False,
                vocab_size: int | None = None, pad_id: int | None = None, shard_bytes: int | None = None,
                dedup_window: int | None = None, columns: tuple[ColumnSpec, ...] = (),
-               multi: MultiOptions | None = None) -> BuildPlan:
+               multi: MultiOptions | None = None, boundary: str | None = None) -> BuildPlan:
     """The plan of a build whose shape (``opts``) and mode were detected (:func:`_detect`); ``mode``
     None (nothing detected) means text with a tokenizer, ids without. ``add_bos`` None: the
     tokenizer config's ``add_bos_token`` for text, else off. ``multi``: the input is
-    multi-completion records (pairs by a rule, score columns; no other columns)."""
+    multi-completion records (pairs by a rule, score columns; no other columns). ``add_eos`` None:
+    on for text except chat records (the template's end of turn closes their completions, as TRL
+    takes them). ``boundary``: the convention of text pairs whose join merges tokens (None: the
+    shape's default, see :mod:`pairpack.ingest.joins`)."""
     if multi is not None and columns:
         raise ArgumentError("columns cannot be kept from multi-completion records (their pairs get "
                             f"{', '.join(SCORE_COLUMNS)}); drop --columns or --pairs")
@@ -141,15 +146,18 @@ def plan_build(opts: ShapeOptions, mode: str | None, tok: Any, *, add_bos: bool 
             (pad_id if pad_id is not None else 0), None, None, None
     config_bos = getattr(tok, "add_bos", None) if mode == "text" else None
     want_bos = add_bos if add_bos is not None else bool(config_bos)
-    want_eos = add_eos if add_eos is not None else mode == "text"
+    want_eos = add_eos if add_eos is not None else (mode == "text" and opts.shape != "chat")
+    join = check_boundary(boundary) or default_boundary(opts.shape)
     job = _Job(opts=opts, tokenizer=tok if mode == "text" else None, mode=mode, limit=limit,
                bos=bos_id if want_bos else None, eos=eos_id if want_eos else None, drop_identical=drop_identical,
-               columns=columns, multi=multi)
+               columns=columns, multi=multi, boundary=join)
     options = {"add_bos": add_bos, "add_eos": add_eos, "skip_invalid": skip_invalid, "drop_identical": drop_identical,
                "vocab_size": vocab_size, "pad_id": pad_id, "shard_bytes": shard_bytes, "dedup_window": dedup_window}
     if columns:
         options["columns"] = [dataclasses.asdict(c) for c in columns]
     options.update(multi.to_json() if multi is not None else opts.to_json())
+    if boundary is not None:
+        options["boundary"] = boundary
     writer = {"vocab_size": vocab_size if tok is None else limit, "pad_id": pad, "bos_id": bos_id, "eos_id": eos_id,
               "tokenizer": ident, "shard_bytes": shard_bytes, "dedup_window": dedup_window,
               "columns": {c.name: c.dtype for c in columns},
@@ -186,12 +194,38 @@ def resolve_chat_template(opts: ShapeOptions, tok: Any, given: str | None) -> Sh
     return opts
 
 
-def check_chat_template(opts: ShapeOptions, tok: Any, given: str | None) -> None:
-    """Refuse chat records read with chatml by default when chatml's markers are not tokens of
-    the tokenizer (they would become 9-10 plain-text tokens each): the user must choose."""
-    if (opts.shape == "chat" and given is None and opts.chat_template_name is None
-            and isinstance(tok, HFTokenizer) and not tok.has_token("<|im_start|>")):
-        raise ValueError(f"chat records need a chat template: the tokenizer {tok.name} has none (no "
-                         f"{TOKENIZER_CONFIG_FILE} with a chat_template beside it) and chatml's markers are not "
-                         "tokens of it (they would become plain-text tokens); pass --tokenizer MODEL_DIR, or "
-                         "--chat-template chatml|hh|FILE to choose one")
+def check_chat_template(opts: ShapeOptions, tok: Any, given: str | None, markers_as_text: bool = False
+                        ) -> str | None:
+    """Check a named chat template against a Hugging Face tokenizer's vocabulary; returns what the
+    summary adds to the template line (the families whose markers are tokens of the vocabulary, or
+    a warning), or None.
+
+    Chat records read with chatml by default are refused when chatml's markers are not tokens of
+    the tokenizer (they would become plain-text tokens): the error names the families whose
+    markers are. A template named with ``given`` whose markers are not tokens is refused unless
+    ``markers_as_text`` (then the note is a warning). Jinja templates and the byte tokenizer are
+    not checked."""
+    named = NAMED_CHAT_TEMPLATES.get(opts.chat_template)
+    if opts.shape != "chat" or opts.chat_template_name is not None or named is None \
+            or not isinstance(tok, HFTokenizer):
+        return None
+    families = families_in_vocabulary(tok.has_token)
+    found = (f"families whose markers are tokens of {tok.name}: {', '.join(families)}" if families else
+             f"no named family's markers are tokens of {tok.name}")
+    if given is None:
+        if "chatml" not in families:
+            raise ArgumentError(f"chat records need a chat template: the tokenizer {tok.name} has none (no "
+                                f"{TOKENIZER_CONFIG_FILE} with a chat_template beside it) and chatml's markers are "
+                                f"not tokens of it (they would become plain-text tokens); {found}. Pass "
+                                f"--chat-template {'|'.join(families) or 'NAME'} (names: "
+                                f"{', '.join(NAMED_CHAT_TEMPLATES)}) or a Jinja FILE, or --tokenizer MODEL_DIR")
+        return f"the default: {tok.name} has no template of its own; {found}"
+    missing = [m for m in named.markers if not tok.has_token(m)]
+    if not missing:
+        return None
+    what = (f"the {named.name} template's markers {', '.join(missing)} are not tokens of {tok.name}: they are "
+            "encoded as plain text")
+    if not markers_as_text:
+        raise ArgumentError(f"--chat-template {named.name}: {what}; {found}. Choose a template of this "
+                            "tokenizer's family, or pass --markers-as-text to build with them as text")
+    return f"warning: {what} (--markers-as-text)"

@@ -201,9 +201,10 @@ class Datasink(ray.data.Datasink):
         tok = bo.tokenizer
         self._tok = load_tokenizer(tok) if isinstance(tok, (str, os.PathLike)) else tok
         self._chat_template = bo.chat_template
+        self._markers_as_text = bo.markers_as_text
         self._shape_opts = resolve_chat_template(bo.shape_options(), self._tok, bo.chat_template)
-        self._plan_args = {k: getattr(bo, k) for k in ("vocab_size", "pad_id", "add_bos", "add_eos", "skip_invalid",
-                                                       "drop_identical", "shard_bytes", "dedup_window")}
+        self._plan_args = {k: getattr(bo, k) for k in ("vocab_size", "pad_id", "add_bos", "add_eos", "boundary",
+                                                       "skip_invalid", "drop_identical", "shard_bytes", "dedup_window")}
         self._plan_args["columns"] = bo.column_specs()
         self._plan: BuildPlan | None = None
         if sample is not None:
@@ -231,7 +232,7 @@ class Datasink(ray.data.Datasink):
 
     def _make_plan(self, records: list[dict[str, Any]], tok: Any) -> BuildPlan:
         opts, mode = _detect([RecordsSource([_plain(r) for r in records[:DETECT_RECORDS]])], self._shape_opts, tok)
-        check_chat_template(opts, tok, self._chat_template)
+        check_chat_template(opts, tok, self._chat_template, self._markers_as_text)
         return plan_build(opts, mode, tok, **self._plan_args)
 
     # driver ---------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ class BuildReport:
     records_without_pairs: int = 0
     completion_tokens_shared: int = 0  # completion tokens not stored again thanks to sharing
     max_gap: float = 0.0  # the largest score gap within any record (for the no-pair error)
+    boundary: str = ""  # text pairs: the boundary convention ("prompt" or "row"; pairpack.ingest.joins)
+    boundary_pairs: int = 0  # pairs whose rows, tokenized whole, merge tokens across the prompt's end
+    boundary_example: dict | None = None  # the first such pair: file, line, row, text and ids at the join
 
     def summary(self) -> str:
         """A short multi-line human summary."""
@@ -97,6 +100,8 @@ class BuildReport:
             f"  rejected records {sum(self.rejected.values()):,}" + (
                 " (" + ", ".join(f"{k}: {v:,}" for k, v in sorted(self.rejected.items())) + ")" if self.rejected else ""),
         ]
+        if self.boundary:
+            lines.append(f"  boundaries       {self._boundary_text()}")
         if self.notes.get(CHAT_SPLIT_NOTE):
             lines.append(f"  chat splits      {self.notes[CHAT_SPLIT_NOTE]:,} record(s) whose template renders the prompt "
                          "differently once a reply follows: split at the common prefix (--strict-chat-template refuses them)")
@@ -105,6 +110,24 @@ class BuildReport:
         if self.rejects_file:
             lines.append(f"  rejects written to {self.rejects_file}")
         return "\n".join(lines)
+
+    def _boundary_text(self) -> str:
+        """The summary's line on boundary pairs (see :mod:`pairpack.ingest.joins`)."""
+        n = self.boundary_pairs
+        head = f"{n:,} pair(s) whose rows, tokenized whole, merge tokens across the end of the prompt"
+        if not n:
+            return f"0 pairs merge tokens across the end of the prompt: every row equals its whole tokenization " \
+                   f"(--boundary {self.boundary})"
+        if self.boundary == "row":
+            how = "stored as tokenized whole, the prompt cut to the common prefix (--boundary row; " \
+                  "--boundary prompt keeps the prompt as tokenized alone)"
+        else:
+            how = "the prompt kept as tokenized alone, so these rows differ from their whole tokenization " \
+                  "(--boundary prompt; --boundary row stores rows as tokenized whole, as TRL does)"
+        ex = self.boundary_example
+        eg = (f"; e.g. {ex['file']}:{ex['line']} {ex['row']}: {ex['prompt_end'][-20:]!r} + "
+              f"{ex['completion_start'][:20]!r}") if ex else ""
+        return f"{head}: {how}{eg}"
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
