@@ -122,7 +122,8 @@ def main(debug: bool) -> None:
                    "tokenizer). E.g. --tokenizer phi3/tokenizer.json --chat-template phi3.")
 @click.option("--markers-as-text", is_flag=True,
               help="Build with a named template whose markers are not tokens of the tokenizer (encoded as plain "
-                   "text; the summary warns). Without it such a template is refused.")
+                   "text; the summary warns). Without it such a template is refused. E.g. --chat-template llama3 "
+                   "--markers-as-text.")
 @click.option("--strict-chat-template", is_flag=True,
               help="Refuse records whose template renders the prompt differently once a reply follows "
                    "(default: split them at the common prefix, as TRL does, and count them).")
@@ -188,6 +189,7 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
       pairpack build big/ -o parts/p3 --num-shards 8 --shard-index 3 --resume
       pairpack build ultrafeedback.jsonl -o data/uf --pairs margin:1 --tokenizer gpt2.tokenizer.json
       pairpack build uf.jsonl -o data/uf --tokenizer qwen3.tokenizer.json --boundary row   # rows as TRL stores them
+      pairpack build chats.jsonl -o data/c --tokenizer phi3/tokenizer.json --chat-template phi3
     """
     from .ingest.build import build as run_build
 

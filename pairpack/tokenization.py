@@ -5,7 +5,10 @@ text input works with no tokenizer files at all. :class:`HFTokenizer` wraps any 
 ``tokenizer.json`` through the optional ``tokenizers`` package (``pip install "pairpack[hf]"``).
 
 Both encode with no special tokens added: the build adds BOS/EOS itself, once, so prompt and
-completions can be tokenized separately and concatenated as ids (FORMAT.md §7.4).
+completions can be tokenized separately and concatenated as ids (FORMAT.md §7.4). The build
+tokenizes text pairs' rows whole and cuts them where the prompt ends
+(:mod:`pairpack.ingest.joins`); continuations (below) encode the completions of rows whose whole
+tokenization merges tokens across that point, and of multi-completion records.
 
 Joins. SentencePiece-style tokenizers (Llama-2, Mistral, Phi-3) mark the start of every text they
 encode with "▁": encoded alone, the completion " No" becomes ``[▁, ▁No]`` where the whole row

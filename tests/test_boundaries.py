@@ -67,20 +67,21 @@ def _chatml(messages: list[dict]) -> str:
 def test_chat_rows_equal_the_whole_rendered_conversation(tmp_path_factory, loaded, tok_files, user, chosen, rejected):
     """Every chat row (prompt + completion) is the model's tokenization of the rendered
     conversation, with no EOS after the template's end of turn: Qwen3 with chatml, Phi-3 with its
-    own template from tokenizer_config.json."""
+    own template from tokenizer_config.json, GPT-2 (no chat markers) with the plain-text hh format."""
     if not (user.strip() and chosen.strip() and rejected.strip()):
         return
     rec = {"prompt": [{"role": "user", "content": user}], "chosen": [{"role": "assistant", "content": chosen}],
            "rejected": [{"role": "assistant", "content": rejected}]}
-    for name in ("qwen3", "phi-3"):
+    for name in ("qwen3", "phi-3", "gpt2"):
         tok, raw = loaded[name]
         out = tmp_path_factory.mktemp("chat") / "ds"
-        build([rec], out, tokenizer=tok, workers=1)
+        build([rec], out, tokenizer=tok, workers=1, chat_template="hh" if name == "gpt2" else None)
         ds = pairpack.open(out)
         p = ds[0]
         for completion, stored in ((chosen, p.chosen), (rejected, p.rejected)):
             msgs = rec["prompt"] + [{"role": "assistant", "content": completion}]
-            text = _chatml(msgs) if name == "qwen3" else _phi3_render(tok_files[name], msgs, False)
+            text = (_chatml(msgs) if name == "qwen3" else _phi3_render(tok_files[name], msgs, False) if name == "phi-3"
+                    else f"\n\nHuman: {user}\n\nAssistant: {completion}")
             assert p.prompt.tolist() + stored.tolist() == _whole(raw, text), (name, completion)
 
 
