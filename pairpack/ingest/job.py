@@ -152,10 +152,10 @@ def _text_pair_ids(job: _Job, segs: tuple, names: tuple[str, str, str]) -> tuple
             raise SourceError("segment is empty", field=n, reason="empty")
     try:
         (ids, sides), = encode_text_pairs(job.tokenizer, [segs], job.boundary)
-    except PairpackError as e:
-        raise SourceError(str(e), field=names[0], reason="bad_text") from None
-    except Exception as e:  # noqa: BLE001 - the Rust tokenizer raises plain exceptions
-        raise SourceError(f"cannot tokenize ({str(e)[:160]})", field=names[0], reason="bad_text") from None
+    except Exception:  # noqa: BLE001 - the Rust tokenizer raises plain exceptions: name the segment
+        for x, n in zip(segs, names):
+            _seg_ids(x, n, job)
+        raise SourceError("cannot tokenize the whole row", field=names[1], reason="bad_text") from None
     for x, n in zip(ids, names):
         if not x:
             raise SourceError("segment has no token of its own: the whole rows' tokenization merges it into its "
