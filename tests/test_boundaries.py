@@ -86,7 +86,8 @@ def test_chat_rows_equal_the_whole_rendered_conversation(tmp_path_factory, loade
 
 
 @settings(max_examples=10)
-@given(st.lists(st.tuples(st.sampled_from(["Q: x", "Q: x ", "Assistant:", "a\n", "问 "]), _TEXT, _TEXT),
+@given(st.lists(st.tuples(st.sampled_from(["Q: x", "Q: x ", "Assistant:", "a\n", "问 ", "<|im_start|>u\n",
+                                           "x<|endoftext|> ", "<|user|>\nq<|end|>\n<|assistant|>"]), _TEXT, _TEXT),
                 min_size=1, max_size=6))
 @example([("Q: x ", "Hello", " Bye"), ("Assistant:", " No", "\n\nYes")])
 def test_boundary_pairs_are_counted_against_the_whole_row(tmp_path_factory, loaded, rows):

@@ -61,6 +61,36 @@ def _common(a: list[int], b: list[int], c: list[int]) -> int:
     return k
 
 
+def _whole_rows(tokenizer: Any, segs: Sequence[tuple[str, str, str]], ps: list[list[int]]) -> list[list[int]]:
+    """The whole rows' ids, ``[chosen row, rejected row]`` per pair, flat. Where the prompt holds a
+    token that ends the text before it (:meth:`~pairpack.tokenization.HFTokenizer.hard_split_tokens`:
+    a chat template's header tokens), only the rows from its last one on are encoded, after the
+    prompt's ids up to it (a chat row then costs its last turn, not the whole conversation again);
+    a prompt whose own ids do not end with that tail's ids is encoded whole."""
+    cuts = tokenizer.hard_split_tokens() if hasattr(tokenizer, "hard_split_tokens") else ()
+    at = [max((s[0].rfind(t) for t in cuts), default=-1) if cuts else -1 for s in segs]
+    texts = []
+    for s, a in zip(segs, at):
+        texts += [s[0][a:], s[0][a:] + s[1], s[0][a:] + s[2]] if a > 0 else [s[0] + s[1], s[0] + s[2]]
+    got = iter([_ids(x) for x in tokenizer.encode_batch(texts)])
+    out: list[list[int]] = []
+    redo: list[int] = []
+    for k, (p, a) in enumerate(zip(ps, at)):
+        if a <= 0:
+            out += [next(got), next(got)]
+            continue
+        tail, wc, wr = next(got), next(got), next(got)
+        head = len(p) - len(tail)
+        if head < 0 or p[head:] != tail:
+            redo.append(k)
+        out += [p[:head] + wc, p[:head] + wr]
+    if redo:
+        again = [_ids(x) for x in tokenizer.encode_batch([segs[k][0] + t for k in redo for t in segs[k][1:]])]
+        for i, k in enumerate(redo):
+            out[2 * k], out[2 * k + 1] = again[2 * i], again[2 * i + 1]
+    return out
+
+
 def encode_text_pairs(tokenizer: Any, segs: Sequence[tuple[str, str, str]], boundary: str
                       ) -> list[tuple[list[list[int]], int]]:
     """``([prompt ids, chosen ids, rejected ids], sides)`` of each text pair, with ``sides`` the
@@ -71,7 +101,7 @@ def encode_text_pairs(tokenizer: Any, segs: Sequence[tuple[str, str, str]], boun
     if isinstance(tokenizer, ByteTokenizer):  # bytes join exactly
         return [([_ids(tokenizer.encode(t)) for t in s], 0) for s in segs]
     ps = [_ids(x) for x in tokenizer.encode_batch([s[0] for s in segs])]
-    wholes = [_ids(x) for x in tokenizer.encode_batch([s[0] + t for s in segs for t in s[1:]])]
+    wholes = _whole_rows(tokenizer, segs, ps)
     out: list[tuple[list[list[int]], int]] = []
     redo: list[tuple[int, int]] = []  # (pair, side) encoded as a continuation ("prompt" convention)
     for k, p in enumerate(ps):
