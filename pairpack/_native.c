@@ -4,7 +4,7 @@
  *   assemble  write a batch's int64 rows and masks in one pass, GIL released (twin: batch/triplets.py)
  *   layout    write a batch in the packed or prefix_shared layout in one pass (twin: batch/layouts.py)
  *   scan_ids  a strict JSONL reader for pre-tokenized records that hands any line it is not sure of
- *             to the exact Python path (twin: ingest/build.py)
+ *             to the exact Python path (twin: ingest/blocks.py)
  *
  * Optional: pairpack works without it (each kernel's twin gives the same bytes; tests/test_native.py
  * compares them). Every segment is bounds-checked against its token buffer before anything is

@@ -88,7 +88,13 @@ def main(debug: bool) -> None:
 @click.option("--pad-id", type=click.IntRange(0), default=None, help="Pad id recorded in the manifest.")
 @click.option("--add-bos/--no-add-bos", default=None, help="Prepend BOS to prompts (never doubled).")
 @click.option("--add-eos/--no-add-eos", default=None,
-              help="Append EOS to completions (never doubled). Default: on for text, off for ids.")
+              help="Append EOS to completions (never doubled). Default: on for text, except chat records (the "
+                   "template's end of turn closes them, as in TRL), off for ids.")
+@click.option("--boundary", type=click.Choice(["prompt", "row"]), default=None,
+              help="Text pairs whose rows, tokenized whole, merge tokens across the end of the prompt: prompt "
+                   "(keep the prompt as tokenized alone, as a generation sees it) or row (store rows exactly as "
+                   "tokenized whole, the prompt cut to the common prefix, as TRL does). Default: row for chat "
+                   "records, prompt otherwise; the summary counts such pairs. E.g. --boundary row.")
 @click.option("-f", "--force", is_flag=True,
               help="Replace a pairpack dataset at OUTPUT (anything else there is refused, never deleted).")
 @click.option("--skip-invalid", is_flag=True,
@@ -110,9 +116,14 @@ def main(debug: bool) -> None:
               help="Composite prompt over fields, e.g. '{instruction}[[\\n\\n{input}]]'; [[...]] is dropped "
                    "when a field in it is empty; \\n and \\t are unescaped; 'alpaca' = the built-in Alpaca prompt.")
 @click.option("--chat-template", default=None, metavar="NAME|FILE",
-              help="For message lists: tokenizer (the model's own), chatml, hh, a Jinja template file or a "
-                   "tokenizer_config.json. Default: the tokenizer's own template, else chatml where its markers "
-                   "are tokens (or with the byte tokenizer).")
+              help="For message lists: tokenizer (the model's own), a named template (chatml, llama3, llama2, "
+                   "mistral, phi3, gemma, zephyr, hh), a Jinja template file or a tokenizer_config.json. Default: "
+                   "the tokenizer's own template, else chatml where its markers are tokens (or with the byte "
+                   "tokenizer). E.g. --tokenizer phi3/tokenizer.json --chat-template phi3.")
+@click.option("--markers-as-text", is_flag=True,
+              help="Build with a named template whose markers are not tokens of the tokenizer (encoded as plain "
+                   "text; the summary warns). Without it such a template is refused. E.g. --chat-template llama3 "
+                   "--markers-as-text.")
 @click.option("--strict-chat-template", is_flag=True,
               help="Refuse records whose template renders the prompt differently once a reply follows "
                    "(default: split them at the common prefix, as TRL does, and count them).")
@@ -148,9 +159,10 @@ def main(debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
 def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, rejected: str,
           vocab_size: int | None, pad_id: int | None, add_bos: bool | None, add_eos: bool | None,
-          force: bool, skip_invalid: bool, drop_identical: bool, shard_size: str | None,
+          boundary: str | None, force: bool, skip_invalid: bool, drop_identical: bool, shard_size: str | None,
           tokenizer: str | None, bos_token: str | None, eos_token: str | None, pad_token: str | None,
-          shape: str | None, prompt_template: str | None, chat_template: str | None, strict_chat_template: bool,
+          shape: str | None, prompt_template: str | None, chat_template: str | None, markers_as_text: bool,
+          strict_chat_template: bool,
           template_args: tuple[str, ...], columns: tuple[str, ...], allow_empty: bool,
           hh_marker: str, workers: int | None, num_shards: int, shard_index: int, resume: bool,
           max_record_bytes: str, pair_rule: str | None, score_key: str | None, progress: bool | None,
@@ -176,6 +188,8 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
       pairpack build ids.jsonl.zst -o data/ids --vocab-size 151669 --pad-id 151643
       pairpack build big/ -o parts/p3 --num-shards 8 --shard-index 3 --resume
       pairpack build ultrafeedback.jsonl -o data/uf --pairs margin:1 --tokenizer gpt2.tokenizer.json
+      pairpack build uf.jsonl -o data/uf --tokenizer qwen3.tokenizer.json --boundary row   # rows as TRL stores them
+      pairpack build chats.jsonl -o data/c --tokenizer phi3/tokenizer.json --chat-template phi3
     """
     from .ingest.build import build as run_build
 
@@ -192,12 +206,13 @@ def build(inputs: tuple[Path, ...], output: Path, prompt: str, chosen: str, reje
             tokenizer = load_tokenizer(tokenizer, **special)
         report = run_build(list(inputs), output, prompt=prompt, chosen=chosen, rejected=rejected,
                            shape=shape, prompt_template=_unescape(prompt_template),
-                           chat_template=chat_template, strict_chat_template=strict_chat_template,
+                           chat_template=chat_template, markers_as_text=markers_as_text,
+                           strict_chat_template=strict_chat_template,
                            template_args=_template_args(template_args),
                            columns=[c.strip() for v in columns for c in v.split(",") if c.strip()],
                            allow_empty=allow_empty, hh_marker=_unescape(hh_marker) or "",
                            tokenizer=tokenizer, vocab_size=vocab_size, pad_id=pad_id, add_bos=add_bos,
-                           add_eos=add_eos, force=force, skip_invalid=skip_invalid,
+                           add_eos=add_eos, boundary=boundary, force=force, skip_invalid=skip_invalid,
                            drop_identical=drop_identical,
                            shard_bytes=None if shard_size is None else _parse_size(shard_size),
                            workers=workers, num_shards=num_shards, shard_index=shard_index, resume=resume,

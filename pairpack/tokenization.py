@@ -5,7 +5,10 @@ text input works with no tokenizer files at all. :class:`HFTokenizer` wraps any 
 ``tokenizer.json`` through the optional ``tokenizers`` package (``pip install "pairpack[hf]"``).
 
 Both encode with no special tokens added: the build adds BOS/EOS itself, once, so prompt and
-completions can be tokenized separately and concatenated as ids (FORMAT.md §7.4).
+completions can be tokenized separately and concatenated as ids (FORMAT.md §7.4). The build
+tokenizes text pairs' rows whole and cuts them where the prompt ends
+(:mod:`pairpack.ingest.joins`); continuations (below) encode the completions of rows whose whole
+tokenization merges tokens across that point, and of multi-completion records.
 
 Joins. SentencePiece-style tokenizers (Llama-2, Mistral, Phi-3) mark the start of every text they
 encode with "▁": encoded alone, the completion " No" becomes ``[▁, ▁No]`` where the whole row
@@ -200,6 +203,7 @@ class HFTokenizer:
         self.join_anchor, self._anchor_ids = _probe_join(self._encode_plain)
         self._added_ids = frozenset(int(i) for i in self._tok.get_added_tokens_decoder())
         self.fresh_after_added = self._probe_after_added()
+        self._hard_split: tuple[str, ...] | None = None
 
     # pickled by path (worker processes re-load it; the hash pins the exact file)
     def __reduce__(self) -> tuple[Any, ...]:
@@ -323,6 +327,19 @@ class HFTokenizer:
         if token_id is None:
             return ""
         return self._tok.id_to_token(int(token_id)) or ""
+
+    def hard_split_tokens(self) -> tuple[str, ...]:
+        """Added tokens that end every text before them: matched on the raw text (not normalized),
+        not single-word, absorbing no whitespace before them (no ``lstrip``), and contained in no
+        other added token. The tokenizer encodes the text before such a token as it would encode
+        that text alone, and the text from the token on whatever came before (so a row's ids from
+        such a token on can be encoded without the text before it)."""
+        if self._hard_split is None:
+            added = list(self._tok.get_added_tokens_decoder().values())
+            self._hard_split = tuple(
+                t.content for t in added if t.content and not t.normalized and not t.lstrip and not t.single_word
+                and not any(t.content in u.content for u in added if u.content != t.content))
+        return self._hard_split
 
     def has_token(self, text: str) -> bool:
         """Whether ``text`` is one added (special) token of this tokenizer, e.g. ``<|im_start|>``."""

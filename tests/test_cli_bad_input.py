@@ -113,9 +113,24 @@ def test_foreign_file_as_build_input(tmp_path):
     src.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
     r = cli("build", src, "-o", tmp_path / "out")
     assert r.returncode == 1
-    assert re.fullmatch(rf"pairpack: error: {re.escape(str(src))}:1: (invalid UTF-8 at byte 0 of the line|malformed JSON .*)\n",
-                        r.stderr), r.stderr
+    assert re.fullmatch(rf"pairpack: error: {re.escape(str(src))}: an image \(PNG, JPEG, GIF, ...\) is not an input "
+                        r"format pairpack reads \(JSON Lines .*\n", r.stderr), r.stderr
     assert entries(tmp_path) == ["picture.jsonl"]
+
+
+@pytest.mark.parametrize("name,data,what", [
+    ("t.csv", b"prompt,chosen,rejected\na,b,c\n", "CSV/TSV"),
+    ("d.arrow", b"ARROW1\0\0" + bytes(64), "Arrow IPC"),
+    ("x.jsonl", b"ARROW1\0\0" + bytes(64), "Arrow IPC"),  # by its first bytes, whatever its name
+    ("p.jpg", b"\xff\xd8\xff\xe0" + bytes(64), "an image"),
+    ("r.pkl", b"\x80\x04", "a binary Python/numpy/torch file"),
+])
+def test_unsupported_formats_are_named(tmp_path, name, data, what):
+    src = tmp_path / name
+    src.write_bytes(data)
+    r = cli("build", src, "-o", tmp_path / "out")
+    assert r.returncode == 1 and f"{name}: {what}" in r.stderr and "is not an input format pairpack reads" in r.stderr
+    assert entries(tmp_path) == [name]
 
 
 def test_existing_output_is_not_overwritten(tmp_path):

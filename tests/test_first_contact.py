@@ -120,7 +120,8 @@ def test_model_directory_builds_with_its_own_template(tmp_path, phi3):
     assert "tokenizer        phi-3 (" in r.stdout and "after '\\n'" in r.stdout
     assert "template         chat template tokenizer_config.json of phi-3" in r.stdout
     assert "BOS              '<s>' (id 1, from tokenizer_config.json), prepended to prompts" in r.stdout
-    assert "EOS              '<|endoftext|>' (id 32000, from tokenizer_config.json), appended" in r.stdout
+    assert ("EOS              '<|endoftext|>' (id 32000, from tokenizer_config.json), not added: chat completions "
+            "end with the template's end of turn (--add-eos adds it)") in r.stdout
     ds = pairpack.open(tmp_path / "ds")
     cfg = json.loads((phi3 / "tokenizer_config.json").read_text())
     opts = ds.manifest.provenance["options"]
@@ -130,10 +131,13 @@ def test_model_directory_builds_with_its_own_template(tmp_path, phi3):
     assert ds.manifest.tokenizer["add_bos_token"] is True and ds[0].prompt[0] == ds.manifest.bos_id == 1
     p, c, rj = decode_rows(ds.tokenizer, *ds[0])
     assert p == "<s><|user|> \nq0<|end|> \n<|assistant|> \n"  # Phi-3's own tokens, decoded by its decoder
-    assert c == "yes 0<|end|> \n<|endoftext|>"
+    assert c == "yes 0<|end|> \n"
     # chatml only when asked: its markers are plain text to Phi-3
     r = run_cli("build", src, "-o", tmp_path / "ml", "--tokenizer", phi3, "--chat-template", "chatml")
-    assert r.returncode == 0 and "template         chat template chatml" in r.stdout, r.stderr
+    assert r.returncode == 2 and "markers <|im_start|>, <|im_end|> are not tokens of phi-3" in r.stderr, r.stderr
+    r = run_cli("build", src, "-o", tmp_path / "ml", "--tokenizer", phi3, "--chat-template", "chatml",
+                "--markers-as-text")
+    assert r.returncode == 0 and "template         chat template chatml (warning: " in r.stdout, r.stderr
 
 
 def test_tokenizer_without_template_must_be_given_one(tmp_path, shared_dir):
@@ -159,9 +163,10 @@ def test_missing_field_lists_keys_and_names_the_flag(tmp_path):
     r = run_cli("build", src, "-o", tmp_path / "o", "--shape", "fields")
     assert r.returncode == 1
     assert (f"{src}:1: field 'prompt': missing field; the record's keys are question, chosen, rejected; "
-            "name the field with --prompt NAME") in r.stderr
-    with pytest.raises(SourceError, match=r"keys under 'input' are msgs; did you mean 'msgs'\?"):
-        make_extractor(ShapeOptions(shape="fields", spec=FieldSpec("input.msg")))({"input": {"msgs": 1}})
+            "did you mean 'question'? Name the field with --prompt NAME") in r.stderr
+    with pytest.raises(SourceError, match=r"keys under 'input' are msgs; did you mean 'input.msgs'\?"):
+        make_extractor(ShapeOptions(shape="fields", spec=FieldSpec("input.msg")))(
+            {"input": {"msgs": 1}, "chosen": "a", "rejected": "b"})
 
 
 def test_a_typo_in_prompt_never_switches_to_hh(tmp_path):
@@ -346,7 +351,7 @@ def test_non_prefix_templates_split_at_the_common_prefix_and_are_counted(tmp_pat
     r = run_cli("build", src, "-o", tmp_path / "ds", "--chat-template", tmp_path / "r1.jinja")
     assert r.returncode == 0 and "chat splits      4 record(s)" in r.stdout, r.stderr
     ds = pairpack.open(tmp_path / "ds")
-    assert [ds.decode(x) for x in ds[1]] == ["<|User|>q1<|Assistant|>", "yes 1<|end|><eos>", "no 1<|end|><eos>"]
+    assert [ds.decode(x) for x in ds[1]] == ["<|User|>q1<|Assistant|>", "yes 1<|end|>", "no 1<|end|>"]
     r = run_cli("build", src, "-o", tmp_path / "strict", "--chat-template", tmp_path / "r1.jinja",
                 "--strict-chat-template")
     assert r.returncode == 1 and "not a strict prefix" in r.stderr and "--strict-chat-template" in r.stderr

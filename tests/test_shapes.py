@@ -179,7 +179,11 @@ def test_chat_build_with_real_qwen3_tokenizer_ends_prompt_with_header(tmp_path, 
     assert ds.manifest.token_dtype == "uint32"
     p = ds[0]
     assert ds.decode(p.prompt) == "<|im_start|>user\n写一首诗<|im_end|>\n<|im_start|>assistant\n"
-    assert ds.decode(p.chosen) == "好的。<|im_end|>\n<|endoftext|>"
+    # the template's end of turn closes a chat completion: no EOS after it unless asked (as TRL)
+    assert ds.decode(p.chosen) == "好的。<|im_end|>\n"
+    build([src], tmp_path / "eos", tokenizer=shared_dir / "tokenizers" / "qwen3.tokenizer.json", add_eos=True)
+    assert pairpack.open(tmp_path / "eos").decode(pairpack.open(tmp_path / "eos")[0].chosen) == \
+        "好的。<|im_end|>\n<|endoftext|>"
     assert p.prompt[-3:].tolist()[0] == 151644  # <|im_start|> is one added token, not text
 
 

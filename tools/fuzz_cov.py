@@ -45,7 +45,7 @@ with atheris.instrument_imports(include=["pairpack"]):
     import pairpack
     from pairpack import _accel
     from pairpack import format as fmt
-    from pairpack.ingest.build import BlockResult, _Job, _process_records, make_extractor, process_block
+    from pairpack.ingest.blocks import BlockResult, _Job, _process_records, make_extractor, process_block
     from pairpack.ingest.shapes import ShapeOptions
     from pairpack.ingest.sources import Block, block_records
     from pairpack.read.verify import verify_dataset

@@ -7,7 +7,7 @@ Imported as ``pairpack.ray`` (the extra ``pairpack[ray]``)::
     # or, as a stage of a pipeline:  ds.write_datasink(pairpack.ray.Datasink(path, tokenizer=...))
 
 Each Ray write task turns its blocks into pairs with the build's own block processing
-(:func:`pairpack.ingest.build.process_block`, the tokenizer loaded once per worker process) and
+(:func:`pairpack.ingest.blocks.process_block`, the tokenizer loaded once per worker process) and
 writes them as one *part*, a complete dataset written by :class:`pairpack.write.writer.Writer`,
 under a staging directory beside the target. When every task has finished, the driver combines
 the parts in task order: their shard files are renamed into the new dataset (no token is copied
@@ -46,22 +46,19 @@ from ..format.fsio import check_output, clean_stale_temps, temp_path_for
 from ..tokenization import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..write.combine import combine_parts
 from ..write.writer import Writer
-from .build import (
+from .blocks import process_block
+from .build import BuildOptions, add_result
+from .plan import (
     DETECT_RECORDS,
-    BuildOptions,
     BuildPlan,
-    BuildReport,
-    Rejects,
     _detect,
-    add_result,
     attach_tokenizer,
     check_chat_template,
-    finish_report,
     plan_build,
-    process_block,
-    rejects_path,
     resolve_chat_template,
 )
+from .rejects import Rejects, rejects_path
+from .report import BuildReport, finish_report
 from .shapes import FieldSpec, ShapeOptions, make_extractor
 from .sources import Block, RecordsSource
 
@@ -172,7 +169,7 @@ class Datasink(ray.data.Datasink):
             dataset's first 1,000 rows). Without it each task decides from its own first rows,
             and the job fails at the end if two tasks decided differently.
 
-    After the write, :attr:`report` is the job's :class:`~pairpack.ingest.build.BuildReport`
+    After the write, :attr:`report` is the job's :class:`~pairpack.ingest.report.BuildReport`
     (pairs, rejects, identical pairs, tokens saved by prompt sharing, over every task) and
     :attr:`tasks` each write task's figures (rows, pairs, worker, CPU seconds). Rejected
     records (``skip_invalid=True``) of every task are gathered into ``<path>.rejects.jsonl``:
@@ -204,9 +201,10 @@ class Datasink(ray.data.Datasink):
         tok = bo.tokenizer
         self._tok = load_tokenizer(tok) if isinstance(tok, (str, os.PathLike)) else tok
         self._chat_template = bo.chat_template
+        self._markers_as_text = bo.markers_as_text
         self._shape_opts = resolve_chat_template(bo.shape_options(), self._tok, bo.chat_template)
-        self._plan_args = {k: getattr(bo, k) for k in ("vocab_size", "pad_id", "add_bos", "add_eos", "skip_invalid",
-                                                       "drop_identical", "shard_bytes", "dedup_window")}
+        self._plan_args = {k: getattr(bo, k) for k in ("vocab_size", "pad_id", "add_bos", "add_eos", "boundary",
+                                                       "skip_invalid", "drop_identical", "shard_bytes", "dedup_window")}
         self._plan_args["columns"] = bo.column_specs()
         self._plan: BuildPlan | None = None
         if sample is not None:
@@ -234,7 +232,7 @@ class Datasink(ray.data.Datasink):
 
     def _make_plan(self, records: list[dict[str, Any]], tok: Any) -> BuildPlan:
         opts, mode = _detect([RecordsSource([_plain(r) for r in records[:DETECT_RECORDS]])], self._shape_opts, tok)
-        check_chat_template(opts, tok, self._chat_template)
+        check_chat_template(opts, tok, self._chat_template, self._markers_as_text)
         return plan_build(opts, mode, tok, **self._plan_args)
 
     # driver ---------------------------------------------------------------------------------
@@ -432,7 +430,7 @@ def build(ray_dataset: Any, path: str | os.PathLike, *, byte_identical: bool = F
     ``pairpack.build`` fixes them from the first records of its input; then
     ``ray_dataset.write_datasink(Datasink(path, ...))`` runs the job. Options: those of
     :class:`Datasink`; ``ray_remote_args`` and ``concurrency`` go to ``write_datasink``.
-    Returns the job's :class:`~pairpack.ingest.build.BuildReport`; on any error (a task failing,
+    Returns the job's :class:`~pairpack.ingest.report.BuildReport`; on any error (a task failing,
     a bad record without ``skip_invalid``, an interrupt) nothing is left at ``path`` and no
     staging directory remains.
     """

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from ..errors import ArgumentError, SourceError, import_optional
+from .templates import NAMED_CHAT_TEMPLATES
 
 __all__ = ["SHAPES", "ShapeOptions", "FieldSpec", "detect_shape", "make_extractor", "PromptTemplate", "ChatRenderer"]
 
@@ -79,18 +80,76 @@ def _keys_text(data: Any, prefix: str = "") -> list[str]:
     return [str(k) for k in cur] if isinstance(cur, dict) else []
 
 
-def missing_field(data: Any, field: str, spec: "FieldSpec | None" = None, what: str = "missing field") -> SourceError:
+def _nested_paths(data: Any, depth: int = 3, prefix: str = "") -> list[str]:
+    """Dotted paths of the keys of objects inside the record (below its top level), for suggestions."""
+    out: list[str] = []
+    if depth <= 0 or not isinstance(data, dict):
+        return out
+    for k, v in list(data.items())[:64]:
+        if isinstance(v, dict):
+            for k2 in list(v)[:64]:
+                out.append(f"{prefix}{k}.{k2}")
+            out += _nested_paths(v, depth - 1, f"{prefix}{k}.")
+    return list(dict.fromkeys(out))
+
+
+# fields that hold a role under other names in common datasets (stack-exchange-paired: response_j is
+# the preferred answer), suggested when no key is similar to the role's default name
+_ROLE_NAMES = {"prompt": ("question", "instruction", "query", "input", "context", "history"),
+               "chosen": ("response_j", "chosen_response", "preferred", "better", "accepted", "winner"),
+               "rejected": ("response_k", "rejected_response", "dispreferred", "worse", "loser")}
+
+
+def _suggest(data: Any, field: str, keys: list[str], parent: str) -> str | None:
+    """The record's field most like ``field``: a nested path with the same last name first
+    (``metadata.score_chosen`` for ``score_chosen``), else the closest key, else a key that holds
+    the role under a common other name (``question`` for ``prompt``), else the closest nested path."""
+    leaf = field.rsplit(".", 1)[-1]
+    nested = [p for p in _nested_paths(data) if p != field]
+    same = [p for p in nested if p.rsplit(".", 1)[-1] == leaf]
+    if same:
+        return same[0]
+    near = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6)
+    if near:
+        return f"{parent}.{near[0]}" if parent else near[0]
+    alias = next((k for k in _ROLE_NAMES.get(field, ()) if k in keys and not parent), None)
+    if alias:
+        return alias
+    leaves = {p.rsplit(".", 1)[-1]: p for p in reversed(nested)}
+    near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[near[0]] if near else None
+
+
+def missing_field(data: Any, field: str, spec: "FieldSpec | None" = None, what: str = "missing field",
+                  flag: str | None = None) -> SourceError:
     """The SourceError of an absent ``field``: it lists the record's keys (those of the dotted
-    path's parent for a dotted path), suggests the closest one, and names the flag that fixes it."""
+    path's parent for a dotted path), suggests the most similar field (nested paths included), and
+    names the flag that fixes it (``flag``, else the one of ``spec``)."""
+    return missing_fields(data, [field], spec, what, flag)
+
+
+def missing_fields(data: Any, fields: list[str], spec: "FieldSpec | None" = None, what: str = "missing field",
+                   flag: str | list[str] | None = None) -> SourceError:
+    """One SourceError for every absent field of a record: ``field`` is the first, the message
+    names them all with the record's keys, a suggestion for each, and the flags that fix them
+    (``flag``: one for all, or one per field; else those of ``spec``)."""
+    field = fields[0]
     parent = field.rsplit(".", 1)[0] if "." in field and not (isinstance(data, dict) and field in data) else ""
     keys = _keys_text(data, parent)
-    leaf = field[len(parent) + 1:] if parent else field
-    near = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6)
     shown = ", ".join(keys[:_KEYS_SHOWN]) + (f", ... ({len(keys)} keys)" if len(keys) > _KEYS_SHOWN else "")
     where = f"under {parent!r} " if parent else ""
-    flag = spec.flag(field) if spec is not None else "--prompt/--chosen/--rejected"
-    msg = f"{what}; the record's keys {where}are {shown or '(none)'}"
-    msg += f"; did you mean {near[0]!r}? Name the field with {flag} NAME" if near else f"; name the field with {flag} NAME"
+    given = flag if isinstance(flag, list) else [flag] * len(fields)
+    flags = [fl or (spec.flag(f) if spec is not None else "--prompt/--chosen/--rejected") for f, fl in zip(fields, given)]
+    hints = [_suggest(data, f, keys, parent) for f in fields]
+    if len(fields) == 1:
+        msg = f"{what}; the record's keys {where}are {shown or '(none)'}"
+        return SourceError(msg + (f"; did you mean {hints[0]!r}? Name the field with {flags[0]} NAME" if hints[0]
+                                  else f"; name the field with {flags[0]} NAME"), field=field, reason="missing_field")
+    named = ", ".join(repr(f) for f in fields)
+    fixes = " ".join(f"{fl} {h if h else 'NAME'}" for fl, h in zip(flags, hints))
+    guessed = " (fields guessed by similarity)" if any(hints) else ""
+    msg = (f"missing fields {named}; the record's keys {where}are {shown or '(none)'}; "
+           f"name them with {fixes}{guessed}")
     return SourceError(msg, field=field, reason="missing_field")
 
 
@@ -136,13 +195,12 @@ def _require_dict(data: Any) -> None:
 def _extract(data: Any, spec: FieldSpec) -> tuple[Segment, Segment, Segment]:
     """The three segments of a ``fields``-shaped record. Raises SourceError (``field`` set)."""
     _require_dict(data)
-    out = []
-    for field in (spec.prompt, spec.chosen, spec.rejected):
-        v = get_path(data, field)
-        if not _present(v):
-            raise missing_field(data, field, spec)
-        out.append(_segment(v, field))
-    return out[0], out[1], out[2]
+    fields = (spec.prompt, spec.chosen, spec.rejected)
+    values = [get_path(data, f) for f in fields]
+    missing = [f for f, v in zip(fields, values) if not _present(v)]
+    if missing:
+        raise missing_fields(data, missing, spec)
+    return _segment(values[0], fields[0]), _segment(values[1], fields[1]), _segment(values[2], fields[2])
 
 
 # --- hh -----------------------------------------------------------------------------------------
@@ -206,6 +264,7 @@ class PromptTemplate:
         self.source = NAMED_TEMPLATES.get(source, source)
         self.parts = self._parse(self.source)
         self.fields = [p[1] for p in self._walk(self.parts) if p[0] == "field"]
+        self.required = [p[1] for p in self.parts if p[0] == "field"]  # outside [[...]]: must be present
 
     @staticmethod
     def _walk(parts: list) -> list:
@@ -383,9 +442,9 @@ def chat_messages(data: Any, spec: FieldSpec) -> tuple[list[dict[str, str]], dic
     """
     _require_dict(data)
     c_raw, r_raw = get_path(data, spec.chosen), get_path(data, spec.rejected)
-    for v, f in ((c_raw, spec.chosen), (r_raw, spec.rejected)):
-        if not _present(v):
-            raise missing_field(data, f, spec)
+    missing = [f for v, f in ((c_raw, spec.chosen), (r_raw, spec.rejected)) if not _present(v)]
+    if missing:
+        raise missing_fields(data, missing, spec)
     cm = _as_messages(c_raw, spec.chosen, default_role="assistant")
     rm = _as_messages(r_raw, spec.rejected, default_role="assistant")
     for msgs, f in ((cm, spec.chosen), (rm, spec.rejected)):
@@ -419,9 +478,9 @@ _SANDBOX_ENV: Any = None
 class ChatRenderer:
     """Renders message lists to text with a chat template.
 
-    ``template`` is ``"chatml"`` (``<|im_start|>role\\ncontent<|im_end|>\\n``; generation prompt
-    ``<|im_start|>assistant\\n``), ``"hh"`` (``\\n\\nHuman: ...`` / ``\\n\\nAssistant: ...``;
-    generation prompt ``\\n\\nAssistant:``), a path to a Jinja template file (or to a
+    ``template`` is a name of :data:`pairpack.ingest.templates.NAMED_CHAT_TEMPLATES` (``chatml``,
+    ``llama3``, ``llama2``, ``mistral``, ``phi3``, ``gemma``, ``zephyr``, ``hh``; see
+    :mod:`pairpack.ingest.templates`), a path to a Jinja template file (or to a
     ``tokenizer_config.json`` whose ``chat_template`` is used), or Jinja source. Jinja templates
     see ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools`` (the
     record's, else None) and any template arguments (``template_args`` for the whole build, then the
@@ -432,7 +491,8 @@ class ChatRenderer:
     def __init__(self, template: str = "chatml", *, bos_token: str = "", eos_token: str = "") -> None:
         self.spec = template
         self.bos_token, self.eos_token = bos_token, eos_token
-        self.kind = template if template in ("chatml", "hh") else "jinja"
+        self.named = NAMED_CHAT_TEMPLATES.get(template)
+        self.kind = template if self.named is not None else "jinja"
         self.source = None
         if self.kind == "jinja":
             if "{%" in template or "{{" in template:
@@ -442,8 +502,9 @@ class ChatRenderer:
                 try:
                     text = p.read_text(encoding="utf-8")
                 except OSError as e:
-                    raise ArgumentError(f"{template}: cannot read chat template ({e.strerror or e}); "
-                                     "use chatml, hh or a Jinja template file") from None
+                    raise ArgumentError(f"{template}: cannot read chat template ({e.strerror or e}); use a "
+                                        f"name ({', '.join(NAMED_CHAT_TEMPLATES)}) or a Jinja template file"
+                                        ) from None
                 if p.suffix == ".json":
                     try:
                         obj = json.loads(text)
@@ -488,13 +549,8 @@ class ChatRenderer:
                 raise SourceError(f"the record has tools, which the built-in {self.kind} template cannot render; "
                                   "use the model's own Jinja template (--tokenizer MODEL_DIR or --chat-template FILE)",
                                   field="tools", reason="chat_template")
-        if self.kind == "chatml":
-            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-        if self.kind == "hh":
-            names = {"user": "Human", "assistant": "Assistant", "system": "System", "tool": "Tool"}
-            text = "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in messages)
-            return text + ("\n\nAssistant:" if add_generation_prompt else "")
+        if self.named is not None:
+            return self.named.render(messages, add_generation_prompt)
         try:
             args = {"tools": None, **(extra or {}), "messages": messages,
                     "add_generation_prompt": add_generation_prompt, "bos_token": self.bos_token,
@@ -587,6 +643,7 @@ class ShapeOptions:
     strict_chat_template: bool = False
     explicit: frozenset = dc_field(default=frozenset(), compare=False)
     why: str = dc_field(default="", compare=False)
+    detected_from: str = dc_field(default="", compare=False)  # the input file whose records fixed the shape
 
     def __post_init__(self) -> None:
         if self.shape is not None and self.shape not in SHAPES:
@@ -692,9 +749,10 @@ def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any],
         def hh(data: Any) -> tuple[Segment, Segment, Segment]:
             _require_dict(data)
             c, r = get_path(data, s.chosen), get_path(data, s.rejected)
+            missing = [f for v, f in ((c, s.chosen), (r, s.rejected)) if not _present(v)]
+            if missing:
+                raise missing_fields(data, missing, s)
             for v, f in ((c, s.chosen), (r, s.rejected)):
-                if not _present(v):
-                    raise missing_field(data, f, s)
                 if not isinstance(v, str):
                     raise SourceError(f"hh transcripts must be strings, got {type(v).__name__}", field=f,
                                       reason="wrong_type")
@@ -714,12 +772,16 @@ def make_extractor(opts: ShapeOptions, tokenizer: Any = None) -> Callable[[Any],
 
         def templ(data: Any) -> tuple[Segment, Segment, Segment]:
             _require_dict(data)
+            need = [f for f in tmpl.required if not _present(get_path(data, f))]
+            missing = need + [f for f in (s.chosen, s.rejected) if not _present(get_path(data, f))]
+            if missing:
+                raise missing_fields(data, missing, s, what="missing field" + (" (used by the prompt template)"
+                                                                              if need else ""),
+                                     flag=["--prompt-template"] * len(need) + [None] * (len(missing) - len(need)))
             prompt = tmpl.render(data)
             out = []
             for f in (s.chosen, s.rejected):
                 v = get_path(data, f)
-                if not _present(v):
-                    raise missing_field(data, f, s)
                 if not isinstance(v, str):
                     raise SourceError(f"must be a string with a prompt template, got {type(v).__name__}",
                                       field=f, reason="wrong_type")

@@ -703,8 +703,48 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
+# formats users try that pairpack does not read: (file name endings, leading bytes, name, how to convert)
+_TO_JSONL = "convert it to JSON Lines or Parquet (one record per line/row with prompt/chosen/rejected fields)"
+_FOREIGN = (
+    ((".csv", ".tsv"), (), "CSV/TSV", "pandas.read_csv(FILE).to_json('FILE.jsonl', orient='records', lines=True), "
+     "or " + _TO_JSONL),
+    ((".arrow", ".feather", ".ipc"), (b"ARROW1",), "Arrow IPC", "datasets.load_from_disk(DIR) or "
+     "datasets.Dataset.from_file(FILE), then pass the Dataset to pairpack.build(), or write it as Parquet"),
+    ((".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"), (b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a"),
+     "an image (PNG, JPEG, GIF, ...)", "pairpack reads preference records, not media"),
+    ((".xlsx", ".xls"), (), "a spreadsheet", "export it as CSV, then " + _TO_JSONL),
+    ((".pdf",), (b"%PDF",), "a PDF document", _TO_JSONL),
+    ((".zip", ".tar", ".tar.gz", ".tgz"), (b"PK\x03\x04",), "an archive", "extract it and pass the files or their "
+     "directory"),
+    ((".txt", ".md"), (), "plain text", _TO_JSONL),
+    ((".pkl", ".pickle", ".pt", ".npy", ".npz", ".safetensors"), (), "a binary Python/numpy/torch file",
+     "pairpack never unpickles or loads binary objects: " + _TO_JSONL),
+)
+
+
+def unsupported_format(p: Path) -> str | None:
+    """Why ``p`` is a format pairpack does not read (by its name, or by its first bytes for files
+    named as inputs), with how to convert it; None for JSON Lines, JSON and Parquet."""
+    name = p.name.lower()
+    if name.endswith(PARQUET_SUFFIXES) or (name.endswith(JSONL_SUFFIXES) and not name.endswith((".jsonl", ".ndjson"))):
+        return None  # compressed JSON Lines and Parquet: their readers say what is wrong with them
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        head = b""
+    for ends, magic, what, fix in _FOREIGN:
+        if name.endswith(ends) or any(head.startswith(m) for m in magic):
+            return (f"{what} is not an input format pairpack reads (JSON Lines .jsonl/.jsonl.gz/.jsonl.zst, JSON "
+                    f"arrays .json, Parquet): {fix}")
+    return None
+
+
 def _file_source(p: Path) -> Source:
     name = p.name.lower()
+    why = unsupported_format(p)
+    if why is not None:
+        raise SourceError(why, path=p, reason="unsupported_format")
     if name.endswith(PARQUET_SUFFIXES):
         return ParquetSource(p)
     if name.endswith(JSON_SUFFIXES):
