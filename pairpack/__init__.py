@@ -39,8 +39,8 @@ from .read.dataset import open_dataset as open  # noqa: A001
 from .read.verify import verify_dataset as verify
 from .write.writer import Writer
 
+# at most 30 names (tests/test_layering.py); ``pairpack.__version__`` is there too, as in every package
 __all__ = [
-    "__version__",
     "FORMAT_VERSION",
     "open",
     "build",

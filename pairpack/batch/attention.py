@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ArgumentError
-from .layouts import CHOSEN, REJECTED
+from ..format.spec import CHOSEN, REJECTED  # token_part values: a segment's row (FORMAT.md §4.2)
 
 if TYPE_CHECKING:
     from .layouts import PackedBatch

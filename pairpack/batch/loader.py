@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import xxhash
 
-from ..errors import ArgumentError, ColumnNotFoundError, DeviceError, StateError
+from ..errors import ArgumentError, ArgumentTypeError, ColumnNotFoundError, DeviceError, StateError
 from ..read.dataset import Dataset, open_dataset
 from . import plan as bt
 from .options import PlanOptions, Truncation, options_from
@@ -126,9 +126,9 @@ class Loader:
             layout=layout, max_row_tokens=max_row_tokens, max_length=max_length,
             min_completion_tokens=min_completion_tokens)
         bt.check_plan(self.options, self.truncation_options)
-        if seed < 0:
+        if _negative(seed, "seed"):
             raise ArgumentError(f"seed must be >= 0, got {seed}")
-        if num_workers < 0:
+        if _negative(num_workers, "num_workers"):
             raise ArgumentError(f"num_workers must be >= 0, got {num_workers}")
         for c in columns:
             if c not in self.ds.column_names:
@@ -266,7 +266,7 @@ class Loader:
         A position restored by :meth:`load_state_dict` is kept only when ``epoch`` is the
         restored epoch.
         """
-        if epoch < 0:
+        if _negative(epoch, "epoch"):
             raise ArgumentError(f"epoch must be >= 0, got {epoch}")
         if epoch != self._epoch:
             self._pending = None
@@ -419,6 +419,15 @@ class Loader:
         size = f"batch_size={self.batch_size}" if self.batch_size is not None else f"max_tokens={self.max_tokens}"
         return (f"pairpack.Loader({self.ds.path}, {size}, rank={self.rank}/{self.world_size}, epoch={self._epoch}, "
                 f"group_by_length={self.group_by_length}, max_length={self.max_length})")
+
+
+def _negative(value: Any, name: str) -> bool:
+    """``value < 0`` for a number; :class:`ArgumentTypeError` naming ``name`` when ``value`` is not
+    comparable with 0 (a string, None)."""
+    try:
+        return bool(value < 0)
+    except TypeError:
+        raise ArgumentTypeError(f"{name} must be an integer >= 0, got {type(value).__name__}") from None
 
 
 def _identity(x: Any) -> Any:

@@ -14,9 +14,8 @@ import numpy as np
 
 from .. import _accel
 from .. import format as fmt
-from ..errors import ArgumentError, ColumnNotFoundError, PairIndexError, StateError
+from ..errors import ArgumentError, ArgumentTypeError, ColumnNotFoundError, PairIndexError, StateError
 from ..format.spec import round_up
-from ..tokenization import tokenizer_from_manifest
 from .shard import _check_segments, _open_shard, _Shard
 from .verify import verify_dataset
 
@@ -63,7 +62,10 @@ class Dataset:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        try:
+            self.path = Path(path)
+        except TypeError:
+            raise ArgumentTypeError(f"a dataset path must be a str or os.PathLike, got {type(path).__name__}") from None
         self.manifest = fmt.read_manifest(self.path)
         m = self.manifest
         self.token_dtype = fmt.TOKEN_DTYPES[m.token_dtype]
@@ -133,7 +135,7 @@ class Dataset:
     def __getitem__(self, index: int) -> Pair:
         """Pair ``index`` as three zero-copy views. Raises FormatError if its index entry points
         outside the tokens file."""
-        shard, j = self._locate(int(index))
+        shard, j = self._locate(_pair_index(index))
         st = shard.starts[:, j]
         ln = shard.lengths[:, j]
         _check_segments(shard, st[:, None], ln[:, None], j)
@@ -188,10 +190,7 @@ class Dataset:
         segment is bounds-checked, vectorised (FORMAT.md §8 R13). Used by :meth:`batch` and by the
         loader's plans.
         """
-        try:
-            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        except (TypeError, ValueError, OverflowError):
-            raise ArgumentError(f"indices must be pair indices (integers), got {str(indices)[:80]}") from None
+        idx = _index_array(indices)
         n = len(self)
         if _accel.native is not None and idx.size:
             got = self._take_native(_accel.native, idx, columns)
@@ -269,7 +268,7 @@ class Dataset:
         when the batch kernels apply; None when they do not (empty batch, dtype or pad_id, a bad
         segment: the general path then gives the result or the detailed error; a row over
         ``max_length``: truncation). The first of the two C calls of every layout's hot path."""
-        idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.ascontiguousarray(_index_array(indices))
         toks, ok = (self._native_args or self._native_shards())[3:]
         if not (idx.size and ok):
             return None
@@ -340,6 +339,9 @@ class Dataset:
     def tokenizer(self) -> Any:
         """The tokenizer recorded in the manifest, loaded for decoding, or None when unknown."""
         if self._tokenizer is None and self.manifest.tokenizer is not None:
+            # loaded on use: opening and reading never import the tokenizer module
+            from ..tokenization import tokenizer_from_manifest
+
             self._tokenizer = tokenizer_from_manifest(self.manifest.tokenizer, self.path)
         return self._tokenizer
 
@@ -378,6 +380,28 @@ def _triplets() -> Any:
     from ..batch import triplets
 
     return triplets
+
+
+def _index_array(indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``indices`` as int64 ``(B,)`` (any shape is flattened); :class:`ArgumentError` when they are
+    not integers."""
+    try:
+        return np.asarray(indices, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise ArgumentError(f"indices must be pair indices (integers), got {str(indices)[:80]}") from None
+
+
+def _pair_index(index: Any) -> int:
+    """``int(index)``, a :class:`PairpackError` when it is not a pair index: an
+    :class:`ArgumentError` (a ``ValueError``, as ``int()`` raised) for a string such as ``"x"`` or an
+    infinite float, an
+    :class:`ArgumentTypeError` (a ``TypeError``) for ``None``, a slice or a list."""
+    try:
+        return int(index)
+    except (ValueError, OverflowError):
+        raise ArgumentError(f"a pair index must be an integer, got {index!r:.80}") from None
+    except TypeError:
+        raise ArgumentTypeError(f"a pair index must be an integer, got {type(index).__name__}") from None
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:

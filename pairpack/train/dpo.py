@@ -327,6 +327,8 @@ class DPO(nn.Module):
                                   "(no reference model and no cached reference log-probs are used)")
         self.policy_model = model
         if ref_model is None and self.loss.needs_reference:
+            if not isinstance(model, nn.Module):  # the frozen copy is an nn.Module's
+                raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
             ref_model = copy.deepcopy(model)
         if ref_model is None or ref_model is False:
             self.ref_model: nn.Module | None = None
