@@ -77,7 +77,7 @@ __all__ = [
 def backend() -> str:
     """``"native"`` when the compiled kernels (``pairpack/_native.c``: batch gather, JSONL id
     reader) are in use, ``"numpy"`` when they are not built or ``PAIRPACK_NATIVE=0`` is set. Both
-    give the same bytes; the native one is faster (README, "Speed")."""
+    give the same bytes; the native one is faster (docs/performance.md)."""
     from . import _accel
 
     return "native" if _accel.native is not None else "numpy"

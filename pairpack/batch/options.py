@@ -67,6 +67,7 @@ class Truncation:
 
     @property
     def active(self) -> bool:
+        """Whether pairs are truncated at all (``max_length`` is set)."""
         return self.max_length is not None
 
     def capped(self, cap: int | None) -> "Truncation":
@@ -183,6 +184,7 @@ class PlanOptions:
 
     @property
     def packed(self) -> bool:
+        """Whether the layout is one of the packed ones (``packed``, ``prefix_shared``)."""
         return self.layout != "padded"
 
     def pair_tokens(self, p: Any, c: Any, r: Any) -> Any:

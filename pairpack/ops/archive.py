@@ -81,10 +81,12 @@ class ArchiveReport:
 
     @property
     def ratio(self) -> float:
+        """Dataset bytes over archive bytes (the compression ratio)."""
         return self.data_bytes / max(self.archive_bytes, 1)
 
     @property
     def mb_per_s(self) -> float:
+        """Dataset megabytes (10^6 bytes) per second of the whole command."""
         return self.data_bytes / 1e6 / max(self.seconds, 1e-9)
 
     def summary(self) -> str:
@@ -98,6 +100,7 @@ class ArchiveReport:
                 f"{self.seconds:.2f} s, {self.mb_per_s:,.1f} MB/s of dataset")
 
     def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (the fields plus ``ratio`` and ``mb_per_s``)."""
         d = dict(self.__dict__)
         d["ratio"] = self.ratio
         d["mb_per_s"] = self.mb_per_s

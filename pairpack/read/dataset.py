@@ -108,10 +108,12 @@ class Dataset:
 
     @property
     def pad_id(self) -> int:
+        """The pad id recorded in the manifest (padding value of batches; masks never read it)."""
         return self.manifest.pad_id
 
     @property
     def vocab_size(self) -> int:
+        """The vocabulary size recorded in the manifest: every token id is below it."""
         return self.manifest.vocab_size
 
     @property
@@ -121,6 +123,7 @@ class Dataset:
 
     @property
     def column_names(self) -> list[str]:
+        """Names of the per-pair columns (scores, cached reference log-probs), in manifest order."""
         return [c.name for c in self.manifest.columns]
 
     def _locate(self, index: int) -> tuple[_Shard, int]:
@@ -165,14 +168,17 @@ class Dataset:
 
     @property
     def prompt_lengths(self) -> np.ndarray:
+        """int64 ``(N,)``: every pair's prompt length in tokens (a row of :attr:`lengths`)."""
         return self.lengths[fmt.PROMPT]
 
     @property
     def chosen_lengths(self) -> np.ndarray:
+        """int64 ``(N,)``: every pair's chosen length in tokens (a row of :attr:`lengths`)."""
         return self.lengths[fmt.CHOSEN]
 
     @property
     def rejected_lengths(self) -> np.ndarray:
+        """int64 ``(N,)``: every pair's rejected length in tokens (a row of :attr:`lengths`)."""
         return self.lengths[fmt.REJECTED]
 
     def column(self, name: str) -> np.ndarray:
@@ -314,10 +320,12 @@ class Dataset:
             indices: pair indices (any order, repeats allowed).
             pad_to_multiple_of: round the padded length ``L`` (row length ``T``) up to a multiple of this.
             columns: per-pair columns to carry as ``(B,)`` tensors in the batch's ``columns``.
-            max_length, truncation, min_completion_tokens: truncation (``truncation`` may be a
-                :class:`~pairpack.batch.options.Truncation` instead), as the Loader applies it.
-            layout, max_row_tokens: ``"padded"``, ``"packed"`` or ``"prefix_shared"``, and the
-                longest packed row (None: one row; 0: one pair per row).
+            max_length: truncate pairs so that ``P + C`` and ``P + R`` fit, as the Loader does.
+            truncation: ``"keep_end"`` or ``"keep_start"``, or a
+                :class:`~pairpack.batch.options.Truncation` in place of the three truncation arguments.
+            min_completion_tokens: completions are cut no shorter than this before the prompt.
+            layout: ``"padded"``, ``"packed"`` or ``"prefix_shared"``.
+            max_row_tokens: the longest packed row (None: one row; 0: one pair per row).
             options: a :class:`~pairpack.batch.options.PlanOptions` instead of ``pad_to_multiple_of``,
                 ``layout`` and ``max_row_tokens``.
 

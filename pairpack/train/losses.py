@@ -33,7 +33,7 @@ cpo            ``cdpo(b (x_c - x_r)) - a_c``  (no reference)                    
 orpo           ``-a_c - b ls(lo(a_c) - lo(a_r))``, ``lo(a) = a - ln(1 - e^a)``  (no reference)
 =============  ===============================================================  ===========
 
-The README's loss table gives each one's paper and every convention that differs from TRL.
+The loss table of docs/dpo.md gives each one's paper and every convention that differs from TRL.
 This module depends on torch only.
 """
 
@@ -231,8 +231,12 @@ def dpo_loss(
         ref_chosen: float ``(B,)``, reference log-prob of each chosen completion; may be None
             (with ``ref_rejected``) when every loss type is reference-free.
         ref_rejected: float ``(B,)``, likewise for the rejected completions.
-        beta, loss_type, loss_weights, label_smoothing, gamma, discopop_tau: see
-            :func:`loss_config`.
+        beta: see :func:`loss_config` (as are the next five).
+        loss_type: one loss type or several.
+        loss_weights: one weight per loss type.
+        label_smoothing: ``e`` of the smoothed types.
+        gamma: SimPO's margin.
+        discopop_tau: DiscoPOP's temperature.
         reduction: what the log-probs are: ``"sum"`` (nats per sequence) or ``"mean"`` (nats per
             token). The DPO-family losses use them as given; the per-token ones (``sigmoid_norm``,
             ``sft``, ``simpo``, ``cpo``'s NLL, ``orpo``) divide sums by the token counts.

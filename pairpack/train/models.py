@@ -2,7 +2,7 @@
 
 A ``padded`` batch (:class:`~pairpack.batch.triplets.Triplets`) needs nothing but ids: right padding
 and causal attention keep every real token from seeing a pad. The ``packed`` and ``prefix_shared``
-layouts (:mod:`pairpack.batch.layouts`, README "Layouts") put several sequences in one row, so the
+layouts (:mod:`pairpack.batch.layouts`, docs/layouts.md) put several sequences in one row, so the
 model must take per-token positions and a mask that keeps them apart (and, in ``prefix_shared``,
 rejected tokens away from chosen ones). :func:`layout_logits` knows how to pass these to:
 
@@ -124,7 +124,7 @@ def _pairpack_attention(model: nn.Module) -> tuple[str, ...]:
 def _refuse(model: nn.Module, layout: str, attention: str, why: str) -> ModelError:
     return ModelError(f"{type(model).__name__} cannot take layout={layout!r} (attention={attention!r}): {why}. "
                       f"It takes {list(model_layouts(model, attention))}; build the batches with one of those "
-                      "(Loader(..., layout=...)) or see README, \"Layouts\", for the models that take each")
+                      "(Loader(..., layout=...)) or see docs/layouts.md for the models that take each")
 
 
 def _check_flex(batch: Any) -> None:

@@ -134,17 +134,20 @@ def precompute_reference(
             (CPU for a model without parameters). The model itself is not moved.
         reduction: ``"mean"`` (nats per token) or ``"sum"`` (nats per sequence); it must be the
             reduction of the ``DPO`` module that will use the cache.
-        max_length, truncation, min_completion_tokens: the truncation of the training loader
-            (``Loader.effective_max_length``, which a token budget can set even when
-            ``max_length`` is None); pairs are truncated exactly as the loader does
-            (:func:`pairpack.batch.plan.make_plan`), so the cached log-probs score the tokens the
-            policy will see. Pairs the loader drops (identical after truncation) get values too.
-        layout, max_row_tokens: the batch layout the reference runs on (``"padded"``,
-            ``"packed"``, ``"prefix_shared"``; README "Layouts") and, for the packed layouts, the
-            longest row (default 0: one pair per row, the fastest with dense masks). Every layout
-            stores the same columns with the same values (up to float summation order), so the
-            cache serves a training run of any layout; ``prefix_shared`` runs the model on
-            ``P + C + R`` tokens per pair instead of ``2 (P + max(C, R))``.
+        max_length: the truncation of the training loader (``Loader.effective_max_length``,
+            which a token budget can set even when ``max_length`` is None); pairs are truncated
+            exactly as the loader does (:func:`pairpack.batch.plan.make_plan`), so the cached
+            log-probs score the tokens the policy will see. Pairs the loader drops (identical
+            after truncation) get values too.
+        truncation: the loader's ``truncation`` (a mode, or a Truncation object).
+        min_completion_tokens: the loader's ``min_completion_tokens``.
+        layout: the batch layout the reference runs on (``"padded"``, ``"packed"``,
+            ``"prefix_shared"``; docs/layouts.md). Every layout stores the same columns with the
+            same values (up to float summation order), so the cache serves a training run of any
+            layout; ``prefix_shared`` runs the model on ``P + C + R`` tokens per pair instead of
+            ``2 (P + max(C, R))``.
+        max_row_tokens: for the packed layouts, the longest row (default 0: one pair per row, the
+            fastest with dense masks).
         attention: how packed layouts reach the model (:func:`pairpack.train.models.layout_logits`).
         progress: show a progress bar (None: when stderr is a terminal).
 
