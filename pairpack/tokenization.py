@@ -35,8 +35,10 @@ __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "token
            "encode_continuations", "decode_rows", "check_join", "describe_special", "TOKENIZER_FILE",
            "TOKENIZER_CONFIG_FILE"]
 
-TOKENIZER_FILE = "tokenizer.json"  # the copy a dataset keeps of its Hugging Face tokenizer (§5.2)
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # a model directory's chat template, BOS/EOS, add_bos
+TOKENIZER_FILE = "tokenizer.json"
+"""The file name of a Hugging Face tokenizer, and of the copy a dataset keeps of it (FORMAT.md §5.2)."""
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+"""A model directory's file with the chat template, BOS/EOS and ``add_bos_token``."""
 # Anchors tried, in order, for continuations of tokenizers that mark the start of a text (see the
 # module docstring); a newline is a byte-fallback or single token in every vocabulary probed.
 _JOIN_ANCHORS = ("\n", "\n\n", "a")

@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PackedBatch", "build", "PROMPT", "CHOSEN", "REJECTED", "PAD"]
 
-PAD = -1  # token_part of padding; PROMPT, CHOSEN, REJECTED (0, 1, 2) are the segments' rows in FORMAT.md §4.2
+PAD = -1
+"""The ``token_part`` of padding; ``PROMPT``, ``CHOSEN``, ``REJECTED`` (0, 1, 2) are the segments' rows
+in FORMAT.md §4.2."""
 
 
 @dataclass

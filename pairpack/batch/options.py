@@ -26,8 +26,11 @@ __all__ = ["TRUNCATION_MODES", "OVERSIZE_MODES", "LAYOUTS", "Truncation", "PlanO
            "truncation_from", "plan_options_from", "NO_TRUNCATION"]
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+"""Which end of the prompt truncation keeps: ``"keep_end"`` drops tokens from its start."""
 OVERSIZE_MODES = ("truncate", "skip", "error")
+"""What a token budget does with a pair over it alone: truncate it to fit, skip it (counted), raise."""
 LAYOUTS = ("padded", "packed", "prefix_shared")
+"""The batch layouts (docs/layouts.md)."""
 
 
 def _int_or_none(name: str, v: Any, lo: int) -> None:
@@ -125,6 +128,7 @@ class Truncation:
 
 
 NO_TRUNCATION = Truncation()
+"""The truncation that cuts nothing (``max_length=None``)."""
 
 
 @dataclass(frozen=True)

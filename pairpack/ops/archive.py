@@ -47,9 +47,12 @@ from ..read.dataset import open_dataset
 
 __all__ = ["pack", "unpack", "ArchiveReport", "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ARCHIVE_SUFFIX"]
 
-ARCHIVE_FORMAT = "pairpack-archive"  # header "format"
-ARCHIVE_VERSION = 1  # header "version"
-ARCHIVE_SUFFIX = ".pairpack.zst"  # the conventional file name ending
+ARCHIVE_FORMAT = "pairpack-archive"
+"""The archive header's ``"format"`` value."""
+ARCHIVE_VERSION = 1
+"""The archive header's ``"version"`` value."""
+ARCHIVE_SUFFIX = ".pairpack.zst"
+"""The conventional ending of an archive's file name."""
 HEADER_NAME = "pairpack-archive.json"  # the first member
 HEADER_MAX_BYTES = 2 * fmt.MANIFEST_MAX_BYTES  # unpack refuses a larger header unread
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

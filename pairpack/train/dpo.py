@@ -52,6 +52,7 @@ __all__ = [
 Reduction = Literal["sum", "mean"]
 
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+"""How a sequence's token log-probs are reduced: ``"sum"`` (nats per sequence) or ``"mean"`` (per token)."""
 _SEQ_MASK_NAMES = ("preferred_seq_mask", "unpreferred_seq_mask")
 # pairpack.train.reference.REFERENCE_COLUMNS (reference imports this module)
 _REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")

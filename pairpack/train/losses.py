@@ -10,28 +10,26 @@ token), ``p_c``, ``p_r`` the reference's, ``L_c``, ``L_r`` the numbers of scored
 ``dc = x_c - p_c``, ``dr = x_r - p_r``, ``h = dc - dr``, ``b = beta``, ``e = label_smoothing``,
 ``s = sigmoid``, ``ls = logsigmoid``, ``cdpo(z) = -(1 - e) ls(z) - e ls(-z)``.
 
-=============  ===============================================================  ===========
-loss type      per-pair loss                                                    at policy = reference
-=============  ===============================================================  ===========
-sigmoid        ``cdpo(b h)``                                                    ``ln 2``
-robust         ``(-(1-e) ls(b h) + e ls(-b h)) / (1 - 2e)``                     ``ln 2``
-hinge          ``relu(1 - b h)``                                                ``1``
-ipo            ``(h - 1/(2b))^2``                                               ``1/(4b^2)``
-exo_pair       ``s(bh)(ls(bh) - ln(1-e)) + s(-bh)(ls(-bh) - ln e)``, ``e > 0``  ``-ln 2 - ½ ln(e(1-e))``
-nca_pair       ``-ls(b dc) - ½ ls(-b dc) - ½ ls(-b dr)``                        ``2 ln 2``
-bco_pair       ``-ls(b dc) - ls(-b dr)``                                        ``2 ln 2``
-sppo_hard      ``(dc - 1/(2b))^2 + (dr + 1/(2b))^2``                            ``1/(2b^2)``
-aot            ``cdpo(b (sort(x_c - x_r) - sort(p_c - p_r)))`` over the batch   ``ln 2``
-aot_unpaired   ``cdpo(b (sort(dc) - sort(dr)))`` over the batch                 ``ln 2``
-apo_zero       ``1 - s(b dc) + s(b dr)``                                        ``1``
-apo_down       ``s(b dc) + 1 - s(b h)``                                         ``1``
-discopop       ``(1 - s(b h / tau)) (-ls(b h)) + s(b h / tau) exp(-b h)``       ``(1 + ln 2) / 2``
-sigmoid_norm   ``-ls(b (dc / L_c - dr / L_r))``                                 ``ln 2``
-sft            ``-a_c``                                                         (no constant)
-simpo          ``cdpo(b (a_c - a_r) - gamma)``  (no reference)                  (no reference)
-cpo            ``cdpo(b (x_c - x_r)) - a_c``  (no reference)                    (no reference)
-orpo           ``-a_c - b ls(lo(a_c) - lo(a_r))``, ``lo(a) = a - ln(1 - e^a)``  (no reference)
-=============  ===============================================================  ===========
+| loss type | per-pair loss | at policy = reference |
+|---|---|---|
+| sigmoid | ``cdpo(b h)`` | ``ln 2`` |
+| robust | ``(-(1-e) ls(b h) + e ls(-b h)) / (1 - 2e)`` | ``ln 2`` |
+| hinge | ``relu(1 - b h)`` | ``1`` |
+| ipo | ``(h - 1/(2b))^2`` | ``1/(4b^2)`` |
+| exo_pair | ``s(bh)(ls(bh) - ln(1-e)) + s(-bh)(ls(-bh) - ln e)``, ``e > 0`` | ``-ln 2 - ½ ln(e(1-e))`` |
+| nca_pair | ``-ls(b dc) - ½ ls(-b dc) - ½ ls(-b dr)`` | ``2 ln 2`` |
+| bco_pair | ``-ls(b dc) - ls(-b dr)`` | ``2 ln 2`` |
+| sppo_hard | ``(dc - 1/(2b))^2 + (dr + 1/(2b))^2`` | ``1/(2b^2)`` |
+| aot | ``cdpo(b (sort(x_c - x_r) - sort(p_c - p_r)))`` over the batch | ``ln 2`` |
+| aot_unpaired | ``cdpo(b (sort(dc) - sort(dr)))`` over the batch | ``ln 2`` |
+| apo_zero | ``1 - s(b dc) + s(b dr)`` | ``1`` |
+| apo_down | ``s(b dc) + 1 - s(b h)`` | ``1`` |
+| discopop | ``(1 - s(b h / tau)) (-ls(b h)) + s(b h / tau) exp(-b h)`` | ``(1 + ln 2) / 2`` |
+| sigmoid_norm | ``-ls(b (dc / L_c - dr / L_r))`` | ``ln 2`` |
+| sft | ``-a_c`` | (no constant) |
+| simpo | ``cdpo(b (a_c - a_r) - gamma)``  (no reference) | (no reference) |
+| cpo | ``cdpo(b (x_c - x_r)) - a_c``  (no reference) | (no reference) |
+| orpo | ``-a_c - b ls(lo(a_c) - lo(a_r))``, ``lo(a) = a - ln(1 - e^a)`` | (no reference) |
 
 The loss table of docs/dpo.md gives each one's paper and every convention that differs from TRL.
 This module depends on torch only.
@@ -63,11 +61,12 @@ LOSS_TYPES: tuple[str, ...] = (
     "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "cpo", "orpo",
 )
-# Loss types that read no reference log-probs: a run made only of these needs no reference model.
+"""Every loss type, under TRL's names (formulas: the module docstring)."""
 REFERENCE_FREE_LOSS_TYPES: frozenset[str] = frozenset({"sft", "simpo", "cpo", "orpo"})
-# Loss types that pair the batch's sorted values, not each pair with itself: per-pair weights
-# would land on the wrong pair, and the loss depends on which pairs share a (per-rank) batch.
+"""Loss types that read no reference log-probs: a run made only of these needs no reference model."""
 BATCH_SORTED_LOSS_TYPES: frozenset[str] = frozenset({"aot", "aot_unpaired"})
+"""Loss types that pair the batch's sorted values, not each pair with itself: per-pair weights would
+land on the wrong pair, and the loss depends on which pairs share a (per-rank) batch."""
 # Loss types whose formula has a label-smoothing term; a nonzero epsilon needs at least one.
 _SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo")
 # Loss types that read per-token averages, hence the token counts under reduction="sum".

@@ -6,22 +6,12 @@ layouts (:mod:`pairpack.batch.layouts`, docs/layouts.md) put several sequences i
 model must take per-token positions and a mask that keeps them apart (and, in ``prefix_shared``,
 rejected tokens away from chosen ones). :func:`layout_logits` knows how to pass these to:
 
-============================== ========================= =============================================
-model                          attention="dense" (any     attention="auto" / "flex" on CUDA
-                               device)
-============================== ========================= =============================================
-``TinyLM``, or any module with ``positions=``,            "flex": a FlexAttention ``BlockMask`` as
-``pairpack_layouts``           ``attn_mask=`` bool        ``attn_mask``; "auto" and "split" (any
-                               ``(R, 1, T, T)``           device), if its ``pairpack_attention`` lists
-                                                          it: a ``SplitAttention`` as ``attn_mask``
-x-transformers                 ``pos=``, ``attn_mask=``   built with ``attn_flash_pack_seq=True``
-``TransformerWrapper``                                    (flash-attn): ``packed`` only, rows flattened
-                                                          to one, ``flash_pack_seq_kwargs``
-Hugging Face causal LM         ``position_ids=``, 4-D     ``flash_attention_2/3``: ``packed`` only,
-(``PreTrainedModel``)          additive float mask        ``cu_seq_lens_*``; ``flex_attention``: the
-                               (eager, sdpa)              ``BlockMask`` as ``attention_mask``
-anything else                  ``padded`` only            ``padded`` only
-============================== ========================= =============================================
+| model | attention="dense" (any device) | attention="auto" / "flex" on CUDA |
+|---|---|---|
+| ``TinyLM``, or any module with ``pairpack_layouts`` | ``positions=``, ``attn_mask=`` bool ``(R, 1, T, T)`` | "flex": a FlexAttention ``BlockMask`` as ``attn_mask``; "auto" and "split" (any device), if its ``pairpack_attention`` lists it: a ``SplitAttention`` as ``attn_mask`` |
+| x-transformers ``TransformerWrapper`` | ``pos=``, ``attn_mask=`` | built with ``attn_flash_pack_seq=True`` (flash-attn): ``packed`` only, rows flattened to one, ``flash_pack_seq_kwargs`` |
+| Hugging Face causal LM (``PreTrainedModel``) | ``position_ids=``, 4-D additive float mask (eager, sdpa) | ``flash_attention_2/3``: ``packed`` only, ``cu_seq_lens_*``; ``flex_attention``: the ``BlockMask`` as ``attention_mask`` |
+| anything else | ``padded`` only | ``padded`` only |
 
 A layout a model cannot take raises :class:`~pairpack.errors.ModelError`; FlexAttention without
 CUDA raises :class:`~pairpack.errors.DeviceError`. Nothing here imports x-transformers or
@@ -40,7 +30,10 @@ from ..errors import ArgumentError, DeviceError, ModelError
 __all__ = ["ATTENTIONS", "LAYOUTS", "as_logits", "layout_logits", "layout_of", "model_family", "model_layouts"]
 
 LAYOUTS: tuple[str, ...] = ("padded", "packed", "prefix_shared")
+"""The batch layouts a model may take (docs/layouts.md)."""
 ATTENTIONS: tuple[str, ...] = ("auto", "dense", "flex", "split")
+"""How a packed layout's attention rule reaches the model: ``"auto"`` (split where the model takes it,
+else dense), a dense mask, a FlexAttention ``BlockMask`` (CUDA), or a ``SplitAttention``."""
 Attention = Literal["auto", "dense", "flex", "split"]
 
 

@@ -58,8 +58,11 @@ __all__ = [
 ]
 
 REF_CHOSEN = "ref_chosen_logp"
+"""The column of cached reference log-probs of the chosen completions (float32, nats)."""
 REF_REJECTED = "ref_rejected_logp"
+"""The column of cached reference log-probs of the rejected completions (float32, nats)."""
 REFERENCE_COLUMNS: tuple[str, str] = (REF_CHOSEN, REF_REJECTED)
+"""Both cache columns: pass them as ``Loader(columns=...)`` so batches carry them."""
 _CACHE_KIND = "pairpack.reference_logp"
 _CACHE_VERSION = 1
 
