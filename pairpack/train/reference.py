@@ -174,6 +174,27 @@ def precompute_reference(
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
+    chosen, rejected = _reference_logps(ds, model, trunc, batch_size, device, reduction, layout, max_row_tokens,
+                                        attention, progress)
+    attrs = {"kind": _CACHE_KIND, "version": _CACHE_VERSION, "model_hash": model_hash(model),
+             **_settings(reduction, trunc),
+             "dataset_fingerprint": ds.fingerprint, "pairpack_version": __version__,
+             "layout": layout}  # informative only: every layout stores the same values
+    unit = "nats per token" if reduction == "mean" else "nats per sequence"
+    info = {REF_CHOSEN: {"description": f"reference log-prob of the chosen completion ({unit})",
+                         "attrs": attrs},
+            REF_REJECTED: {"description": f"reference log-prob of the rejected completion ({unit})",
+                           "attrs": attrs}}
+    add_columns(ds.path, {REF_CHOSEN: chosen, REF_REJECTED: rejected}, info=info)
+    return open_dataset(ds.path)
+
+
+def _reference_logps(ds: Dataset, model: nn.Module, trunc: Truncation, batch_size: int, device: torch.device,
+                     reduction: str, layout: str, max_row_tokens: int | None, attention: str,
+                     progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`precompute_reference`'s pass over the dataset: float32 ``(N,)`` reference log-probs of
+    every pair's chosen and rejected completions, in index order, the model in eval mode under
+    ``torch.no_grad`` (its mode restored afterwards)."""
     n = len(ds)
     chosen = np.empty(n, dtype=np.float32)
     rejected = np.empty(n, dtype=np.float32)
@@ -194,17 +215,7 @@ def precompute_reference(
     finally:
         bar.close()
         model.train(was_training)
-    attrs = {"kind": _CACHE_KIND, "version": _CACHE_VERSION, "model_hash": model_hash(model),
-             **_settings(reduction, trunc),
-             "dataset_fingerprint": ds.fingerprint, "pairpack_version": __version__,
-             "layout": layout}  # informative only: every layout stores the same values
-    unit = "nats per token" if reduction == "mean" else "nats per sequence"
-    info = {REF_CHOSEN: {"description": f"reference log-prob of the chosen completion ({unit})",
-                         "attrs": attrs},
-            REF_REJECTED: {"description": f"reference log-prob of the rejected completion ({unit})",
-                           "attrs": attrs}}
-    add_columns(ds.path, {REF_CHOSEN: chosen, REF_REJECTED: rejected}, info=info)
-    return open_dataset(ds.path)
+    return chosen, rejected
 
 
 def check_reference(
