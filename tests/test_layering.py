@@ -254,11 +254,17 @@ def test_documented_import_paths():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-def test_every_module_imports_alone():
+def _module_names() -> list[str]:
     names = [".".join(["pairpack", *p.relative_to(PKG).with_suffix("").parts]).removesuffix(".__init__")
              for p in _modules()]
     if importlib.util.find_spec("ray") is None:  # the optional extra pairpack[ray] (make test installs it)
         names = [n for n in names if not n.endswith(".ray")]
-    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)"
-    for n in names:  # one process each: an import that works only after another module's is a bug
-        subprocess.run([sys.executable, "-c", code, n], check=True, capture_output=True)
+    return names
+
+
+@pytest.mark.parametrize("name", _module_names())
+def test_every_module_imports_alone(name):
+    """One process per module (a test each, so pytest-xdist spreads them): an import that works only
+    after another module's is a bug."""
+    subprocess.run([sys.executable, "-c", "import importlib, sys; importlib.import_module(sys.argv[1])", name],
+                   check=True, capture_output=True)
