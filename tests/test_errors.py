@@ -231,6 +231,7 @@ BAD_CALLS = {  # call on a 5-pair dataset -> (pairpack class, the builtin it als
     "Loader.load_state_dict({})": (lambda ds: pairpack.Loader(ds, batch_size=2).load_state_dict({}), StateError,
                                    ValueError),
     "DPO(3)": (lambda ds: __import__("pairpack.dpo").dpo.DPO(3), pairpack.ArgumentTypeError, TypeError),
+    'Collate(ds)(["x"])': (lambda ds: pairpack.Collate(ds)(["x"]), ArgumentError, ValueError),
 }
 
 

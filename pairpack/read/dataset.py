@@ -22,7 +22,7 @@ from .verify import verify_dataset
 if TYPE_CHECKING:  # torch is imported only when a batch is assembled
     from ..batch.triplets import Triplets
 
-__all__ = ["Pair", "Dataset", "open_dataset"]
+__all__ = ["Pair", "Dataset", "open_dataset", "pair_indices"]
 
 
 class Pair(NamedTuple):
@@ -196,7 +196,7 @@ class Dataset:
         segment is bounds-checked, vectorised (FORMAT.md §8 R13). Used by :meth:`batch` and by the
         loader's plans.
         """
-        idx = _index_array(indices)
+        idx = pair_indices(indices)
         n = len(self)
         if _accel.native is not None and idx.size:
             got = self._take_native(_accel.native, idx, columns)
@@ -274,7 +274,7 @@ class Dataset:
         when the batch kernels apply; None when they do not (empty batch, dtype or pad_id, a bad
         segment: the general path then gives the result or the detailed error; a row over
         ``max_length``: truncation). The first of the two C calls of every layout's hot path."""
-        idx = np.ascontiguousarray(_index_array(indices))
+        idx = np.ascontiguousarray(pair_indices(indices))
         toks, ok = (self._native_args or self._native_shards())[3:]
         if not (idx.size and ok):
             return None
@@ -390,7 +390,7 @@ def _triplets() -> Any:
     return triplets
 
 
-def _index_array(indices: Sequence[int] | np.ndarray) -> np.ndarray:
+def pair_indices(indices: Sequence[int] | np.ndarray) -> np.ndarray:
     """``indices`` as int64 ``(B,)`` (any shape is flattened); :class:`ArgumentError` when they are
     not integers."""
     try:
