@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_OUT ?= build/demo
 
-.PHONY: install install-test install-fuzz install-docs demo test test-serial docs sanitize fuzz bench clean
+.PHONY: install install-test install-fuzz install-docs demo test test-serial test-long docs sanitize fuzz bench clean
 
 # torch first (kept if already there; here 2.13.0 is the CPU build): a bare `torch`
 # requirement would pull a multi-GB CUDA build
@@ -31,6 +31,11 @@ test: install-test
 
 test-serial: install-test
 	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+# the Hypothesis tests with the `long` profile (tests/conftest.py: 400 examples where a test takes its
+# count from the profile, 10x the default); longer fuzzing: `make fuzz`, tools/fuzz.py
+test-long: install-test
+	HYPOTHESIS_PROFILE=long $(PYTHON) -m pytest -q -p no:cacheprovider -n auto
 
 # the documentation site into site/, failing on any warning (broken link or anchor, unparsable docstring)
 docs: install-docs
