@@ -39,8 +39,8 @@ from .read.dataset import open_dataset as open  # noqa: A001
 from .read.verify import verify_dataset as verify
 from .write.writer import Writer
 
+# at most 30 names (tests/test_layering.py); ``pairpack.__version__`` is there too, as in every package
 __all__ = [
-    "__version__",
     "FORMAT_VERSION",
     "open",
     "build",
@@ -77,7 +77,7 @@ __all__ = [
 def backend() -> str:
     """``"native"`` when the compiled kernels (``pairpack/_native.c``: batch gather, JSONL id
     reader) are in use, ``"numpy"`` when they are not built or ``PAIRPACK_NATIVE=0`` is set. Both
-    give the same bytes; the native one is faster (README, "Speed")."""
+    give the same bytes; the native one is faster (docs/performance.md)."""
     from . import _accel
 
     return "native" if _accel.native is not None else "numpy"

@@ -38,8 +38,10 @@ __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "token
            "encode_continuations", "decode_rows", "check_join", "describe_special", "TOKENIZER_FILE",
            "TOKENIZER_CONFIG_FILE"]
 
-TOKENIZER_FILE = "tokenizer.json"  # the copy a dataset keeps of its Hugging Face tokenizer (§5.2)
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # a model directory's chat template, BOS/EOS, add_bos
+TOKENIZER_FILE = "tokenizer.json"
+"""The file name of a Hugging Face tokenizer, and of the copy a dataset keeps of it (FORMAT.md §5.2)."""
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+"""A model directory's file with the chat template, BOS/EOS and ``add_bos_token``."""
 # Anchors tried, in order, for continuations of tokenizers that mark the start of a text (see the
 # module docstring); a newline is a byte-fallback or single token in every vocabulary probed.
 _JOIN_ANCHORS = ("\n", "\n\n", "a")
@@ -93,6 +95,7 @@ class ByteTokenizer:
     _specials = {256: "<pad>", 257: "<bos>", 258: "<eos>"}
 
     def encode(self, text: str) -> np.ndarray:
+        """int64 ``(n,)``: the UTF-8 bytes of ``text``; TokenizerError for lone surrogates."""
         try:
             raw = text.encode("utf-8")
         except UnicodeEncodeError as e:  # lone surrogates from JSON "\ud800" escapes
@@ -104,6 +107,8 @@ class ByteTokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Any) -> str:
+        """Text of ``ids``: byte runs decoded as UTF-8 (invalid bytes replaced), specials as
+        ``<pad>``, ``<bos>``, ``<eos>``."""
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         out: list[str] = []
         start = 0
@@ -121,6 +126,7 @@ class ByteTokenizer:
         return "" if token_id is None else self._specials.get(int(token_id), "")
 
     def identity(self) -> dict[str, Any]:
+        """The manifest "tokenizer" object (FORMAT.md §5.2): kind ``bytes``, name, vocabulary, hash."""
         desc = f"{self.name}:{self.vocab_size}:{self.pad_id}:{self.bos_id}:{self.eos_id}"
         return {"kind": "bytes", "name": self.name, "vocab_size": self.vocab_size,
                 "hash": xxhash.xxh3_128_hexdigest(desc.encode())}
@@ -141,10 +147,12 @@ class HFTokenizer:
 
     Args:
         path: the ``tokenizer.json`` file.
-        bos_token, eos_token, pad_token: the special tokens, as token text or id. Unset ones come
-            from a ``tokenizer_config.json`` beside the file when there is one, else from the
-            usual names (``<|endoftext|>``, ``</s>``, ``<s>``, ``<pad>``, ...). ``pad_id`` falls
-            back to ``eos_id`` (masks come from lengths, so the pad value is never interpreted).
+        bos_token: the BOS token, as token text or id. Unset special tokens come from a
+            ``tokenizer_config.json`` beside the file when there is one, else from the usual names
+            (``<|endoftext|>``, ``</s>``, ``<s>``, ``<pad>``, ...).
+        eos_token: the EOS token, likewise.
+        pad_token: the pad token, likewise; ``pad_id`` falls back to ``eos_id`` (masks come from
+            lengths, so the pad value is never interpreted).
         name: the name recorded in the manifest (default: the file name, or the directory's name
             for a model directory's ``tokenizer.json``).
         expected_hash: refuse the file unless its xxh3-128 equals this (used when a dataset's

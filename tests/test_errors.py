@@ -209,3 +209,37 @@ def test_dpo_input_checks_are_argument_errors() -> None:
     assert isinstance(e.value, TypeError) and isinstance(e.value, PairpackError)
     with pytest.raises(ArgumentError, match="N >= 2"):
         xtransformers_inputs(seq[:, :1], seq[:, :1], torch.zeros(2, 1, dtype=torch.bool))
+
+
+BAD_CALLS = {  # call on a 5-pair dataset -> (pairpack class, the builtin it also is)
+    'ds["x"]': (lambda ds: ds["x"], ArgumentError, ValueError),
+    "ds[inf]": (lambda ds: ds[float("inf")], ArgumentError, ValueError),
+    "ds[None]": (lambda ds: ds[None], pairpack.ArgumentTypeError, TypeError),
+    "ds[0:2]": (lambda ds: ds[0:2], pairpack.ArgumentTypeError, TypeError),
+    "ds[[0]]": (lambda ds: ds[[0]], pairpack.ArgumentTypeError, TypeError),
+    "ds[5]": (lambda ds: ds[5], PairIndexError, IndexError),
+    'ds.batch(["a"])': (lambda ds: ds.batch(["a"]), ArgumentError, ValueError),
+    'ds.batch([0], layout="x")': (lambda ds: ds.batch([0], layout="x"), ArgumentError, ValueError),
+    "ds.batch([0], max_length=-1)": (lambda ds: ds.batch([0], max_length=-1), ArgumentError, ValueError),
+    "pairpack.open(None)": (lambda ds: pairpack.open(None), pairpack.ArgumentTypeError, TypeError),
+    "pairpack.open(missing)": (lambda ds: pairpack.open(ds.path / "nope"), pairpack.FormatError, ValueError),
+    'Loader(seed="a")': (lambda ds: pairpack.Loader(ds, batch_size=2, seed="a"), pairpack.ArgumentTypeError,
+                         TypeError),
+    "Loader(batch_size=0)": (lambda ds: pairpack.Loader(ds, batch_size=0), ArgumentError, ValueError),
+    'Loader.set_epoch("a")': (lambda ds: pairpack.Loader(ds, batch_size=2).set_epoch("a"),
+                              pairpack.ArgumentTypeError, TypeError),
+    "Loader.load_state_dict({})": (lambda ds: pairpack.Loader(ds, batch_size=2).load_state_dict({}), StateError,
+                                   ValueError),
+    "DPO(3)": (lambda ds: __import__("pairpack.dpo").dpo.DPO(3), pairpack.ArgumentTypeError, TypeError),
+    'Collate(ds)(["x"])': (lambda ds: pairpack.Collate(ds)(["x"]), ArgumentError, ValueError),
+}
+
+
+@pytest.mark.parametrize("call", sorted(BAD_CALLS))
+def test_bad_calls_raise_pairpack_errors(ds_path: Path, call: str) -> None:
+    """A bad call raises a PairpackError subclass that is also the builtin Python code expects
+    (``ds["x"]`` once escaped as int()'s bare ValueError)."""
+    fn, cls, builtin = BAD_CALLS[call]
+    with pytest.raises(cls) as e:
+        fn(pairpack.open(ds_path))
+    assert isinstance(e.value, (PairpackError)) and isinstance(e.value, builtin), type(e.value).__mro__

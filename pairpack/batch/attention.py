@@ -4,7 +4,7 @@ dense attentions instead of one ``T x T`` mask per row.
 With a dense mask (:meth:`~pairpack.batch.layouts.PackedBatch.dense_mask`) attention computes every
 ``T x T`` score of a row, masked or not: a ``prefix_shared`` row ``[P][C][R]`` costs ``(P+C+R)**2``
 where the padded layout's two rows cost ``2 (P+max(C,R))**2``, more than the prompt saved on the
-UltraFeedback-like set. The rule (README, "Layouts") splits exactly into:
+UltraFeedback-like set. The rule (docs/layouts.md) splits exactly into:
 
 * part A, one causal sequence per sequence of the batch: ``packed``: the sequence itself;
   ``prefix_shared``: the pair's ``[prompt][chosen]`` (chosen tokens see the prompt and earlier
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ArgumentError
-from .layouts import CHOSEN, REJECTED
+from ..format.spec import CHOSEN, REJECTED  # token_part values: a segment's row (FORMAT.md §4.2)
 
 if TYPE_CHECKING:
     from .layouts import PackedBatch

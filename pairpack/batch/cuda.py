@@ -23,7 +23,7 @@ Three transfer modes:
   fewest CUDA calls. It is the default: on the machines measured a CUDA call's host cost, not the
   link, was the limit. Compact moves the fewest bytes and is the choice where the link is the
   limit. ``python tools/gpu_check.py`` measures all three against the usual collate +
-  ``pin_memory()`` + ``.to()`` path; README "Feeding a GPU" has the figures.
+  ``pin_memory()`` + ``.to()`` path; docs/gpu.md has the figures.
 
 Packed layouts (``layout="packed"``/``"prefix_shared"``, :mod:`pairpack.batch.layouts`): the
 host builds the :class:`~pairpack.batch.layouts.PackedBatch` and writes its tensors, at aligned
@@ -549,8 +549,8 @@ class DeviceFeeder:
         compact: compact transfer (see the module docstring); False sends padded rows.
         host_widen: with ``compact=False``, the host writes the finished batch (int64 rows and the
             masks, by the C kernel when built) and the device receives it in one copy, running no
-            kernel. Moves the most bytes but makes the fewest CUDA calls per batch (README,
-            "Feeding a GPU", compares the modes).
+            kernel. Moves the most bytes but makes the fewest CUDA calls per batch (docs/gpu.md
+            compares the modes).
 
     Attributes:
         stream: the feeder's expansion stream, the last to touch a batch (None on CPU).

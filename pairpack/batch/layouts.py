@@ -41,18 +41,20 @@ import torch
 from .. import _accel
 from .._accel import native_applies
 from ..errors import DeviceError
-from ..format.spec import round_up
+from ..format.spec import CHOSEN, PROMPT, REJECTED, round_up
+from .attention import SplitAttention, split_attention
 from .options import PlanOptions
 from .packing import pack_rows
 from .triplets import TensorBatch, shards_of
 
 if TYPE_CHECKING:
-    from .attention import SplitAttention
     from .plan import BatchPlan
 
 __all__ = ["PackedBatch", "build", "PROMPT", "CHOSEN", "REJECTED", "PAD"]
 
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # token_part values
+PAD = -1
+"""The ``token_part`` of padding; ``PROMPT``, ``CHOSEN``, ``REJECTED`` (0, 1, 2) are the segments' rows
+in FORMAT.md §4.2."""
 
 
 @dataclass
@@ -170,8 +172,6 @@ class PackedBatch(TensorBatch):
         entries per pair instead of ``T**2`` per row, on any device. Built once per batch (the
         policy and the reference model share it)."""
         if self._split is None:
-            from .attention import split_attention
-
             self._split = split_attention(self)
         return self._split
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 import xxhash
 
-from ..errors import ArgumentError, ColumnNotFoundError, DeviceError, StateError
+from ..errors import ArgumentError, ArgumentTypeError, ColumnNotFoundError, DeviceError, StateError
 from ..read.dataset import Dataset, open_dataset
 from . import plan as bt
 from .mixture import Mixture
@@ -66,10 +66,12 @@ class Loader:
         group_by_length: sort pairs by length within large windows of the shuffled order, then
             shuffle the batches (little padding, random order). See :func:`pairpack.batch.plan.plan_batches`.
         window: grouping window in pairs (default 512 batches per rank).
-        rank, world_size: this process's share; default from ``torch.distributed`` when it is
-            initialised, else (0, 1). Every rank gets the same number of batches.
+        rank: this process's rank; default from ``torch.distributed`` when it is initialised,
+            else 0. Every rank gets the same number of batches.
+        world_size: the number of ranks; default from ``torch.distributed``, else 1.
         max_length: truncate pairs so that ``P + C`` and ``P + R`` fit (both rows with one prompt).
-        truncation: ``"keep_end"`` (drop prompt tokens from its start) or ``"keep_start"``.
+        truncation: ``"keep_end"`` (drop prompt tokens from its start) or ``"keep_start"``; or a
+            :class:`~pairpack.batch.options.Truncation` in place of the three truncation keywords.
         min_completion_tokens: completions are cut no shorter than this (``>= 1``) before the prompt.
         pad_to_multiple_of: round each batch's padded length ``L`` up to a multiple of this.
         layout: ``"padded"`` (:class:`~pairpack.Triplets`, default), ``"packed"`` or
@@ -77,8 +79,8 @@ class Loader:
             bounds rows x row length.
         max_row_tokens: packed layouts: the longest row (default: the whole ``max_tokens``
             budget, or the batch); 0: one pair per row.
-        options, truncation: the same options as objects (:class:`~pairpack.batch.options.PlanOptions`,
-            :class:`~pairpack.batch.options.Truncation`) instead of the keywords above.
+        options: the planning options as a :class:`~pairpack.batch.options.PlanOptions` instead
+            of the keywords above.
         oversize: with ``max_tokens``, a pair over the budget alone is ``"truncate"``-d to fit
             (default), ``"skip"``-ped (counted) or raises (``"error"``).
         num_workers: worker processes assembling batches (``torch.utils.data.DataLoader`` workers:
@@ -89,9 +91,12 @@ class Loader:
             ``pairpack.cuda.DeviceFeeder`` (pinned buffers, asynchronous copies). Plans are made in
             this process (index arithmetic only) and the feeder assembles, so ``num_workers`` is
             not used on that path.
-        prefetch, compact, host_widen: passed to the DeviceFeeder (transfer modes: see
-            ``pairpack.cuda``; the default, host-widened, is the fastest measured). Every layout
+        prefetch: batches in flight, passed to the DeviceFeeder (``pairpack.cuda``). Every layout
             travels through the feeder's pinned buffers.
+        compact: send only the stored tokens and build the rows on the GPU (a transfer mode of
+            the DeviceFeeder).
+        host_widen: build the finished int64 rows on the host and copy them in one transfer (the
+            default transfer mode, the fastest measured).
         columns: per-pair columns to carry in ``Triplets.columns``.
         indices: iterate over these pairs only (a split, e.g. the training part of a dataset):
             distinct pair indices in ``[0, len(ds))``. The order is then a pure function of (seed,
@@ -149,9 +154,9 @@ class Loader:
             layout=layout, max_row_tokens=max_row_tokens, max_length=max_length,
             min_completion_tokens=min_completion_tokens)
         bt.check_plan(self.options, self.truncation_options)
-        if seed < 0:
+        if _negative(seed, "seed"):
             raise ArgumentError(f"seed must be >= 0, got {seed}")
-        if num_workers < 0:
+        if _negative(num_workers, "num_workers"):
             raise ArgumentError(f"num_workers must be >= 0, got {num_workers}")
         for c in columns:
             if c not in self.ds.column_names:
@@ -181,20 +186,22 @@ class Loader:
         self._feeder_cls = self._device_feeder_class()
 
     # the options as attributes, read-only views of the two option objects
-    batch_size = property(lambda self: self.options.batch_size)
-    max_tokens = property(lambda self: self.options.max_tokens)
-    shuffle = property(lambda self: self.options.shuffle)
-    drop_last = property(lambda self: self.options.drop_last)
-    group_by_length = property(lambda self: self.options.group_by_length)
-    window = property(lambda self: self.options.window)
-    oversize = property(lambda self: self.options.oversize)
-    pad_to_multiple_of = property(lambda self: self.options.pad_to_multiple_of)
-    layout = property(lambda self: self.options.layout)
-    max_row_tokens = property(lambda self: self.options.max_row_tokens)
-    max_length = property(lambda self: self.truncation_options.max_length)
-    truncation = property(lambda self: self.truncation_options.mode)
-    min_completion_tokens = property(lambda self: self.truncation_options.min_completion_tokens)
-    effective_max_length = property(lambda self: self.effective_truncation.max_length)
+    batch_size = property(lambda self: self.options.batch_size, doc='Pairs per batch per rank, or None when batches are bounded by ``max_tokens``.')
+    max_tokens = property(lambda self: self.options.max_tokens, doc='Token budget per batch per rank (``2 x B x L``, or ``R x T`` packed), or None.')
+    shuffle = property(lambda self: self.options.shuffle, doc="Whether each epoch's order is shuffled.")
+    drop_last = property(lambda self: self.options.drop_last, doc="Whether an epoch's short last batch is dropped.")
+    group_by_length = property(lambda self: self.options.group_by_length, doc='Whether pairs are sorted by length within shuffled windows.')
+    window = property(lambda self: self.options.window, doc='The length-grouping window, in pairs (None: the default, 512 batches per rank).')
+    oversize = property(lambda self: self.options.oversize, doc='What happens to a pair over the budget alone: ``"truncate"``, ``"skip"`` or ``"error"``.')
+    pad_to_multiple_of = property(lambda self: self.options.pad_to_multiple_of, doc='Row lengths are rounded up to a multiple of this (None: not rounded).')
+    layout = property(lambda self: self.options.layout, doc='The batch layout: ``"padded"``, ``"packed"`` or ``"prefix_shared"``.')
+    max_row_tokens = property(lambda self: self.options.max_row_tokens, doc='The longest packed row in tokens (None: the budget; 0: one pair per row).')
+    max_length = property(lambda self: self.truncation_options.max_length, doc='The ``max_length`` given (tokens per row), or None.')
+    truncation = property(lambda self: self.truncation_options.mode, doc='The truncation mode: ``"keep_end"`` or ``"keep_start"``.')
+    min_completion_tokens = property(lambda self: self.truncation_options.min_completion_tokens, doc='Completions are cut no shorter than this before the prompt is.')
+    effective_max_length = property(lambda self: self.effective_truncation.max_length,
+                                    doc="The row length pairs are truncated to: ``max_length``, or the one a token budget "
+                                        "sets (None: no truncation).")
 
     def _subset(self, indices: Any, split: str | Mapping[str, str] | None) -> np.ndarray | None:
         """The pairs served (union indices for a mixture), from ``indices`` and ``split``; None: all."""
@@ -340,6 +347,7 @@ class Loader:
 
     @property
     def epoch(self) -> int:
+        """The epoch the next iteration serves (:meth:`set_epoch`)."""
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -348,7 +356,7 @@ class Loader:
         A position restored by :meth:`load_state_dict` is kept only when ``epoch`` is the
         restored epoch.
         """
-        if epoch < 0:
+        if _negative(epoch, "epoch"):
             raise ArgumentError(f"epoch must be >= 0, got {epoch}")
         if epoch != self._epoch:
             self._pending = None
@@ -535,6 +543,15 @@ class Loader:
         size = f"batch_size={self.batch_size}" if self.batch_size is not None else f"max_tokens={self.max_tokens}"
         return (f"pairpack.Loader({self.ds.path}, {size}, rank={self.rank}/{self.world_size}, epoch={self._epoch}, "
                 f"group_by_length={self.group_by_length}, max_length={self.max_length})")
+
+
+def _negative(value: Any, name: str) -> bool:
+    """``value < 0`` for a number; :class:`ArgumentTypeError` naming ``name`` when ``value`` is not
+    comparable with 0 (a string, None)."""
+    try:
+        return bool(value < 0)
+    except TypeError:
+        raise ArgumentTypeError(f"{name} must be an integer >= 0, got {type(value).__name__}") from None
 
 
 def _identity(x: Any) -> Any:

@@ -26,8 +26,11 @@ __all__ = ["TRUNCATION_MODES", "OVERSIZE_MODES", "LAYOUTS", "Truncation", "PlanO
            "truncation_from", "plan_options_from", "NO_TRUNCATION"]
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+"""Which end of the prompt truncation keeps: ``"keep_end"`` drops tokens from its start."""
 OVERSIZE_MODES = ("truncate", "skip", "error")
+"""What a token budget does with a pair over it alone: truncate it to fit, skip it (counted), raise."""
 LAYOUTS = ("padded", "packed", "prefix_shared")
+"""The batch layouts (docs/layouts.md)."""
 
 
 def _int_or_none(name: str, v: Any, lo: int) -> None:
@@ -67,6 +70,7 @@ class Truncation:
 
     @property
     def active(self) -> bool:
+        """Whether pairs are truncated at all (``max_length`` is set)."""
         return self.max_length is not None
 
     def capped(self, cap: int | None) -> "Truncation":
@@ -124,6 +128,7 @@ class Truncation:
 
 
 NO_TRUNCATION = Truncation()
+"""The truncation that cuts nothing (``max_length=None``)."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,7 @@ class PlanOptions:
 
     @property
     def packed(self) -> bool:
+        """Whether the layout is one of the packed ones (``packed``, ``prefix_shared``)."""
         return self.layout != "padded"
 
     def pair_tokens(self, p: Any, c: Any, r: Any) -> Any:

@@ -20,7 +20,7 @@ from .. import _accel
 from .. import format as fmt
 from ..errors import ArgumentError
 from ..format.spec import round_up
-from ..read.dataset import Pair
+from ..read.dataset import Pair, pair_indices
 from .options import NO_TRUNCATION, OVERSIZE_MODES, TRUNCATION_MODES, OversizeError, PlanOptions, Truncation, options_from
 from .packing import best_fit_order, pack_rows
 from .sampling import equalize
@@ -651,7 +651,7 @@ class Collate:
     def __call__(self, items: Sequence[Any]) -> "Triplets | PackedBatch":
         if len(items) and isinstance(items[0], Pair):
             return self._from_pairs(items)
-        idx = np.asarray(items, dtype=np.int64).reshape(-1)
+        idx = pair_indices(items)
         same = identical_after_truncation(self.ds, idx, truncation=self.truncation)
         if same.any():
             self.dropped += int(same.sum())

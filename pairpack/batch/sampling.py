@@ -45,8 +45,9 @@ def epoch_order(n: int, *, seed: int, epoch: int, fingerprint: str, shuffle: boo
 
     Args:
         n: number of pairs in the dataset.
-        seed, epoch, fingerprint: the only inputs of the permutation (fingerprint: hex string,
-            ``Dataset.fingerprint``).
+        seed: the run's seed; with ``epoch`` and ``fingerprint`` the only inputs of the permutation.
+        epoch: the epoch (0-based).
+        fingerprint: the dataset's identity, a hex string (``Dataset.fingerprint``).
         shuffle: False gives ``arange(n)`` (or ``subset`` as given).
         subset: optional int64 array of the pair indices taking part (e.g. without pairs dropped
             by truncation); the permutation is of its positions.

@@ -1,5 +1,5 @@
 """The sidecar ``<export>.pairpack.json`` that ``pairpack export`` writes beside a JSONL export: the
-dataset settings a later ``pairpack build`` of that export reads back (README, "Shipping a dataset")."""
+dataset settings a later ``pairpack build`` of that export reads back (docs/building.md)."""
 
 from __future__ import annotations
 

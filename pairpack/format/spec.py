@@ -15,6 +15,8 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "MANIFEST_MAX_BYTES
 # --- §2 identity and versioning -------------------------------------------------------------
 FORMAT_NAME = "pairpack"  # FORMAT.md §2: value of manifest "format"
 FORMAT_VERSION = 1  # FORMAT.md §2: value of manifest "format_version"; independent of the package
+"""The format version this package reads and writes: the manifest's ``"format_version"`` (FORMAT.md §2),
+versioned independently of the package."""
 MANIFEST_NAME = "manifest.json"  # FORMAT.md §3
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024  # FORMAT.md §5: readers refuse a larger manifest unparsed
 
@@ -32,7 +34,13 @@ NPY_HEADER_BYTES = 128  # FORMAT.md §4: writers emit a 128-byte header (magic t
 NPY_ALIGN = 64  # FORMAT.md §4: array data starts at a multiple of 64 bytes
 NPY_MAX_HEADER = 4096  # FORMAT.md §8 R6: readers refuse longer .npy headers unparsed
 SEGMENTS = ("prompt", "chosen", "rejected")  # FORMAT.md §4.2: row order of starts/lengths
-PROMPT, CHOSEN, REJECTED = 0, 1, 2  # FORMAT.md §4.2: row indices
+PROMPT = 0  # FORMAT.md §4.2: row index
+"""Row of the prompt segment in ``starts.npy``/``lengths.npy`` (FORMAT.md §4.2); also the
+``token_part`` of prompt tokens in a packed batch."""
+CHOSEN = 1  # FORMAT.md §4.2: row index
+"""Row of the chosen completion (FORMAT.md §4.2); the ``token_part`` of chosen tokens."""
+REJECTED = 2  # FORMAT.md §4.2: row index
+"""Row of the rejected completion (FORMAT.md §4.2); the ``token_part`` of rejected tokens."""
 INDEX_DTYPE = np.dtype("<i8")  # FORMAT.md §4.2/§4.3: starts and lengths are int64
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # FORMAT.md §4.1
 UINT16_MAX_VOCAB = 1 << 16  # FORMAT.md §4.1: uint16 iff vocab_size <= 65536

@@ -47,9 +47,12 @@ from ..read.dataset import open_dataset
 
 __all__ = ["pack", "unpack", "ArchiveReport", "ARCHIVE_FORMAT", "ARCHIVE_VERSION", "ARCHIVE_SUFFIX"]
 
-ARCHIVE_FORMAT = "pairpack-archive"  # header "format"
-ARCHIVE_VERSION = 1  # header "version"
-ARCHIVE_SUFFIX = ".pairpack.zst"  # the conventional file name ending
+ARCHIVE_FORMAT = "pairpack-archive"
+"""The archive header's ``"format"`` value."""
+ARCHIVE_VERSION = 1
+"""The archive header's ``"version"`` value."""
+ARCHIVE_SUFFIX = ".pairpack.zst"
+"""The conventional ending of an archive's file name."""
 HEADER_NAME = "pairpack-archive.json"  # the first member
 HEADER_MAX_BYTES = 2 * fmt.MANIFEST_MAX_BYTES  # unpack refuses a larger header unread
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -81,10 +84,12 @@ class ArchiveReport:
 
     @property
     def ratio(self) -> float:
+        """Dataset bytes over archive bytes (the compression ratio)."""
         return self.data_bytes / max(self.archive_bytes, 1)
 
     @property
     def mb_per_s(self) -> float:
+        """Dataset megabytes (10^6 bytes) per second of the whole command."""
         return self.data_bytes / 1e6 / max(self.seconds, 1e-9)
 
     def summary(self) -> str:
@@ -98,6 +103,7 @@ class ArchiveReport:
                 f"{self.seconds:.2f} s, {self.mb_per_s:,.1f} MB/s of dataset")
 
     def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (the fields plus ``ratio`` and ``mb_per_s``)."""
         d = dict(self.__dict__)
         d["ratio"] = self.ratio
         d["mb_per_s"] = self.mb_per_s

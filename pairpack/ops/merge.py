@@ -40,6 +40,7 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        """What ``pairpack merge`` prints: parts, pairs, shards, and how the files were placed."""
         how = ", ".join(f"{n} {k}" for k, n in (("hard-linked", self.linked), ("moved", self.moved),
                                                 ("copied", self.copied)) if n)
         lines = [f"merged {self.parts} part(s) into {self.output}: {self.pairs:,} pairs in {self.shards} shard(s); "

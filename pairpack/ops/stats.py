@@ -324,6 +324,7 @@ class DatasetStats:
     _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        """Every statistic as a JSON-ready dict (what ``pairpack stats --json`` prints)."""
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def render(self) -> str:
@@ -340,7 +341,9 @@ def compute_stats(ds: Any, *, max_lengths: Sequence[int] | None = None, batch_si
         ds: the dataset.
         max_lengths: candidate ``max_length`` values; None picks powers of two around the data plus
             the suggestion (smallest multiple of 64 keeping 99% of pairs whole).
-        batch_size / max_tokens: how the loader would batch (per rank); default ``batch_size=32``.
+        batch_size: pairs per batch, as the loader would batch (per rank); the default when
+            neither this nor ``max_tokens`` is given is 32.
+        max_tokens: a token budget per batch instead of ``batch_size``.
         seed: the loader seed whose epoch-0 order is used for random batching.
         min_completion_tokens: the loader's floor when cutting completions (default 1).
         padding: False skips the padding and layout sections.

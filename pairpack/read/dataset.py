@@ -14,16 +14,15 @@ import numpy as np
 
 from .. import _accel
 from .. import format as fmt
-from ..errors import ArgumentError, ColumnNotFoundError, FormatError, PairIndexError, StateError
+from ..errors import ArgumentError, ArgumentTypeError, ColumnNotFoundError, FormatError, PairIndexError, StateError
 from ..format.spec import round_up
-from ..tokenization import tokenizer_from_manifest
 from .shard import _check_segments, _open_shard, _Shard
 from .verify import verify_dataset
 
 if TYPE_CHECKING:  # torch is imported only when a batch is assembled
     from ..batch.triplets import Triplets
 
-__all__ = ["Pair", "Dataset", "open_dataset"]
+__all__ = ["Pair", "Dataset", "open_dataset", "pair_indices"]
 
 
 class Pair(NamedTuple):
@@ -63,7 +62,10 @@ class Dataset:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        try:
+            self.path = Path(path)
+        except TypeError:
+            raise ArgumentTypeError(f"a dataset path must be a str or os.PathLike, got {type(path).__name__}") from None
         self.manifest = fmt.read_manifest(self.path)
         m = self.manifest
         self.token_dtype = fmt.TOKEN_DTYPES[m.token_dtype]
@@ -106,10 +108,12 @@ class Dataset:
 
     @property
     def pad_id(self) -> int:
+        """The pad id recorded in the manifest (padding value of batches; masks never read it)."""
         return self.manifest.pad_id
 
     @property
     def vocab_size(self) -> int:
+        """The vocabulary size recorded in the manifest: every token id is below it."""
         return self.manifest.vocab_size
 
     @property
@@ -119,6 +123,7 @@ class Dataset:
 
     @property
     def column_names(self) -> list[str]:
+        """Names of the per-pair columns (scores, cached reference log-probs), in manifest order."""
         return [c.name for c in self.manifest.columns]
 
     def _locate(self, index: int) -> tuple[_Shard, int]:
@@ -133,7 +138,7 @@ class Dataset:
     def __getitem__(self, index: int) -> Pair:
         """Pair ``index`` as three zero-copy views. Raises FormatError if its index entry points
         outside the tokens file."""
-        shard, j = self._locate(int(index))
+        shard, j = self._locate(_pair_index(index))
         st = shard.starts[:, j]
         ln = shard.lengths[:, j]
         _check_segments(shard, st[:, None], ln[:, None], j)
@@ -163,14 +168,17 @@ class Dataset:
 
     @property
     def prompt_lengths(self) -> np.ndarray:
+        """int64 ``(N,)``: every pair's prompt length in tokens (a row of :attr:`lengths`)."""
         return self.lengths[fmt.PROMPT]
 
     @property
     def chosen_lengths(self) -> np.ndarray:
+        """int64 ``(N,)``: every pair's chosen length in tokens (a row of :attr:`lengths`)."""
         return self.lengths[fmt.CHOSEN]
 
     @property
     def rejected_lengths(self) -> np.ndarray:
+        """int64 ``(N,)``: every pair's rejected length in tokens (a row of :attr:`lengths`)."""
         return self.lengths[fmt.REJECTED]
 
     def column(self, name: str) -> np.ndarray:
@@ -188,10 +196,7 @@ class Dataset:
         segment is bounds-checked, vectorised (FORMAT.md §8 R13). Used by :meth:`batch` and by the
         loader's plans.
         """
-        try:
-            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        except (TypeError, ValueError, OverflowError):
-            raise ArgumentError(f"indices must be pair indices (integers), got {str(indices)[:80]}") from None
+        idx = pair_indices(indices)
         n = len(self)
         if _accel.native is not None and idx.size:
             got = self._take_native(_accel.native, idx, columns)
@@ -269,7 +274,7 @@ class Dataset:
         when the batch kernels apply; None when they do not (empty batch, dtype or pad_id, a bad
         segment: the general path then gives the result or the detailed error; a row over
         ``max_length``: truncation). The first of the two C calls of every layout's hot path."""
-        idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.ascontiguousarray(pair_indices(indices))
         toks, ok = (self._native_args or self._native_shards())[3:]
         if not (idx.size and ok):
             return None
@@ -315,10 +320,12 @@ class Dataset:
             indices: pair indices (any order, repeats allowed).
             pad_to_multiple_of: round the padded length ``L`` (row length ``T``) up to a multiple of this.
             columns: per-pair columns to carry as ``(B,)`` tensors in the batch's ``columns``.
-            max_length, truncation, min_completion_tokens: truncation (``truncation`` may be a
-                :class:`~pairpack.batch.options.Truncation` instead), as the Loader applies it.
-            layout, max_row_tokens: ``"padded"``, ``"packed"`` or ``"prefix_shared"``, and the
-                longest packed row (None: one row; 0: one pair per row).
+            max_length: truncate pairs so that ``P + C`` and ``P + R`` fit, as the Loader does.
+            truncation: ``"keep_end"`` or ``"keep_start"``, or a
+                :class:`~pairpack.batch.options.Truncation` in place of the three truncation arguments.
+            min_completion_tokens: completions are cut no shorter than this before the prompt.
+            layout: ``"padded"``, ``"packed"`` or ``"prefix_shared"``.
+            max_row_tokens: the longest packed row (None: one row; 0: one pair per row).
             options: a :class:`~pairpack.batch.options.PlanOptions` instead of ``pad_to_multiple_of``,
                 ``layout`` and ``max_row_tokens``.
 
@@ -369,6 +376,9 @@ class Dataset:
     def tokenizer(self) -> Any:
         """The tokenizer recorded in the manifest, loaded for decoding, or None when unknown."""
         if self._tokenizer is None and self.manifest.tokenizer is not None:
+            # loaded on use: opening and reading never import the tokenizer module
+            from ..tokenization import tokenizer_from_manifest
+
             self._tokenizer = tokenizer_from_manifest(self.manifest.tokenizer, self.path)
         return self._tokenizer
 
@@ -407,6 +417,28 @@ def _triplets() -> Any:
     from ..batch import triplets
 
     return triplets
+
+
+def pair_indices(indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``indices`` as int64 ``(B,)`` (any shape is flattened); :class:`ArgumentError` when they are
+    not integers."""
+    try:
+        return np.asarray(indices, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise ArgumentError(f"indices must be pair indices (integers), got {str(indices)[:80]}") from None
+
+
+def _pair_index(index: Any) -> int:
+    """``int(index)``, a :class:`PairpackError` when it is not a pair index: an
+    :class:`ArgumentError` (a ``ValueError``, as ``int()`` raised) for a string such as ``"x"`` or an
+    infinite float, an
+    :class:`ArgumentTypeError` (a ``TypeError``) for ``None``, a slice or a list."""
+    try:
+        return int(index)
+    except (ValueError, OverflowError):
+        raise ArgumentError(f"a pair index must be an integer, got {index!r:.80}") from None
+    except TypeError:
+        raise ArgumentTypeError(f"a pair index must be an integer, got {type(index).__name__}") from None
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:

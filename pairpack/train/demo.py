@@ -16,7 +16,7 @@ Steps (all on a dataset that ``pairpack build`` made from the bundled sample):
 
 Every batch (cache, training, evaluation) is made in ``DemoConfig.layout``: ``"padded"`` rows, or
 ``"prefix_shared"``/``"packed"`` rows of one pair each, which TinyLM takes with positions and its
-default attention for them, split (``batch.split_attention()``; README, "Layouts").
+default attention for them, split (``batch.split_attention()``; docs/layouts.md).
 
 No SFT step comes first: this is DPO alone.
 """
@@ -128,6 +128,7 @@ class DemoResult:
     params: int = 0
 
     def to_json(self) -> dict[str, Any]:
+        """The result and its configuration as a JSON-ready dict."""
         d = asdict(self)
         d["config"] = asdict(self.config)
         return d

@@ -13,7 +13,7 @@ Conventions (each is tested in tests/test_dpo.py):
       (per-token mean; x-transformers). ``beta`` is not comparable across the two.
     * Padding is on the right; the model is called without an attention mask, which is only
       correct for a causal model with right padding.
-    * Batches of the ``packed`` and ``prefix_shared`` layouts (``PackedBatch``, README "Layouts")
+    * Batches of the ``packed`` and ``prefix_shared`` layouts (``PackedBatch``, docs/layouts.md)
       have a scoring map (``batch.score_map()``, derived on the batch's device when first read);
       :func:`sequence_logprobs_from` reads it, and
       :mod:`pairpack.train.models` calls the model with the positions and mask the layout needs.
@@ -52,6 +52,7 @@ __all__ = [
 Reduction = Literal["sum", "mean"]
 
 REDUCTIONS: tuple[str, ...] = ("sum", "mean")
+"""How a sequence's token log-probs are reduced: ``"sum"`` (nats per sequence) or ``"mean"`` (per token)."""
 _SEQ_MASK_NAMES = ("preferred_seq_mask", "unpreferred_seq_mask")
 # pairpack.train.reference.REFERENCE_COLUMNS (reference imports this module)
 _REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -276,7 +277,9 @@ class DPO(nn.Module):
             weighted sum (``("sigmoid", "sft")``); see :mod:`pairpack.train.losses`.
         loss_weights: one weight per loss type (default 1.0 each); see
             :func:`pairpack.train.losses.loss_config`.
-        label_smoothing, gamma, discopop_tau: see :func:`pairpack.train.losses.loss_config`.
+        label_smoothing: see :func:`pairpack.train.losses.loss_config`.
+        gamma: see :func:`pairpack.train.losses.loss_config`.
+        discopop_tau: see :func:`pairpack.train.losses.loss_config`.
         use_weighting: multiply each pair's loss by its WPO weight (:func:`wpo_weights`).
         ref_model: ``None`` (default) takes a deep copy of ``model`` now, before training
             changes it, unless every loss type is reference-free (``simpo``, ``cpo``, ``orpo``,
@@ -327,6 +330,8 @@ class DPO(nn.Module):
                                   "(no reference model and no cached reference log-probs are used)")
         self.policy_model = model
         if ref_model is None and self.loss.needs_reference:
+            if not isinstance(model, nn.Module):  # the frozen copy is an nn.Module's
+                raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
             ref_model = copy.deepcopy(model)
         if ref_model is None or ref_model is False:
             self.ref_model: nn.Module | None = None

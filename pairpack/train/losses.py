@@ -10,30 +10,28 @@ token), ``p_c``, ``p_r`` the reference's, ``L_c``, ``L_r`` the numbers of scored
 ``dc = x_c - p_c``, ``dr = x_r - p_r``, ``h = dc - dr``, ``b = beta``, ``e = label_smoothing``,
 ``s = sigmoid``, ``ls = logsigmoid``, ``cdpo(z) = -(1 - e) ls(z) - e ls(-z)``.
 
-=============  ===============================================================  ===========
-loss type      per-pair loss                                                    at policy = reference
-=============  ===============================================================  ===========
-sigmoid        ``cdpo(b h)``                                                    ``ln 2``
-robust         ``(-(1-e) ls(b h) + e ls(-b h)) / (1 - 2e)``                     ``ln 2``
-hinge          ``relu(1 - b h)``                                                ``1``
-ipo            ``(h - 1/(2b))^2``                                               ``1/(4b^2)``
-exo_pair       ``s(bh)(ls(bh) - ln(1-e)) + s(-bh)(ls(-bh) - ln e)``, ``e > 0``  ``-ln 2 - ½ ln(e(1-e))``
-nca_pair       ``-ls(b dc) - ½ ls(-b dc) - ½ ls(-b dr)``                        ``2 ln 2``
-bco_pair       ``-ls(b dc) - ls(-b dr)``                                        ``2 ln 2``
-sppo_hard      ``(dc - 1/(2b))^2 + (dr + 1/(2b))^2``                            ``1/(2b^2)``
-aot            ``cdpo(b (sort(x_c - x_r) - sort(p_c - p_r)))`` over the batch   ``ln 2``
-aot_unpaired   ``cdpo(b (sort(dc) - sort(dr)))`` over the batch                 ``ln 2``
-apo_zero       ``1 - s(b dc) + s(b dr)``                                        ``1``
-apo_down       ``s(b dc) + 1 - s(b h)``                                         ``1``
-discopop       ``(1 - s(b h / tau)) (-ls(b h)) + s(b h / tau) exp(-b h)``       ``(1 + ln 2) / 2``
-sigmoid_norm   ``-ls(b (dc / L_c - dr / L_r))``                                 ``ln 2``
-sft            ``-a_c``                                                         (no constant)
-simpo          ``cdpo(b (a_c - a_r) - gamma)``  (no reference)                  (no reference)
-cpo            ``cdpo(b (x_c - x_r)) - a_c``  (no reference)                    (no reference)
-orpo           ``-a_c - b ls(lo(a_c) - lo(a_r))``, ``lo(a) = a - ln(1 - e^a)``  (no reference)
-=============  ===============================================================  ===========
+| loss type | per-pair loss | at policy = reference |
+|---|---|---|
+| sigmoid | ``cdpo(b h)`` | ``ln 2`` |
+| robust | ``(-(1-e) ls(b h) + e ls(-b h)) / (1 - 2e)`` | ``ln 2`` |
+| hinge | ``relu(1 - b h)`` | ``1`` |
+| ipo | ``(h - 1/(2b))^2`` | ``1/(4b^2)`` |
+| exo_pair | ``s(bh)(ls(bh) - ln(1-e)) + s(-bh)(ls(-bh) - ln e)``, ``e > 0`` | ``-ln 2 - ½ ln(e(1-e))`` |
+| nca_pair | ``-ls(b dc) - ½ ls(-b dc) - ½ ls(-b dr)`` | ``2 ln 2`` |
+| bco_pair | ``-ls(b dc) - ls(-b dr)`` | ``2 ln 2`` |
+| sppo_hard | ``(dc - 1/(2b))^2 + (dr + 1/(2b))^2`` | ``1/(2b^2)`` |
+| aot | ``cdpo(b (sort(x_c - x_r) - sort(p_c - p_r)))`` over the batch | ``ln 2`` |
+| aot_unpaired | ``cdpo(b (sort(dc) - sort(dr)))`` over the batch | ``ln 2`` |
+| apo_zero | ``1 - s(b dc) + s(b dr)`` | ``1`` |
+| apo_down | ``s(b dc) + 1 - s(b h)`` | ``1`` |
+| discopop | ``(1 - s(b h / tau)) (-ls(b h)) + s(b h / tau) exp(-b h)`` | ``(1 + ln 2) / 2`` |
+| sigmoid_norm | ``-ls(b (dc / L_c - dr / L_r))`` | ``ln 2`` |
+| sft | ``-a_c`` | (no constant) |
+| simpo | ``cdpo(b (a_c - a_r) - gamma)``  (no reference) | (no reference) |
+| cpo | ``cdpo(b (x_c - x_r)) - a_c``  (no reference) | (no reference) |
+| orpo | ``-a_c - b ls(lo(a_c) - lo(a_r))``, ``lo(a) = a - ln(1 - e^a)`` | (no reference) |
 
-The README's loss table gives each one's paper and every convention that differs from TRL.
+The loss table of docs/dpo.md gives each one's paper and every convention that differs from TRL.
 This module depends on torch only.
 """
 
@@ -63,11 +61,12 @@ LOSS_TYPES: tuple[str, ...] = (
     "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "cpo", "orpo",
 )
-# Loss types that read no reference log-probs: a run made only of these needs no reference model.
+"""Every loss type, under TRL's names (formulas: the module docstring)."""
 REFERENCE_FREE_LOSS_TYPES: frozenset[str] = frozenset({"sft", "simpo", "cpo", "orpo"})
-# Loss types that pair the batch's sorted values, not each pair with itself: per-pair weights
-# would land on the wrong pair, and the loss depends on which pairs share a (per-rank) batch.
+"""Loss types that read no reference log-probs: a run made only of these needs no reference model."""
 BATCH_SORTED_LOSS_TYPES: frozenset[str] = frozenset({"aot", "aot_unpaired"})
+"""Loss types that pair the batch's sorted values, not each pair with itself: per-pair weights would
+land on the wrong pair, and the loss depends on which pairs share a (per-rank) batch."""
 # Loss types whose formula has a label-smoothing term; a nonzero epsilon needs at least one.
 _SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo")
 # Loss types that read per-token averages, hence the token counts under reduction="sum".
@@ -231,8 +230,12 @@ def dpo_loss(
         ref_chosen: float ``(B,)``, reference log-prob of each chosen completion; may be None
             (with ``ref_rejected``) when every loss type is reference-free.
         ref_rejected: float ``(B,)``, likewise for the rejected completions.
-        beta, loss_type, loss_weights, label_smoothing, gamma, discopop_tau: see
-            :func:`loss_config`.
+        beta: see :func:`loss_config` (as are the next five).
+        loss_type: one loss type or several.
+        loss_weights: one weight per loss type.
+        label_smoothing: ``e`` of the smoothed types.
+        gamma: SimPO's margin.
+        discopop_tau: DiscoPOP's temperature.
         reduction: what the log-probs are: ``"sum"`` (nats per sequence) or ``"mean"`` (nats per
             token). The DPO-family losses use them as given; the per-token ones (``sigmoid_norm``,
             ``sft``, ``simpo``, ``cpo``'s NLL, ``orpo``) divide sums by the token counts.
@@ -251,6 +254,54 @@ def dpo_loss(
         ArgumentError (a ValueError): inputs that are not ``(B,)`` tensors of one shape.
     """
     cfg = loss_config(beta, loss_type, loss_weights, label_smoothing, gamma, discopop_tau)
+    counts_needed = _check_inputs(cfg, reduction, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                  chosen_tokens, rejected_tokens, pair_weights)
+    xc, xr = policy_chosen, policy_rejected
+    pc = ref_chosen if ref_chosen is not None else torch.zeros_like(xc)
+    pr = ref_rejected if ref_rejected is not None else torch.zeros_like(xr)
+    if counts_needed:
+        lc = chosen_tokens.to(xc.dtype).clamp(min=1.0)  # type: ignore[union-attr]
+        lr = rejected_tokens.to(xr.dtype).clamp(min=1.0)  # type: ignore[union-attr]
+    else:
+        lc = lr = torch.ones((), dtype=xc.dtype, device=xc.device)
+    logps = _LogProbs(xc, xr, pc, pr, lc, lr)
+    terms = {t: _loss_term(t, cfg, logps) for t in cfg.loss_types}
+    losses = sum(w * terms[t] for t, w in zip(cfg.loss_types, cfg.loss_weights))
+    assert isinstance(losses, Tensor)
+    if pair_weights is not None:
+        losses = losses * pair_weights
+
+    chosen_rewards = (cfg.beta * logps.dc).detach()
+    rejected_rewards = (cfg.beta * logps.dr).detach()
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    }
+    if len(terms) > 1:
+        metrics.update({f"loss/{t}": v.detach().mean() for t, v in terms.items()})
+    if pair_weights is not None:
+        metrics["weights/mean"] = pair_weights.detach().mean()
+    return DPOOutput(losses, chosen_rewards, rejected_rewards, metrics)
+
+
+def _check_inputs(
+    cfg: LossConfig,
+    reduction: str,
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    chosen_tokens: Tensor | None,
+    rejected_tokens: Tensor | None,
+    pair_weights: Tensor | None,
+) -> bool:
+    """:func:`dpo_loss`'s checks of its inputs against the configuration, in the order its
+    docstring's Raises lists them; returns whether the token counts are needed (per-token loss
+    types under ``reduction="sum"``)."""
     if reduction not in ("sum", "mean"):
         raise LossConfigError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if (ref_chosen is None) != (ref_rejected is None):
@@ -274,83 +325,77 @@ def dpo_loss(
         if sorted_types:
             raise LossConfigError(f"pair weights (WPO) cannot be used with {sorted(sorted_types)}: those losses sort "
                                   "the batch, so a pair's weight would land on another pair's term")
-    shapes = {tuple(t.shape) for t in inputs}
+    shapes = {tuple(t.shape) for t in inputs}  # type: ignore[union-attr]
     if len(shapes) != 1 or policy_chosen.ndim != 1:
         raise ArgumentError(f"the log-probs (and token counts, pair weights) must all have shape (B,), "
-                         f"got {[tuple(t.shape) for t in inputs]}")
+                         f"got {[tuple(t.shape) for t in inputs]}")  # type: ignore[union-attr]
+    return counts_needed
 
+
+class _LogProbs(NamedTuple):
+    """The per-pair quantities every loss type reads, float ``(B,)`` each (the module docstring's
+    notation): policy ``xc``, ``xr``; reference ``pc``, ``pr`` (zeros without a reference);
+    scored-token counts ``lc``, ``lr`` (a 0-dim 1 when the log-probs are already per token)."""
+
+    xc: Tensor
+    xr: Tensor
+    pc: Tensor
+    pr: Tensor
+    lc: Tensor
+    lr: Tensor
+
+    @property
+    def dc(self) -> Tensor:
+        return self.xc - self.pc
+
+    @property
+    def dr(self) -> Tensor:
+        return self.xr - self.pr
+
+
+def _loss_term(t: str, cfg: LossConfig, v: _LogProbs) -> Tensor:
+    """The per-pair loss ``(B,)`` of loss type ``t`` (the module docstring's table), unweighted."""
     b, eps = cfg.beta, cfg.label_smoothing
-    xc, xr = policy_chosen, policy_rejected
-    pc = ref_chosen if has_ref else torch.zeros_like(xc)
-    pr = ref_rejected if has_ref else torch.zeros_like(xr)
-    dc, dr = xc - pc, xr - pr
+    xc, xr, pc, pr, lc, lr = v
+    dc, dr = v.dc, v.dr
     h = dc - dr
-    if counts_needed:
-        lc = chosen_tokens.to(xc.dtype).clamp(min=1.0)  # type: ignore[union-attr]
-        lr = rejected_tokens.to(xr.dtype).clamp(min=1.0)  # type: ignore[union-attr]
-    else:
-        lc = lr = torch.ones((), dtype=xc.dtype, device=xc.device)
-
-    def per_type(t: str) -> Tensor:
-        if t == "sigmoid":
-            return _cdpo(b * h, eps)
-        if t == "robust":
-            return (-(1 - eps) * F.logsigmoid(b * h) + eps * F.logsigmoid(-b * h)) / (1 - 2 * eps)
-        if t == "hinge":
-            return F.relu(1 - b * h)
-        if t == "ipo":
-            return (h - 1 / (2 * b)) ** 2
-        if t == "exo_pair":
-            z = b * h
-            return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
-                    + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
-        if t == "nca_pair":
-            return -F.logsigmoid(b * dc) - 0.5 * F.logsigmoid(-b * dc) - 0.5 * F.logsigmoid(-b * dr)
-        if t == "bco_pair":
-            return -F.logsigmoid(b * dc) - F.logsigmoid(-b * dr)
-        if t == "sppo_hard":
-            return (dc - 0.5 / b) ** 2 + (dr + 0.5 / b) ** 2
-        if t == "aot":
-            return _cdpo(b * (torch.sort(xc - xr).values - torch.sort(pc - pr).values), eps)
-        if t == "aot_unpaired":
-            return _cdpo(b * (torch.sort(dc).values - torch.sort(dr).values), eps)
-        if t == "apo_zero":
-            return 1 - torch.sigmoid(b * dc) + torch.sigmoid(b * dr)
-        if t == "apo_down":
-            return torch.sigmoid(b * dc) + 1 - torch.sigmoid(b * h)
-        if t == "discopop":
-            z = b * h
-            mix = torch.sigmoid(z / cfg.discopop_tau)
-            return (1 - mix) * -F.logsigmoid(z) + mix * torch.exp(-z)
-        if t == "sigmoid_norm":
-            return -F.logsigmoid(b * (dc / lc - dr / lr))
-        if t == "sft":
-            return -xc / lc
-        if t == "simpo":
-            return _cdpo(b * (xc / lc - xr / lr) - cfg.gamma, eps)
-        if t == "cpo":
-            return _cdpo(b * (xc - xr), eps) - xc / lc
-        # "orpo"
-        return -xc / lc - b * F.logsigmoid(_log_odds(xc / lc) - _log_odds(xr / lr))
-
-    terms = {t: per_type(t) for t in cfg.loss_types}
-    losses = sum(w * terms[t] for t, w in zip(cfg.loss_types, cfg.loss_weights))
-    assert isinstance(losses, Tensor)
-    if pair_weights is not None:
-        losses = losses * pair_weights
-
-    chosen_rewards = (b * dc).detach()
-    rejected_rewards = (b * dr).detach()
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
-        "logps/chosen": policy_chosen.detach().mean(),
-        "logps/rejected": policy_rejected.detach().mean(),
-    }
-    if len(terms) > 1:
-        metrics.update({f"loss/{t}": v.detach().mean() for t, v in terms.items()})
-    if pair_weights is not None:
-        metrics["weights/mean"] = pair_weights.detach().mean()
-    return DPOOutput(losses, chosen_rewards, rejected_rewards, metrics)
+    if t == "sigmoid":
+        return _cdpo(b * h, eps)
+    if t == "robust":
+        return (-(1 - eps) * F.logsigmoid(b * h) + eps * F.logsigmoid(-b * h)) / (1 - 2 * eps)
+    if t == "hinge":
+        return F.relu(1 - b * h)
+    if t == "ipo":
+        return (h - 1 / (2 * b)) ** 2
+    if t == "exo_pair":
+        z = b * h
+        return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+                + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    if t == "nca_pair":
+        return -F.logsigmoid(b * dc) - 0.5 * F.logsigmoid(-b * dc) - 0.5 * F.logsigmoid(-b * dr)
+    if t == "bco_pair":
+        return -F.logsigmoid(b * dc) - F.logsigmoid(-b * dr)
+    if t == "sppo_hard":
+        return (dc - 0.5 / b) ** 2 + (dr + 0.5 / b) ** 2
+    if t == "aot":
+        return _cdpo(b * (torch.sort(xc - xr).values - torch.sort(pc - pr).values), eps)
+    if t == "aot_unpaired":
+        return _cdpo(b * (torch.sort(dc).values - torch.sort(dr).values), eps)
+    if t == "apo_zero":
+        return 1 - torch.sigmoid(b * dc) + torch.sigmoid(b * dr)
+    if t == "apo_down":
+        return torch.sigmoid(b * dc) + 1 - torch.sigmoid(b * h)
+    if t == "discopop":
+        z = b * h
+        mix = torch.sigmoid(z / cfg.discopop_tau)
+        return (1 - mix) * -F.logsigmoid(z) + mix * torch.exp(-z)
+    if t == "sigmoid_norm":
+        return -F.logsigmoid(b * (dc / lc - dr / lr))
+    if t == "sft":
+        return -xc / lc
+    if t == "simpo":
+        return _cdpo(b * (xc / lc - xr / lr) - cfg.gamma, eps)
+    if t == "cpo":
+        return _cdpo(b * (xc - xr), eps) - xc / lc
+    # "orpo"
+    return -xc / lc - b * F.logsigmoid(_log_odds(xc / lc) - _log_odds(xr / lr))

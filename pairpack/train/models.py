@@ -2,11 +2,10 @@
 
 A ``padded`` batch (:class:`~pairpack.batch.triplets.Triplets`) needs nothing but ids: right padding
 and causal attention keep every real token from seeing a pad. The ``packed`` and ``prefix_shared``
-layouts (:mod:`pairpack.batch.layouts`, README "Layouts") put several sequences in one row, so the
+layouts (:mod:`pairpack.batch.layouts`, docs/layouts.md) put several sequences in one row, so the
 model must take per-token positions and a mask that keeps them apart (and, in ``prefix_shared``,
 rejected tokens away from chosen ones). :func:`layout_logits` knows how to pass these to:
 
-============================== ========================= =============================================
 model                          attention="dense" (any     attention="auto" / "flex" on CUDA
                                device)
 ============================== ========================= =============================================
@@ -25,6 +24,13 @@ Hugging Face causal LM         ``position_ids=``, 4-D     "auto"/"split" (sdpa, 
                                                           the ``BlockMask`` as ``attention_mask``
 anything else                  ``padded`` only            ``padded`` only
 ============================== ========================= =============================================
+=======
+| model | attention="dense" (any device) | attention="auto" / "flex" on CUDA |
+|---|---|---|
+| ``TinyLM``, or any module with ``pairpack_layouts`` | ``positions=``, ``attn_mask=`` bool ``(R, 1, T, T)`` | "flex": a FlexAttention ``BlockMask`` as ``attn_mask``; "auto" and "split" (any device), if its ``pairpack_attention`` lists it: a ``SplitAttention`` as ``attn_mask`` |
+| x-transformers ``TransformerWrapper`` | ``pos=``, ``attn_mask=`` | built with ``attn_flash_pack_seq=True`` (flash-attn): ``packed`` only, rows flattened to one, ``flash_pack_seq_kwargs`` |
+| Hugging Face causal LM (``PreTrainedModel``) | ``position_ids=``, 4-D additive float mask (eager, sdpa) | "auto" and "split" (sdpa, eager or pairpack implementations, any device): split attention through ``AttentionInterface`` (:mod:`pairpack.train.hf_attention`), no mask; ``flash_attention_2/3``: ``packed`` only, ``cu_seq_lens_*``; ``flex_attention``: the ``BlockMask`` as ``attention_mask`` |
+| anything else | ``padded`` only | ``padded`` only |
 
 A layout a model cannot take raises :class:`~pairpack.errors.ModelError`; FlexAttention without
 CUDA raises :class:`~pairpack.errors.DeviceError`. Nothing here imports x-transformers or
@@ -45,7 +51,10 @@ from .hf_attention import split_forward, supports_split
 __all__ = ["ATTENTIONS", "LAYOUTS", "as_logits", "layout_logits", "layout_of", "model_family", "model_layouts"]
 
 LAYOUTS: tuple[str, ...] = ("padded", "packed", "prefix_shared")
+"""The batch layouts a model may take (docs/layouts.md)."""
 ATTENTIONS: tuple[str, ...] = ("auto", "dense", "flex", "split")
+"""How a packed layout's attention rule reaches the model: ``"auto"`` (split where the model takes it,
+else dense), a dense mask, a FlexAttention ``BlockMask`` (CUDA), or a ``SplitAttention``."""
 Attention = Literal["auto", "dense", "flex", "split"]
 
 
@@ -129,7 +138,7 @@ def _pairpack_attention(model: nn.Module) -> tuple[str, ...]:
 def _refuse(model: nn.Module, layout: str, attention: str, why: str) -> ModelError:
     return ModelError(f"{type(model).__name__} cannot take layout={layout!r} (attention={attention!r}): {why}. "
                       f"It takes {list(model_layouts(model, attention))}; build the batches with one of those "
-                      "(Loader(..., layout=...)) or see README, \"Layouts\", for the models that take each")
+                      "(Loader(..., layout=...)) or see docs/layouts.md for the models that take each")
 
 
 def _check_flex(batch: Any) -> None:

@@ -58,8 +58,11 @@ __all__ = [
 ]
 
 REF_CHOSEN = "ref_chosen_logp"
+"""The column of cached reference log-probs of the chosen completions (float32, nats)."""
 REF_REJECTED = "ref_rejected_logp"
+"""The column of cached reference log-probs of the rejected completions (float32, nats)."""
 REFERENCE_COLUMNS: tuple[str, str] = (REF_CHOSEN, REF_REJECTED)
+"""Both cache columns: pass them as ``Loader(columns=...)`` so batches carry them."""
 _CACHE_KIND = "pairpack.reference_logp"
 _CACHE_VERSION = 1
 
@@ -134,17 +137,20 @@ def precompute_reference(
             (CPU for a model without parameters). The model itself is not moved.
         reduction: ``"mean"`` (nats per token) or ``"sum"`` (nats per sequence); it must be the
             reduction of the ``DPO`` module that will use the cache.
-        max_length, truncation, min_completion_tokens: the truncation of the training loader
-            (``Loader.effective_max_length``, which a token budget can set even when
-            ``max_length`` is None); pairs are truncated exactly as the loader does
-            (:func:`pairpack.batch.plan.make_plan`), so the cached log-probs score the tokens the
-            policy will see. Pairs the loader drops (identical after truncation) get values too.
-        layout, max_row_tokens: the batch layout the reference runs on (``"padded"``,
-            ``"packed"``, ``"prefix_shared"``; README "Layouts") and, for the packed layouts, the
-            longest row (default 0: one pair per row, the fastest with dense masks). Every layout
-            stores the same columns with the same values (up to float summation order), so the
-            cache serves a training run of any layout; ``prefix_shared`` runs the model on
-            ``P + C + R`` tokens per pair instead of ``2 (P + max(C, R))``.
+        max_length: the truncation of the training loader (``Loader.effective_max_length``,
+            which a token budget can set even when ``max_length`` is None); pairs are truncated
+            exactly as the loader does (:func:`pairpack.batch.plan.make_plan`), so the cached
+            log-probs score the tokens the policy will see. Pairs the loader drops (identical
+            after truncation) get values too.
+        truncation: the loader's ``truncation`` (a mode, or a Truncation object).
+        min_completion_tokens: the loader's ``min_completion_tokens``.
+        layout: the batch layout the reference runs on (``"padded"``, ``"packed"``,
+            ``"prefix_shared"``; docs/layouts.md). Every layout stores the same columns with the
+            same values (up to float summation order), so the cache serves a training run of any
+            layout; ``prefix_shared`` runs the model on ``P + C + R`` tokens per pair instead of
+            ``2 (P + max(C, R))``.
+        max_row_tokens: for the packed layouts, the longest row (default 0: one pair per row, the
+            fastest with dense masks).
         attention: how packed layouts reach the model (:func:`pairpack.train.models.layout_logits`).
         progress: show a progress bar (None: when stderr is a terminal).
 
@@ -168,6 +174,27 @@ def precompute_reference(
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
+    chosen, rejected = _reference_logps(ds, model, trunc, batch_size, device, reduction, layout, max_row_tokens,
+                                        attention, progress)
+    attrs = {"kind": _CACHE_KIND, "version": _CACHE_VERSION, "model_hash": model_hash(model),
+             **_settings(reduction, trunc),
+             "dataset_fingerprint": ds.fingerprint, "pairpack_version": __version__,
+             "layout": layout}  # informative only: every layout stores the same values
+    unit = "nats per token" if reduction == "mean" else "nats per sequence"
+    info = {REF_CHOSEN: {"description": f"reference log-prob of the chosen completion ({unit})",
+                         "attrs": attrs},
+            REF_REJECTED: {"description": f"reference log-prob of the rejected completion ({unit})",
+                           "attrs": attrs}}
+    add_columns(ds.path, {REF_CHOSEN: chosen, REF_REJECTED: rejected}, info=info)
+    return open_dataset(ds.path)
+
+
+def _reference_logps(ds: Dataset, model: nn.Module, trunc: Truncation, batch_size: int, device: torch.device,
+                     reduction: str, layout: str, max_row_tokens: int | None, attention: str,
+                     progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`precompute_reference`'s pass over the dataset: float32 ``(N,)`` reference log-probs of
+    every pair's chosen and rejected completions, in index order, the model in eval mode under
+    ``torch.no_grad`` (its mode restored afterwards)."""
     n = len(ds)
     chosen = np.empty(n, dtype=np.float32)
     rejected = np.empty(n, dtype=np.float32)
@@ -188,17 +215,7 @@ def precompute_reference(
     finally:
         bar.close()
         model.train(was_training)
-    attrs = {"kind": _CACHE_KIND, "version": _CACHE_VERSION, "model_hash": model_hash(model),
-             **_settings(reduction, trunc),
-             "dataset_fingerprint": ds.fingerprint, "pairpack_version": __version__,
-             "layout": layout}  # informative only: every layout stores the same values
-    unit = "nats per token" if reduction == "mean" else "nats per sequence"
-    info = {REF_CHOSEN: {"description": f"reference log-prob of the chosen completion ({unit})",
-                         "attrs": attrs},
-            REF_REJECTED: {"description": f"reference log-prob of the rejected completion ({unit})",
-                           "attrs": attrs}}
-    add_columns(ds.path, {REF_CHOSEN: chosen, REF_REJECTED: rejected}, info=info)
-    return open_dataset(ds.path)
+    return chosen, rejected
 
 
 def check_reference(

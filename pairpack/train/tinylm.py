@@ -6,7 +6,7 @@ policy equals its reference at initialisation). Maps int64 ids ``(B, N)`` to log
 ``(B, N, V)``, the contract of :class:`pairpack.dpo.DPO`. Right padding needs no attention mask:
 the attention is causal, so real tokens never see later pads.
 
-It also takes the inputs of the ``packed`` and ``prefix_shared`` layouts (README, "Layouts"):
+It also takes the inputs of the ``packed`` and ``prefix_shared`` layouts (docs/layouts.md):
 ``positions`` (per-token position ids) and ``attn_mask``: a dense bool mask ``(R, 1, T, T)``
 (True = may attend; SDPA on any device), a :class:`~pairpack.batch.attention.SplitAttention`
 (the rule as small dense attentions, any device; the default) or a FlexAttention ``BlockMask``
@@ -73,7 +73,8 @@ class TinyLM(nn.Module):
         vocab_size: number of token ids (259 for the built-in byte tokenizer).
         max_len: longest sequence accepted (positions).
         d_model: width; must be divisible by ``n_heads``.
-        n_layers, n_heads: depth and attention heads.
+        n_layers: depth (transformer blocks).
+        n_heads: attention heads.
     """
 
     #: the batch layouts it takes (pairpack.train.models calls it with positions and a mask)

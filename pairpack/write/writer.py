@@ -397,7 +397,9 @@ class Writer:
         vocab_size: ids must be below it; picks the token dtype (FORMAT.md §4.1). When None, ids
             are checked against 2**32, the dtype starts as uint16 and widens once if a larger id
             appears, and the manifest records ``max id + 1``.
-        pad_id, bos_id, eos_id: special ids recorded in the manifest (§5.1).
+        pad_id: the pad id recorded in the manifest (§5.1).
+        bos_id: the BOS id recorded in the manifest, or None.
+        eos_id: the EOS id recorded in the manifest, or None.
         tokenizer: the tokenizer identity object recorded in the manifest (§5.2), or None.
         columns: per-pair columns to write, name -> dtype name (§4.4); values are given to ``add``.
         column_info: optional description/attrs per column name.
