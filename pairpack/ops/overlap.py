@@ -77,7 +77,8 @@ def overlap(a: str | os.PathLike | Dataset, b: str | os.PathLike | Dataset, *, b
     """How many of B's distinct prompts, and of B's pairs, have a prompt that occurs in A.
 
     Args:
-        a, b: datasets or their paths (A: e.g. the training data; B: an eval set or benchmark).
+        a: a dataset or its path, e.g. the training data.
+        b: a dataset or its path, e.g. an eval set or a benchmark: its prompts are looked up in ``a``.
         by: ``"ids"``, ``"text"`` or ``"auto"`` (ids when both record the same tokenizer,
             vocabulary and token dtype, else text).
 

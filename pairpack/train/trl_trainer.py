@@ -205,12 +205,16 @@ class DPOTrainer(trl.DPOTrainer):
             model's disabled adapter, or none at all with ``precompute_ref_log_probs``.
         args: a :class:`DPOConfig` (a plain ``trl.DPOConfig`` is converted, pairpack's fields at
             their defaults).
-        train_dataset, eval_dataset: a pairpack :class:`~pairpack.Dataset` or its path (eval: also
-            a dict name -> dataset).
+        data_collator: must be None (the Loader assembles batches).
+        train_dataset: a pairpack :class:`~pairpack.Dataset` or its path.
+        eval_dataset: the same, or a dict name -> dataset (evaluated one by one).
         processing_class: optional: by default the tokenizer the dataset records (saved with the
             model); needed only for datasets built from token ids.
-        data_collator: must be None (the Loader assembles batches).
-        Others: as ``trl.DPOTrainer``.
+        compute_metrics: as ``trl.DPOTrainer``.
+        callbacks: as ``trl.DPOTrainer``.
+        optimizers: as ``trl.DPOTrainer``.
+        quantization_config: as ``trl.DPOTrainer`` (with a model path).
+        peft_config: as ``trl.DPOTrainer``: the reference is then the disabled adapter.
 
     Raises:
         ArgumentError: a dataset that is not pairpack's, a collator, or a config field pairpack
