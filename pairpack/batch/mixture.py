@@ -102,6 +102,7 @@ class MixtureView(Dataset):
 
     @property
     def tokenizer(self) -> Any:
+        """The sources' tokenizer (they share one: a mixture of other tokenizers is refused), for decoding."""
         return self.datasets[0].tokenizer
 
     def verify(self, *, checksums: bool = True) -> list[str]:

@@ -42,9 +42,11 @@ class OverlapReport:
     seconds: float
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as a JSON-able dict (what ``pairpack overlap --json`` prints)."""
         return asdict(self)
 
     def summary(self) -> str:
+        """The report as the lines ``pairpack overlap`` prints."""
         def pct(x: int, n: int) -> str:
             return f"{x / n:.2%}" if n else "-"
 

@@ -36,6 +36,7 @@ class SplitReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
+        """The report as the lines ``pairpack split`` prints."""
         total = sum(n for n, _ in self.splits.values()) or 1
         lines = [f"split {self.path} by {self.by} (seed {self.seed}) in {self.seconds:.2f} s"]
         lines += [f"  {name:<8} {n:>12,} pairs ({n / total:.2%}), {u:,} prompts"

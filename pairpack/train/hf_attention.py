@@ -37,8 +37,10 @@ from ..errors import ModelError, import_optional
 
 __all__ = ["ATTN_IMPLEMENTATION", "SPLIT_KWARG", "register", "split_forward", "supports_split", "use_split"]
 
-ATTN_IMPLEMENTATION = "pairpack"  # the name given to attn_implementation= / set_attn_implementation()
-SPLIT_KWARG = "pairpack_split"  # the forward keyword carrying the batch's SplitAttention
+ATTN_IMPLEMENTATION = "pairpack"
+"""The name registered with transformers: ``attn_implementation="pairpack"`` / ``set_attn_implementation``."""
+SPLIT_KWARG = "pairpack_split"
+"""The forward keyword carrying the batch's :class:`~pairpack.batch.attention.SplitAttention`."""
 # implementations a model may be loaded with and still be switched to split attention for one call
 _SWITCHABLE = ("sdpa", "eager", ATTN_IMPLEMENTATION)
 

@@ -246,31 +246,38 @@ def layout_logits(model: nn.Module, batch: Any, *, attention: Attention = "auto"
             return as_logits(call(flat_ids, pos=flat_pos, flash_pack_seq_kwargs=kw), model), index
         return as_logits(call(ids, pos=pos, attn_mask=batch.dense_mask()), model), batch.score_index
     if fam == "hf":
-        impl = _hf_impl(model)
-        if impl.startswith("flash"):
-            if layout != "packed":
-                raise _refuse(model, layout, attention, f"attn_implementation={impl!r} (varlen) cannot keep "
-                              "rejected tokens from attending to chosen ones; load it with "
-                              "attn_implementation='sdpa' or 'flex_attention'")
-            flat_ids, flat_pos, index = _flattened(batch)
-            v = _varlen(batch)
-            out = call(input_ids=flat_ids, position_ids=flat_pos, use_cache=False, cu_seq_lens_q=v["cu"],
-                        cu_seq_lens_k=v["cu"], max_length_q=v["max"], max_length_k=v["max"])
-            return as_logits(out, model), index
-        if attention == "flex" or (attention == "auto" and impl == "flex_attention"):
-            if impl != "flex_attention":
-                raise _refuse(model, layout, attention, f"it was loaded with attn_implementation={impl!r}; load it "
-                              "with attn_implementation='flex_attention' to take block masks")
-            if attention == "auto":
-                _check_flex(batch)
-            mask = batch.block_mask()
-        else:
-            dtype = next(model.parameters()).dtype
-            # additive: the form eager and sdpa attention both take (a bool mask is only right for sdpa)
-            dense = batch.dense_mask()
-            mask = torch.zeros(dense.shape, dtype=dtype, device=ids.device).masked_fill_(~dense, torch.finfo(dtype).min)
-        out = call(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
-        return as_logits(out, model), batch.score_index
+        return _hf_logits(model, call, batch, layout, attention)
     raise _refuse(model, layout, attention, "pairpack does not know how to pass it positions and an attention "
                   "mask; give the module a pairpack_layouts attribute and have forward(ids, positions=, "
                   "attn_mask=) take them")
+
+
+def _hf_logits(model: nn.Module, call: Callable[..., Any], batch: Any, layout: str, attention: str
+               ) -> tuple[Tensor, Tensor]:
+    """:func:`layout_logits` for a Hugging Face model that does not run split attention."""
+    ids, pos = batch.input_ids, batch.position_ids
+    impl = _hf_impl(model)
+    if impl.startswith("flash"):
+        if layout != "packed":
+            raise _refuse(model, layout, attention, f"attn_implementation={impl!r} (varlen) cannot keep "
+                          "rejected tokens from attending to chosen ones; load it with "
+                          "attn_implementation='sdpa' or 'flex_attention'")
+        flat_ids, flat_pos, index = _flattened(batch)
+        v = _varlen(batch)
+        out = call(input_ids=flat_ids, position_ids=flat_pos, use_cache=False, cu_seq_lens_q=v["cu"],
+                    cu_seq_lens_k=v["cu"], max_length_q=v["max"], max_length_k=v["max"])
+        return as_logits(out, model), index
+    if attention == "flex" or (attention == "auto" and impl == "flex_attention"):
+        if impl != "flex_attention":
+            raise _refuse(model, layout, attention, f"it was loaded with attn_implementation={impl!r}; load it "
+                          "with attn_implementation='flex_attention' to take block masks")
+        if attention == "auto":
+            _check_flex(batch)
+        mask = batch.block_mask()
+    else:
+        dtype = next(model.parameters()).dtype
+        # additive: the form eager and sdpa attention both take (a bool mask is only right for sdpa)
+        dense = batch.dense_mask()
+        mask = torch.zeros(dense.shape, dtype=dtype, device=ids.device).masked_fill_(~dense, torch.finfo(dtype).min)
+    out = call(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)
+    return as_logits(out, model), batch.score_index

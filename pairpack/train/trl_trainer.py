@@ -56,7 +56,8 @@ trl = import_optional("trl", feature="pairpack.trl", extra="trl")
 
 __all__ = ["DPOConfig", "DPOTrainer", "LOADER_STATE_FILE"]
 
-LOADER_STATE_FILE = "pairpack_loader.json"  # in each checkpoint directory: the train Loader's state_dict()
+LOADER_STATE_FILE = "pairpack_loader.json"
+"""The file in each checkpoint directory holding the training Loader's ``state_dict()`` (JSON)."""
 _BATCH = "pairpack_batch"  # the key of the batch in the dicts the trainer's loop passes around
 # TRL's sampling strategies and the Loader's (shuffle, group_by_length)
 _SAMPLING = {"random": (True, False), "sequential": (False, False), "group_by_length": (True, True)}
@@ -329,10 +330,14 @@ class DPOTrainer(trl.DPOTrainer):
                       num_workers=a.dataloader_num_workers, columns=cols)
 
     def get_train_dataloader(self) -> Any:
+        """This rank's training batches: a :class:`pairpack.Loader` over ``train_dataset`` with the
+        config's batching fields, wrapped for the trainer's loop (``len``, ``set_epoch``)."""
         self._pp_train_loader = self._loader(self.train_dataset, train=True)
         return _Batches(self._pp_train_loader)
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """This rank's evaluation batches, in dataset order (``per_device_eval_batch_size`` pairs or
+        ``eval_max_tokens``); ``eval_dataset`` a dataset, its path, or a name of the eval dict."""
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(ds, str) and isinstance(self.eval_dataset, dict) and ds in self.eval_dataset:
             ds = self.eval_dataset[ds]
@@ -341,6 +346,9 @@ class DPOTrainer(trl.DPOTrainer):
         return _Batches(self._loader(_open(ds, "eval_dataset"), train=False))
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
+        """``Trainer.evaluate`` on pairpack datasets: the mean loss and TRL's metrics with ``eval_``
+        prefixes (a dict of datasets: one prefix per name). Reference columns are computed first
+        with ``precompute_ref_log_probs``."""
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             if isinstance(eval_dataset, dict):
                 out: dict[str, float] = {}
@@ -367,6 +375,7 @@ class DPOTrainer(trl.DPOTrainer):
             self.state.num_input_tokens_seen += _pair_tokens(inputs[_BATCH])
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """``6 x token slots the model processes x non-embedding parameters`` for the batch."""
         model = self.accelerator.unwrap_model(self.model)
         if not hasattr(model, "num_parameters"):
             return 0
@@ -374,6 +383,8 @@ class DPOTrainer(trl.DPOTrainer):
 
     # --- resume -------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; resuming restores the Loader's position from the checkpoint's
+        ``pairpack_loader.json`` (``True``: the last checkpoint in ``output_dir``)."""
         if resume_from_checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
 
