@@ -14,8 +14,9 @@ layout) measured in the same run. Nothing is asserted.
   (built from a config), batches of ``--batch-size`` pairs, one epoch, no gradient checkpointing,
   forward + backward + AdamW, best of ``--repeats``. pairpack runs ``padded`` (random order, the
   drop-in replacement), ``prefix_shared`` (random order), and with length grouping under a token
-  budget (``--max-tokens``) ``padded`` and ``prefix_shared``. Seconds per epoch are ``trainer.train()``
-  alone (set-up excluded on both sides).
+  budget (``--max-tokens``) ``padded`` and ``prefix_shared``. Seconds per epoch are the training loop
+  (``on_train_begin`` to ``on_train_end``): trainer construction (TRL's ``datasets.map``) and
+  ``train()``'s one-off set-up, alike for every trainer, are left out.
 * **First step**: a fresh Python process per trainer, timed from its start to the end of its first
   optimizer step, on ``--pairs`` pairs (default 200,000): TRL gets the text records (it tokenizes and
   maps them: TRL has no pre-tokenized input), pairpack the built dataset (it opens it).
@@ -89,7 +90,7 @@ def _args(cls: Any, out: Path, **kw: Any) -> Any:
 
 
 def epoch_table(kind: str, n: int, *, hidden: int, layers: int, batch_size: int, max_tokens: int, repeats: int,
-                tmp: Path, device: str = "cpu") -> list[dict[str, Any]]:
+                tmp: Path, device: str = "cpu", max_row_tokens: int | None = None) -> list[dict[str, Any]]:
     import datasets
     import transformers
     import trl
@@ -112,16 +113,28 @@ def epoch_table(kind: str, n: int, *, hidden: int, layers: int, batch_size: int,
     for name, kw in (("pairpack padded", {}), ("pairpack prefix shared", dict(layout="prefix_shared")),
                      ("pairpack grouped padded", dict(max_tokens=max_tokens, group_by_length=True)),
                      ("pairpack grouped prefix shared", dict(max_tokens=max_tokens, group_by_length=True,
-                                                             layout="prefix_shared"))):
+                                                             layout="prefix_shared", max_row_tokens=max_row_tokens))):
         runs[name] = (lambda kw=kw: DPOTrainer(copy.deepcopy(base), ref_model=copy.deepcopy(base),
                                                train_dataset=d["ds"], args=_args(DPOConfig, tmp / "pp", **common, **kw)))
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        """The epoch's loop: from on_train_begin to on_train_end (train()'s one-off set-up, e.g. its
+        gc.collect(), is the same for every trainer and left out)."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.seconds = time.perf_counter() - self.t0
+
     best: dict[str, float] = {}
     for _ in range(repeats):  # round-robin, so load changes hit every trainer alike
         for name, make in runs.items():
-            trainer = make()
-            t0 = time.perf_counter()
+            trainer, clock = make(), Clock()
+            trainer.add_callback(clock)
             trainer.train()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+            best[name] = min(best.get(name, float("inf")), clock.seconds)
     rows = []
     for name, s in best.items():
         rows.append({"set": kind, "trainer": name, "s_per_epoch": round(s, 3),
@@ -209,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-row-tokens", type=int, default=None,
+                    help="grouped prefix shared: the longest row (default: the budget; 0: one pair per row)")
+    ap.add_argument("--sets", default="hh,uf", help="epoch sets, comma-separated (hh, uf)")
     ap.add_argument("--pairs", type=int, default=200_000, help="pairs for the first-step comparison")
     ap.add_argument("--resume-step", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=2)
@@ -231,9 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         if "epoch" in parts:
-            report["epoch"] = [r for kind in SHAPES for r in epoch_table(
+            report["epoch"] = [r for kind in a.sets.split(",") for r in epoch_table(
                 kind, a.pairs_epoch, hidden=a.hidden, layers=a.layers, batch_size=a.batch_size,
-                max_tokens=a.max_tokens, repeats=a.repeats, tmp=tmp, device=device)]
+                max_tokens=a.max_tokens, repeats=a.repeats, tmp=tmp, device=device,
+                max_row_tokens=a.max_row_tokens)]
         if "first" in parts and device == "cpu":
             report["first_step"] = first_step(a.pairs, tmp)
         if "resume" in parts and device == "cpu":
