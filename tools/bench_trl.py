@@ -19,7 +19,9 @@ layout) measured in the same run. Nothing is asserted.
   ``train()``'s one-off set-up, alike for every trainer, are left out.
 * **First step**: a fresh Python process per trainer, timed from its start to the end of its first
   optimizer step, on ``--pairs`` pairs (default 200,000): TRL gets the text records (it tokenizes and
-  maps them: TRL has no pre-tokenized input), pairpack the built dataset (it opens it).
+  maps them: TRL has no pre-tokenized input), pairpack the built dataset (it opens it). Also timed
+  from the end of the imports (torch, transformers, TRL: several seconds common to both; with peft
+  installed transformers imports it too).
 * **Resume at step N**: ``get_resumed_dataloader`` on a pairpack trainer at step ``--resume-step`` of
   an epoch (what ``train(resume_from_checkpoint=...)`` does before the first resumed batch), against
   TRL's default, accelerate's ``skip_first_batches`` iterating that many batches of its dataloader.
@@ -152,18 +154,21 @@ from tests.trl_support import tiny_llama
 from transformers import TrainerCallback
 class Stop(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kw):
-        print(json.dumps({"seconds": time.time() - t0})); sys.stdout.flush(); raise SystemExit(0)
+        print(json.dumps({"seconds": time.time() - t0, "after_imports": time.time() - t1}))
+        sys.stdout.flush(); raise SystemExit(0)
 m = tiny_llama(0, hidden=32, layers=1)
 kw = dict(output_dir="/tmp/pp-first", report_to=[], save_strategy="no", use_cpu=True, gradient_checkpointing=False,
           per_device_train_batch_size=8, max_steps=1, disable_tqdm=True, dataset_num_proc=None)
 if which == "trl":
     import datasets, trl
+    t1 = time.time()
     recs = datasets.load_dataset("json", data_files=data, split="train")
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(tok_dir)
     t = trl.DPOTrainer(m, ref_model=copy.deepcopy(m), train_dataset=recs, processing_class=tok,
                        args=trl.DPOConfig(**kw), callbacks=[Stop()])
 else:
     from pairpack.trl import DPOConfig, DPOTrainer
+    t1 = time.time()
     t = DPOTrainer(m, ref_model=copy.deepcopy(m), train_dataset=data, args=DPOConfig(**kw), callbacks=[Stop()])
 t.train()
 """
@@ -179,9 +184,12 @@ def first_step(n: int, tmp: Path) -> list[dict[str, Any]]:
         lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
         if not lines:
             raise SystemExit(f"first-step run {which} failed:\n{p.stderr[-3000:]}")
-        out[which] = json.loads(lines[-1])["seconds"]
-    return [{"pairs": n, "trl_s": round(out["trl"], 2), "pairpack_s": round(out["pairpack"], 2),
-             "ratio": round(out["trl"] / out["pairpack"], 1)}]
+        out[which] = json.loads(lines[-1])
+    t, p = out["trl"], out["pairpack"]
+    return [{"pairs": n, "trl_s": round(t["seconds"], 2), "pairpack_s": round(p["seconds"], 2),
+             "ratio": round(t["seconds"] / p["seconds"], 1),
+             "after_imports_trl_s": round(t["after_imports"], 2), "after_imports_pairpack_s": round(p["after_imports"], 2),
+             "after_imports_ratio": round(t["after_imports"] / p["after_imports"], 1)}]
 
 
 def resume(step: int, tmp: Path) -> list[dict[str, Any]]:

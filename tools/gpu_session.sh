@@ -13,3 +13,6 @@ nvidia-smi -L
 python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$OUT/pytest.log" | tail -25
 timeout ${CHECK_TIMEOUT:-240} python3 tools/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"
+# pairpack.trl against TRL's trainer on the GPU (bf16; pairpack's split attention for the packed
+# layouts): prints "skipped" without CUDA
+timeout ${TRL_TIMEOUT:-150} python3 tools/bench_trl.py --gpu --only epoch --sets hh 2>&1 | grep -v -i warn | tee "$OUT/bench_trl.log" | tail -12
