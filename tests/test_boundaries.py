@@ -143,3 +143,35 @@ def test_chat_eos_only_with_add_eos_and_the_summary_says_which(tmp_path, tok_fil
     r = run_cli("build", src, "-o", tmp_path / "b", "--tokenizer", tok_files["qwen3"], "--add-eos")
     assert r.returncode == 0 and "appended to completions" in r.stdout
     assert pairpack.open(tmp_path / "b")[0].chosen[-1] == pairpack.open(tmp_path / "b").manifest.eos_id
+
+
+_LONG = st.lists(st.sampled_from(["The", " model", "  answer", "\n\nHuman:", " 问题", "\t", " x", ",", "  \n"]),
+                 min_size=12, max_size=40).map("".join)
+
+
+@settings(max_examples=10)
+@given(st.lists(st.tuples(_LONG, st.sampled_from(["Q: x", "Q: x ", "Assistant:", "a\n", "问 ", ""]), _TEXT, _TEXT),
+                min_size=1, max_size=6))
+@example([("The model answer is long enough to be cut somewhere before", "Q: x ", "Hello", " Bye"),
+          ("\n\nHuman: what  is\n\nthe answer to the question here", "Assistant:", " No", "\n\nYes")])
+def test_long_prompts_cut_for_the_whole_row_still_equal_it(tmp_path_factory, loaded, rows):
+    """Long plain-text prompts are encoded from a whitespace run well before their end
+    (joins._text_cut): the rows still equal the whole row's tokenization (--boundary row), the
+    prompt its own, and the boundary count the independent one."""
+    recs = [{"prompt": a + b, "chosen": c, "rejected": r} for a, b, c, r in rows if c and r]
+    if not recs:
+        return
+    for name, (tok, raw) in loaded.items():
+        d = tmp_path_factory.mktemp("long")
+        rep = build(recs, d / "p", tokenizer=tok, workers=1, add_eos=False, add_bos=False)
+        build(recs, d / "r", tokenizer=tok, workers=1, add_eos=False, add_bos=False, boundary="row")
+        ds, ds_row = pairpack.open(d / "p"), pairpack.open(d / "r")
+        expect = 0
+        for i, rec in enumerate(recs):
+            whole = [_whole(raw, rec["prompt"] + rec[k]) for k in ("chosen", "rejected")]
+            stored = [ds[i].prompt.tolist() + ds[i].chosen.tolist(), ds[i].prompt.tolist() + ds[i].rejected.tolist()]
+            expect += stored != whole
+            assert ds[i].prompt.tolist() == _whole(raw, rec["prompt"]), name
+            row = ds_row[i]
+            assert [row.prompt.tolist() + row.chosen.tolist(), row.prompt.tolist() + row.rejected.tolist()] == whole, name
+        assert rep.boundary_pairs == expect, name

@@ -61,14 +61,38 @@ def _common(a: list[int], b: list[int], c: list[int]) -> int:
     return k
 
 
+# a plain-text cut stays this many characters before the prompt's end, so that nothing a completion
+# adds can reach it through a pre-tokenizer's look-ahead (GPT-2's and Qwen's regexes look one
+# character ahead) and the row's tokens before it are the prompt's own
+_TEXT_CUT_MARGIN = 32
+
+
+def _text_cut(prompt: str) -> int:
+    """Where a long plain-text prompt may be cut for the whole-row encoding (-1: nowhere): the start
+    of its last whitespace run (a pre-token boundary of byte-level BPE tokenizers) at least
+    :data:`_TEXT_CUT_MARGIN` characters before its end. The cut is used only where the prompt's own
+    ids end with the ids of the text after it (checked in :func:`_whole_rows`), else the rows are
+    encoded whole."""
+    end = len(prompt) - _TEXT_CUT_MARGIN
+    if end <= 0:
+        return -1
+    a = max(prompt.rfind(" ", 0, end), prompt.rfind("\n", 0, end))
+    while a > 0 and prompt[a - 1] in " \n\t\r":
+        a -= 1
+    return a
+
+
 def _whole_rows(tokenizer: Any, segs: Sequence[tuple[str, str, str]], ps: list[list[int]]) -> list[list[int]]:
     """The whole rows' ids, ``[chosen row, rejected row]`` per pair, flat. Where the prompt holds a
     token that ends the text before it (:meth:`~pairpack.tokenization.HFTokenizer.hard_split_tokens`:
     a chat template's header tokens), only the rows from its last one on are encoded, after the
     prompt's ids up to it (a chat row then costs its last turn, not the whole conversation again);
-    a prompt whose own ids do not end with that tail's ids is encoded whole."""
+    likewise a long plain-text prompt from its last whitespace run well before its end
+    (:func:`_text_cut`: a text row then costs about its completion, not its prompt twice more). A
+    prompt whose own ids do not end with that tail's ids is encoded whole."""
     cuts = tokenizer.hard_split_tokens() if hasattr(tokenizer, "hard_split_tokens") else ()
     at = [max((s[0].rfind(t) for t in cuts), default=-1) if cuts else -1 for s in segs]
+    at = [a if a > 0 else _text_cut(s[0]) for s, a in zip(segs, at)]
     texts = []
     for s, a in zip(segs, at):
         texts += [s[0][a:], s[0][a:] + s[1], s[0][a:] + s[2]] if a > 0 else [s[0] + s[1], s[0] + s[2]]
