@@ -264,3 +264,13 @@ def test_mixed_precision_follows_the_trainer(data: dict) -> None:
     a, b = _logs(ref)[0], _logs(got)[0]
     for k in ("loss", "logps/chosen", "logps/rejected"):
         assert b[k] == pytest.approx(a[k], rel=0, abs=2e-4), (k, a[k], b[k])
+
+
+def test_reference_free_loss_types_hold_no_reference(data: dict) -> None:
+    """pairpack's reference-free types (here SimPO) train without a reference model; the loss is
+    pairpack's formula on the policy's per-sequence sums and token counts."""
+    t = _pairpack(data, "simpo", max_steps=1, save_strategy="no", loss_type=["simpo"])
+    assert t.ref_model is None and not t.needs_reference
+    t.train()
+    log = _logs(t)[0]
+    assert "rewards/chosen" not in log and log["loss"] > 0 and log["logps/chosen"] < 0

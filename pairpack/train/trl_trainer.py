@@ -245,9 +245,11 @@ class DPOTrainer(trl.DPOTrainer):
             processing_class = processing_class_of(train)
         needs_ref = loss_config(args.beta, list(args.loss_type), args.loss_weights, args.label_smoothing, 0.5,
                                 args.discopop_tau).needs_reference
-        if (ref_model is None and isinstance(model, nn.Module) and needs_ref and not args.precompute_ref_log_probs
+        # TRL would reload the reference from the model's path (which a model built from a config has
+        # not); TRL's __init__ wants one even for reference-free losses (dropped below then)
+        if (ref_model is None and isinstance(model, nn.Module) and not args.precompute_ref_log_probs
                 and peft_config is None and not hasattr(model, "peft_config")):
-            ref_model = copy.deepcopy(model)  # TRL would reload it from the model's path
+            ref_model = copy.deepcopy(model)
         placeholder = _Placeholder.make()
         self._pp_resume: str | None = None
         super().__init__(model, ref_model=ref_model, args=args, train_dataset=placeholder,
@@ -260,6 +262,8 @@ class DPOTrainer(trl.DPOTrainer):
                                 "(router_aux_loss_coef != 0), which pairpack.trl does not add; set "
                                 "DPOConfig.router_aux_loss_coef=0.0")
         self.needs_reference = needs_ref
+        if not needs_ref:
+            self.ref_model = None  # reference-free loss types (simpo, cpo, orpo, sft): no reference at all
         self.train_dataset, self.eval_dataset = train, evals
         if args.precompute_ref_log_probs and needs_ref:
             self.train_dataset = self._pp_precompute(train)
