@@ -17,14 +17,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
 import pairpack  # noqa: E402
-from pairpack.errors import ArgumentError, StateError  # noqa: E402
+from pairpack.errors import ArgumentError  # noqa: E402
 from pairpack.trl import LOADER_STATE_FILE, DPOConfig, DPOTrainer  # noqa: E402
 from pairpack.train.reference import REFERENCE_COLUMNS  # noqa: E402
 

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batch.loader import Loader
@@ -185,15 +184,12 @@ class _Batches:
         return ({_BATCH: b} for b in self.loader)
 
 
-class _Placeholder:
-    """Stands for a pairpack dataset while ``trl.DPOTrainer.__init__`` runs (it accepts only
-    ``datasets`` objects); replaced by the real dataset right after."""
+def _placeholder() -> Any:
+    """A one-row ``datasets.Dataset`` standing for a pairpack dataset while ``trl.DPOTrainer.__init__``
+    runs (it accepts only ``datasets`` objects); replaced by the real dataset right after."""
+    import datasets
 
-    @staticmethod
-    def make() -> Any:
-        import datasets
-
-        return datasets.Dataset.from_dict({"prompt_ids": [[0]], "chosen_ids": [[0]], "rejected_ids": [[0]]})
+    return datasets.Dataset.from_dict({"prompt_ids": [[0]], "chosen_ids": [[0]], "rejected_ids": [[0]]})
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -250,7 +246,7 @@ class DPOTrainer(trl.DPOTrainer):
         if (ref_model is None and isinstance(model, nn.Module) and not args.precompute_ref_log_probs
                 and peft_config is None and not hasattr(model, "peft_config")):
             ref_model = copy.deepcopy(model)
-        placeholder = _Placeholder.make()
+        placeholder = _placeholder()
         self._pp_resume: str | None = None
         super().__init__(model, ref_model=ref_model, args=args, train_dataset=placeholder,
                          eval_dataset=None if evals is None else (
