@@ -24,7 +24,10 @@ SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-poin
 CC=$CC CFLAGS="$SAN" LDSHARED="$CC -shared" LDFLAGS="$SAN" $PYTHON setup.py -q build_ext --inplace --force \
     2>&1 | grep -v -i "warning\|!!\|^ *\*\*\*\|^$\|corresp\|deprecat\|See https\|\*\*\*\*\*" || true
 so=$(ls pairpack/_native*.so)
-ldd "$so" | grep -q libasan || { echo "sanitize: $so is not linked against libasan" >&2; exit 1; }
+# ldd's output read whole first: `ldd | grep -q` under pipefail fails when grep exits at its match
+# before ldd has written everything (SIGPIPE), which a loaded machine makes likely (seen in a CI run)
+libs=$(ldd "$so")
+grep -q libasan <<<"$libs" || { echo "sanitize: $so is not linked against libasan" >&2; exit 1; }
 
 export LD_PRELOAD
 LD_PRELOAD="$($CC -print-file-name=libasan.so) $($CC -print-file-name=libubsan.so)"
