@@ -232,6 +232,8 @@ BAD_CALLS = {  # call on a 5-pair dataset -> (pairpack class, the builtin it als
                                    ValueError),
     "DPO(3)": (lambda ds: __import__("pairpack.dpo").dpo.DPO(3), pairpack.ArgumentTypeError, TypeError),
     'Collate(ds)(["x"])': (lambda ds: pairpack.Collate(ds)(["x"]), ArgumentError, ValueError),
+    "build(nonsense=1)": (lambda ds: pairpack.build([], ds.path / "out", nonsense=1), pairpack.ArgumentTypeError,
+                          TypeError),
 }
 
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Generator, Iterator
 
 from .. import format as fmt
 from .._version import __version__
-from ..errors import ArgumentError, DatasetExistsError, PairpackError, SourceError
+from ..errors import ArgumentError, ArgumentTypeError, DatasetExistsError, PairpackError, SourceError
 from ..format.fsio import check_output
 from ..progress import Progress
 from ..tokenization import HFTokenizer, describe_special, load_tokenizer
@@ -234,7 +234,7 @@ def build(inputs: Any, output: str | os.PathLike, options: BuildOptions | None =
         o = dataclasses.replace(options or BuildOptions(), **settings)
     except TypeError:
         known = {f.name for f in dataclasses.fields(BuildOptions)}
-        raise TypeError(f"build() got unknown settings {sorted(set(settings) - known)}; "
+        raise ArgumentTypeError(f"build() got unknown settings {sorted(set(settings) - known)}; "
                         f"known: {', '.join(sorted(known))}") from None
     return _Build(inputs, Path(output), o, on_record).run()
 

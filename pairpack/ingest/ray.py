@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import format as fmt
 from .._version import __version__
-from ..errors import PairpackError, StateError, import_optional
+from ..errors import ArgumentTypeError, PairpackError, StateError, import_optional
 from ..format.fsio import check_output, clean_stale_temps, temp_path_for
 from ..tokenization import ByteTokenizer, HFTokenizer, load_tokenizer
 from ..write.combine import combine_parts
@@ -188,7 +188,7 @@ class Datasink(ray.data.Datasink):
         known = set(defaults) - set(_NOT_HERE)
         unknown = sorted(set(options) - known)
         if unknown:
-            raise TypeError(f"pairpack.ray.Datasink: unknown option(s) {unknown}; options are those of "
+            raise ArgumentTypeError(f"pairpack.ray.Datasink: unknown option(s) {unknown}; options are those of "
                             f"pairpack.build: {sorted(known)}")
         bo = BuildOptions(**options)
         self.path = Path(path).absolute()
