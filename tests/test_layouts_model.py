@@ -228,17 +228,24 @@ def test_reference_cache_is_the_same_from_every_layout(tmp_path: Path) -> None:
         precompute_reference(ds, model, layout="shared", progress=False)
 
 
-def test_gradients_equal_padded() -> None:
-    """Backward through the scoring map gives the padded layout's parameter gradients."""
+@pytest.mark.parametrize("name", ["tinylm", "hf_llama"])
+def test_gradients_equal_padded(name: str) -> None:
+    """Backward through the scoring map (and, for both models, split attention: the default) gives
+    the padded layout's parameter gradients."""
     pairs = [([1, 2, 3, 4], [5, 6], [5, 7, 8]), ([9, 10], [11], [12, 13, 14, 15])]
     grads = {}
     for layout in ("padded", "prefix_shared", "packed"):
-        policy, ref = _tinylm(0).double(), _tinylm(1).double()
+        policy, ref = MODELS[name](0).double(), MODELS[name](1).double()
         batch = layout_ref.triplets(pairs) if layout == "padded" else layout_ref.build(pairs, layout, per_row=2)
         DPO(policy, ref_model=ref, beta=BETA)(batch).backward()
         grads[layout] = torch.cat([p.grad.reshape(-1) for p in policy.parameters()])
+    # HF's LlamaRMSNorm computes in float32 even for a float64 model: prefix_shared sums the two
+    # completions' gradients of a prompt token before that float32 backward, padded after it, so the
+    # two agree to float32 rounding there (3e-8 of gradients up to 0.26; the dense mask gives the
+    # same difference as split attention); TinyLM is float64 throughout
+    tol = dict(rtol=1e-9, atol=1e-12) if name == "tinylm" else dict(rtol=1e-5, atol=1e-7)
     for layout in ("prefix_shared", "packed"):
-        torch.testing.assert_close(grads[layout], grads["padded"], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grads[layout], grads["padded"], **tol)
 
 
 def test_cached_reference_columns_are_used() -> None:
