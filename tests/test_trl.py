@@ -273,3 +273,26 @@ def test_reference_free_loss_types_hold_no_reference(data: dict) -> None:
     t.train()
     log = _logs(t)[0]
     assert "rewards/chosen" not in log and log["loss"] > 0 and log["logps/chosen"] < 0
+
+
+def test_two_gloo_ranks_train_on_disjoint_batches(data: dict, tmp_path: Path) -> None:
+    """torchrun, 2 CPU processes (gloo, DistributedDataParallel): each rank's Loader takes the rank and
+    world size from the trainer's accelerator; the ranks train on disjoint pairs that together are the
+    epoch, and log the same (gathered) losses."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("trl_dist_worker.py")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                        "127.0.0.1", "--master-port", str(port), str(worker), str(data["ds"]), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(N_PAIRS))
+    assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == N_PAIRS // 4
