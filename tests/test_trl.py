@@ -135,6 +135,19 @@ def test_resume_continues_with_the_uninterrupted_batches(data: dict) -> None:
     assert [x["step"] for x in b] == [3, 4]
     for x, y in zip(a, b):
         _close(x, y)
+    # a checkpoint without the Loader's file (made by another trainer): the position is derived
+    (ckpt / LOADER_STATE_FILE).unlink()
+    derived = _pairpack(data, "whole", **kw)
+    seen_derived = []
+    real_derived = derived.compute_loss
+
+    def spy_derived(model, inputs, *a, **k):
+        seen_derived.append(inputs["pairpack_batch"].indices.tolist())
+        return real_derived(model, inputs, *a, **k)
+
+    derived.compute_loss = spy_derived
+    derived.train(resume_from_checkpoint=str(ckpt))
+    assert seen_derived == want
 
 
 def test_reference_cache_is_stored_and_reused(data: dict, tmp_path: Path) -> None:

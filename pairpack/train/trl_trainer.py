@@ -58,8 +58,8 @@ __all__ = ["DPOConfig", "DPOTrainer", "LOADER_STATE_FILE"]
 LOADER_STATE_FILE = "pairpack_loader.json"
 """The file in each checkpoint directory holding the training Loader's ``state_dict()`` (JSON)."""
 _BATCH = "pairpack_batch"  # the key of the batch in the dicts the trainer's loop passes around
-# TRL's sampling strategies and the Loader's (shuffle, group_by_length)
-_SAMPLING = {"random": (True, False), "sequential": (False, False), "group_by_length": (True, True)}
+# TRL's sampling strategies the Loader serves -> its shuffle (group_by_length sets that field too)
+_SAMPLING = {"random": True, "sequential": False, "group_by_length": True}
 
 
 @dataclass
@@ -114,8 +114,9 @@ class DPOConfig(trl.DPOConfig):
                 raise ArgumentError(f"DPOConfig.{name} must be a positive int or None, got {v!r}")
 
 
-def _refuse_unsupported(args: Any, loss_types: list[str]) -> None:
-    """Raise for the TRL fields pairpack does not implement (never ignored silently)."""
+def _loss_config(args: Any) -> Any:
+    """The run's :class:`~pairpack.train.losses.LossConfig` (checked); raises for the TRL fields pairpack
+    does not implement (never ignored silently)."""
     why = []
     if args.f_divergence_type != "reverse_kl":
         why.append(f"f_divergence_type={args.f_divergence_type!r} (only 'reverse_kl', standard DPO)")
@@ -126,7 +127,8 @@ def _refuse_unsupported(args: Any, loss_types: list[str]) -> None:
     if why:
         raise ArgumentError("pairpack.trl.DPOTrainer does not implement " + "; ".join(why)
                             + ": use trl.DPOTrainer for these, or unset them")
-    loss_config(args.beta, loss_types, args.loss_weights, args.label_smoothing, 0.5, args.discopop_tau)
+    return loss_config(args.beta, list(args.loss_type), args.loss_weights, args.label_smoothing, 0.5,
+                       args.discopop_tau)
 
 
 def _as_config(args: Any) -> DPOConfig:
@@ -230,7 +232,7 @@ class DPOTrainer(trl.DPOTrainer):
         if args is None:
             args = DPOConfig(output_dir="pairpack-dpo")
         args = _as_config(args)
-        _refuse_unsupported(args, list(args.loss_type))
+        needs_ref = _loss_config(args).needs_reference
         train = _open(train_dataset, "train_dataset")
         evals: Any = None
         if isinstance(eval_dataset, dict):
@@ -239,14 +241,12 @@ class DPOTrainer(trl.DPOTrainer):
             evals = _open(eval_dataset, "eval_dataset")
         if processing_class is None:
             processing_class = processing_class_of(train)
-        needs_ref = loss_config(args.beta, list(args.loss_type), args.loss_weights, args.label_smoothing, 0.5,
-                                args.discopop_tau).needs_reference
         # TRL would reload the reference from the model's path (which a model built from a config has
         # not); TRL's __init__ wants one even for reference-free losses (dropped below then)
         if (ref_model is None and isinstance(model, nn.Module) and not args.precompute_ref_log_probs
                 and peft_config is None and not hasattr(model, "peft_config")):
             ref_model = copy.deepcopy(model)
-        placeholder = _placeholder()
+        self._pp_placeholder = placeholder = _placeholder()
         self._pp_resume: str | None = None
         super().__init__(model, ref_model=ref_model, args=args, train_dataset=placeholder,
                          eval_dataset=None if evals is None else (
@@ -271,10 +271,8 @@ class DPOTrainer(trl.DPOTrainer):
 
     # --- TRL's dataset hooks: pairpack datasets need none of them ------------------------------------
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
-        if isinstance(dataset, Dataset) or not hasattr(dataset, "map"):
+        if isinstance(dataset, Dataset) or dataset is self._pp_placeholder:
             return dataset
-        if set(dataset.column_names) == {"prompt_ids", "chosen_ids", "rejected_ids"} and len(dataset) == 1:
-            return dataset  # the placeholder
         raise ArgumentError("pairpack.trl.DPOTrainer takes pairpack datasets (or their paths); build one with "
                             "`pairpack build` (or use trl.DPOTrainer for a datasets.Dataset)")
 
@@ -315,14 +313,14 @@ class DPOTrainer(trl.DPOTrainer):
     # --- batches ------------------------------------------------------------------------------------
     def _loader(self, ds: Dataset, *, train: bool) -> Loader:
         a = self.args
-        shuffle, group = _SAMPLING[str(a.train_sampling_strategy)] if train else (False, False)
+        shuffle = _SAMPLING[str(a.train_sampling_strategy)] if train else False
         budget = a.max_tokens if train else a.eval_max_tokens
         size = None if budget is not None else (a.per_device_train_batch_size if train else
                                                 a.per_device_eval_batch_size)
         cols = REFERENCE_COLUMNS if (a.precompute_ref_log_probs and self.needs_reference) else ()
         return Loader(ds, batch_size=size, max_tokens=budget, shuffle=shuffle,
                       seed=a.data_seed if a.data_seed is not None else a.seed,
-                      drop_last=a.dataloader_drop_last, group_by_length=group or (train and a.group_by_length),
+                      drop_last=a.dataloader_drop_last, group_by_length=train and a.group_by_length,
                       window=a.length_group_window, rank=self.accelerator.process_index,
                       world_size=self.accelerator.num_processes, max_length=a.max_length,
                       truncation=a.truncation_mode, min_completion_tokens=a.min_completion_tokens,
@@ -412,7 +410,9 @@ class DPOTrainer(trl.DPOTrainer):
                                  f"{state.get('epoch')}, but the trainer resumes after {num_batches} batches")
         else:  # a checkpoint without the file: the order is a pure function of (seed, epoch), so derive it
             state = loader.state_dict()
-            state["epoch"] = int(self.state.global_step // max(1, len(loader) // self.args.gradient_accumulation_steps))
+            ga = self.args.gradient_accumulation_steps
+            per_epoch = max(1, -(-len(loader) // ga))  # the trainer's update steps per epoch
+            state["epoch"] = int(self.state.global_step // per_epoch)
             state["position"] = num_batches
         loader.load_state_dict(state)
         return dataloader
@@ -557,41 +557,36 @@ class _Scored:
 
     @classmethod
     def of(cls, run: nn.Module, model: nn.Module, batch: Any, attention: str) -> "_Scored":
-        """``run`` is what is called (e.g. a DDP wrapper), ``model`` the module it wraps."""
+        """``run`` is what is called (e.g. a DDP wrapper), ``model`` the module it wraps. A Hugging Face
+        causal LM called directly runs its backbone, and its LM head at the scored positions only (as
+        TRL's fused head does: no ``(rows, length, vocabulary)`` logits, no projection of prompt
+        tokens); other models give their logits."""
         b = len(batch)
+        padded = layout_of(batch) == "padded"
         head = _hf_head(model) if run is model else None
-        if head is not None and (layout_of(batch) == "padded" or (attention in ("auto", "split")
-                                                                  and supports_split(head.causal_lm))):
-            return cls._through_head(head, batch)
-        if layout_of(batch) == "padded":
+        if head is not None and not padded and not (attention in ("auto", "split") and supports_split(head.causal_lm)):
+            head = None  # dense, flex or flash attention: layout_logits knows how to call the model
+        if padded:
             seq, mask = pair_rows(**batch.as_kwargs())
-            logits = as_logits(run(input_ids=seq[:, :-1], use_cache=False) if _is_hf(model)
-                               else run(seq[:, :-1]), model)
             rows, cols = mask[:, 1:].nonzero(as_tuple=True)
-            labels = seq[rows, cols + 1]
-            slot = (rows % b) * 2 + rows // b
-            return cls(logits[rows, cols], labels, slot, b)
-        logits, index = layout_logits(model, batch, attention=attention, run=run)
-        rows, cols = index.long().unbind(0)
-        slot = batch.score_pair.long() * 2 + batch.score_side.long()
-        return cls(logits[rows, cols], batch.score_labels.long(), slot, b)
-
-    @classmethod
-    def _through_head(cls, head: "_Head", batch: Any) -> "_Scored":
-        """The backbone's hidden states, and the LM head at the scored positions only (as TRL's fused
-        head does): no ``(rows, length, vocabulary)`` logits, no projection of prompt tokens."""
-        b = len(batch)
-        if layout_of(batch) == "padded":
-            seq, mask = pair_rows(**batch.as_kwargs())
-            hidden = head.backbone(input_ids=seq[:, :-1], use_cache=False).last_hidden_state
-            rows, cols = mask[:, 1:].nonzero(as_tuple=True)
-            return cls(head.logits(hidden[rows, cols]), seq[rows, cols + 1], (rows % b) * 2 + rows // b, b)
-        with use_split(head.causal_lm):
-            hidden = head.backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                                   **{SPLIT_KWARG: batch.split_attention()}).last_hidden_state
-        rows, cols = batch.score_index.long().unbind(0)
-        slot = batch.score_pair.long() * 2 + batch.score_side.long()
-        return cls(head.logits(hidden[rows, cols]), batch.score_labels.long(), slot, b)
+            labels, slot = seq[rows, cols + 1], (rows % b) * 2 + rows // b
+            if head is not None:
+                out = head.backbone(input_ids=seq[:, :-1], use_cache=False).last_hidden_state
+            else:
+                out = as_logits(run(input_ids=seq[:, :-1], use_cache=False) if _is_hf(model) else run(seq[:, :-1]),
+                                model)
+        else:
+            if head is not None:
+                with use_split(head.causal_lm):
+                    out = head.backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                                        **{SPLIT_KWARG: batch.split_attention()}).last_hidden_state
+                index = batch.score_index
+            else:
+                out, index = layout_logits(model, batch, attention=attention, run=run)
+            rows, cols = index.long().unbind(0)
+            labels, slot = batch.score_labels.long(), batch.score_pair.long() * 2 + batch.score_side.long()
+        picked = out[rows, cols]
+        return cls(picked if head is None else head.logits(picked), labels, slot, b)
 
     @property
     def logp(self) -> Tensor:
